@@ -1,0 +1,1 @@
+"""An OpenAI-compatible gateway for vLLM that accounts every request's latency, tokens and cost."""

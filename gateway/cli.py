@@ -1,0 +1,71 @@
+"""Command line: `gateway serve` and `gateway check-config`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from gateway.config import ConfigError, load_config
+
+
+def _config_path(arg: str | None) -> str:
+    path = arg or os.environ.get("GATEWAY_CONFIG")
+    if not path:
+        sys.exit("gateway: no config given: pass --config FILE or set GATEWAY_CONFIG")
+    return str(Path(path).resolve())
+
+
+def check_config(path: str) -> int:
+    try:
+        cfg = load_config(path)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    deployments = sum(len(m.deployments) for m in cfg.models.values())
+    print(f"{path}: OK ({len(cfg.models)} models, {deployments} deployments, "
+          f"{len(cfg.keys_by_sha256)} API keys, auth {'on' if cfg.auth_enabled else 'OFF'})")
+    return 0
+
+
+def serve(path: str, host: str, port: int, workers: int, log_level: str) -> int:
+    try:
+        load_config(path)  # fail fast, with the message, before any worker starts
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    os.environ["GATEWAY_CONFIG"] = path
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Must be set before prometheus_client is imported by any worker.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
+    import uvicorn
+
+    uvicorn.run("gateway.app:create_app", factory=True, host=host, port=port, workers=workers,
+                loop="uvloop", http="httptools", access_log=False, log_level=log_level,
+                timeout_keep_alive=30)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gateway", description="OpenAI-compatible gateway for vLLM")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve the gateway")
+    s.add_argument("--config", help="YAML config file (default: $GATEWAY_CONFIG)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--log-level", default="info")
+    c = sub.add_parser("check-config", help="validate a config file without serving")
+    c.add_argument("file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "check-config":
+        return check_config(args.file)
+    return serve(_config_path(args.config), args.host, args.port, args.workers, args.log_level)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

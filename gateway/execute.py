@@ -1,0 +1,271 @@
+"""Execute stage: pick a deployment, call vLLM, fall back to the next deployment before the first byte.
+
+A failure before anything reached the client (connection refused, 5xx, timeout before the first
+chunk) moves the request to the next deployment in the plan; once a stream has started it cannot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+from gateway import errors
+from gateway.config import Model
+from gateway.errors import GatewayError
+from gateway.protocol import UPSTREAM_PATHS, Endpoint, upstream_error
+from gateway.record import Attempt, RequestRecord
+from gateway.streaming import DONE, MalformedStream, StreamAccountant, sse_comment, sse_data, take_usage
+from gateway.upstream import DeploymentState, UpstreamPool
+
+
+class _Retryable(Exception):
+    """This attempt failed in a way the next deployment may not: record why and move on."""
+
+    def __init__(self, reason: str, error: GatewayError) -> None:
+        self.reason = reason
+        self.error = error
+
+
+@dataclass(slots=True)
+class UpstreamStream:
+    """A stream whose response headers and first chunk arrived; the relay takes it from here."""
+
+    state: DeploymentState
+    response: aiohttp.ClientResponse
+    first_line: bytes
+
+
+class Executor:
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+        self.queue_timeout = pool.config.server.queue_timeout
+
+    def plan(self, model: Model) -> list[DeploymentState]:
+        """Healthy deployments first, then least outstanding requests per unit of weight."""
+        states = [self.pool.states[d.name] for d in model.deployments]
+        if len(states) > 1:
+            states.sort(key=lambda s: (s.healthy is False, s.load()))
+        return states
+
+    async def _acquire(self, state: DeploymentState, rec: RequestRecord) -> None:
+        if state.slots.locked():
+            t0 = time.perf_counter()
+            try:
+                async with asyncio.timeout(self.queue_timeout):
+                    await state.slots.acquire()
+            except TimeoutError:
+                raise errors.overloaded(
+                    f"deployment {state.name} is at its concurrency limit ({state.spec.max_concurrency}) "
+                    f"and no slot freed within {self.queue_timeout:g}s") from None
+            finally:
+                rec.queue_s += time.perf_counter() - t0
+        else:
+            await state.slots.acquire()
+        state.in_flight += 1
+
+    @staticmethod
+    def _release(state: DeploymentState) -> None:
+        state.in_flight -= 1
+        state.slots.release()
+
+    async def call(self, rec: RequestRecord, model: Model, endpoint: Endpoint, body: dict[str, Any]) -> bytes:
+        """Non-streaming call; returns vLLM's response body unchanged."""
+        path = UPSTREAM_PATHS[endpoint]
+        last: GatewayError | None = None
+        for state in self.plan(model):
+            body["model"] = state.spec.upstream_model
+            await self._acquire(state, rec)
+            t0 = time.perf_counter()
+            try:
+                data = await self._post_json(state, path, rec, orjson.dumps(body))
+            except _Retryable as r:
+                rec.attempts.append(Attempt(state.name, state.spec.upstream_model, r.reason, time.perf_counter() - t0))
+                last = r.error
+                continue
+            finally:
+                rec.upstream_s += time.perf_counter() - t0
+                self._release(state)
+            rec.attempts.append(Attempt(state.name, state.spec.upstream_model, "ok", time.perf_counter() - t0))
+            self._served_by(rec, model, state)
+            return data
+        assert last is not None
+        raise last
+
+    async def _post_json(self, state: DeploymentState, path: str, rec: RequestRecord, payload: bytes) -> bytes:
+        try:
+            async with self.pool.session.post(
+                state.spec.url + path, data=payload, timeout=state.timeout,
+                headers={**state.headers, "Content-Type": "application/json", "X-Request-Id": rec.request_id},
+            ) as resp:
+                data = await resp.read()
+                status = resp.status
+        except aiohttp.ClientConnectorError as e:
+            raise _Retryable("connect_error", errors.upstream_unavailable(
+                f"cannot connect to deployment {state.name}: {e.os_error.strerror or e}")) from None
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            # The whole request took longer than the deployment's total timeout: vLLM did the work, so
+            # repeating it elsewhere could double the cost; give an honest 504 instead.
+            raise errors.upstream_timeout(
+                f"deployment {state.name} did not answer within {state.spec.timeouts.total:g}s") from None
+        except aiohttp.ClientError as e:
+            raise _Retryable("upstream_disconnected", errors.upstream_unavailable(
+                f"deployment {state.name} failed: {type(e).__name__}")) from None
+        if status >= 400:
+            err = upstream_error(status, _json_or_none(data), state.name)
+            if status >= 500 or status == 429:
+                raise _Retryable(f"upstream_{status}", err)
+            raise err
+        try:
+            take_usage(rec, orjson.loads(data))
+        except orjson.JSONDecodeError:
+            raise _Retryable("malformed_response", errors.upstream_unavailable(
+                f"deployment {state.name} returned a body that is not JSON")) from None
+        return data
+
+    async def open_stream(self, rec: RequestRecord, model: Model, endpoint: Endpoint,
+                          body: dict[str, Any]) -> UpstreamStream:
+        """Start a stream on the first deployment that answers with its first chunk."""
+        path = UPSTREAM_PATHS[endpoint]
+        last: GatewayError | None = None
+        for state in self.plan(model):
+            body["model"] = state.spec.upstream_model
+            await self._acquire(state, rec)
+            t0 = time.perf_counter()
+            try:
+                stream = await self._open(state, path, rec, orjson.dumps(body))
+            except _Retryable as r:
+                rec.upstream_s += time.perf_counter() - t0
+                rec.attempts.append(Attempt(state.name, state.spec.upstream_model, r.reason, time.perf_counter() - t0))
+                self._release(state)
+                last = r.error
+                continue
+            except BaseException:
+                rec.upstream_s += time.perf_counter() - t0
+                self._release(state)
+                raise
+            rec.upstream_s += time.perf_counter() - t0
+            rec.attempts.append(Attempt(state.name, state.spec.upstream_model, "ok", time.perf_counter() - t0))
+            self._served_by(rec, model, state)
+            return stream
+        assert last is not None
+        raise last
+
+    async def _open(self, state: DeploymentState, path: str, rec: RequestRecord, payload: bytes) -> UpstreamStream:
+        first_token = state.spec.timeouts.first_token
+        resp: aiohttp.ClientResponse | None = None
+        try:
+            async with asyncio.timeout(first_token):
+                resp = await self.pool.session.post(
+                    state.spec.url + path, data=payload, timeout=state.timeout,
+                    headers={**state.headers, "Content-Type": "application/json", "X-Request-Id": rec.request_id},
+                )
+                if resp.status >= 400:
+                    data = await resp.read()
+                    resp.release()
+                    err = upstream_error(resp.status, _json_or_none(data), state.name)
+                    if resp.status >= 500 or resp.status == 429:
+                        raise _Retryable(f"upstream_{resp.status}", err)
+                    raise err
+                first = await _next_data_line(resp)
+        except aiohttp.ClientConnectorError as e:
+            raise _Retryable("connect_error", errors.upstream_unavailable(
+                f"cannot connect to deployment {state.name}: {e.os_error.strerror or e}")) from None
+        except TimeoutError:
+            if resp is not None:
+                resp.close()
+            raise _Retryable("first_token_timeout", errors.upstream_timeout(
+                f"deployment {state.name} sent no first chunk within {first_token:g}s")) from None
+        except aiohttp.ClientError as e:
+            if resp is not None:
+                resp.close()
+            raise _Retryable("upstream_disconnected", errors.upstream_unavailable(
+                f"deployment {state.name} failed before the first chunk: {type(e).__name__}")) from None
+        if first is None:
+            resp.close()
+            raise _Retryable("empty_stream", errors.upstream_unavailable(
+                f"deployment {state.name} closed the stream before the first chunk"))
+        return UpstreamStream(state, resp, first)
+
+    async def relay(self, stream: UpstreamStream, rec: RequestRecord, acct: StreamAccountant,
+                    on_done: Callable[[], bytes]) -> AsyncIterator[bytes]:
+        """Yield the client's SSE bytes chunk by chunk; always end with [DONE]; finalize in every case."""
+        resp, completed = stream.response, False
+        try:
+            line: bytes | None = stream.first_line
+            while line is not None:
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    completed = acct.upstream_error is None
+                    break
+                out = acct.on_data(payload)
+                if out is not None:
+                    yield out
+                t0 = time.perf_counter()
+                try:
+                    line = await _next_data_line(resp)
+                finally:
+                    rec.upstream_s += time.perf_counter() - t0
+            if completed:
+                acct.done()
+                yield on_done()
+                yield DONE
+                return
+            if acct.upstream_error is not None:
+                rec.outcome, rec.status = "upstream_failed_midstream", 502
+                rec.error_code = str(acct.upstream_error.get("code") or "upstream_error")
+                yield DONE
+                return
+            raise aiohttp.ClientPayloadError("stream ended without [DONE]")
+        except (aiohttp.ClientError, asyncio.TimeoutError, MalformedStream) as e:
+            # Too late to fall back: tell the client honestly, with no fake finish_reason.
+            acct.done()
+            rec.outcome, rec.status, rec.error_code = "upstream_failed_midstream", 502, "upstream_stream_broken"
+            reason = str(e) if isinstance(e, MalformedStream) else type(e).__name__
+            err = errors.GatewayError(502, f"upstream {stream.state.name} failed mid-stream: {reason}",
+                                      type="api_error", code="upstream_stream_broken")
+            yield sse_data(err.body())
+            yield DONE
+        except BaseException:
+            # Client went away (task cancelled / generator closed): stop vLLM's work, keep the account.
+            acct.done()
+            rec.outcome, rec.status = "client_disconnected", 499
+            raise
+        finally:
+            if completed:
+                resp.release()
+            else:
+                resp.close()  # drops the connection: vLLM sees the disconnect and aborts the request
+            self._release(stream.state)
+
+    @staticmethod
+    def _served_by(rec: RequestRecord, model: Model, state: DeploymentState) -> None:
+        rec.served_model = model.name
+        rec.deployment = state.name
+        rec.upstream_model = state.spec.upstream_model
+        rec.concurrency = state.in_flight
+
+
+async def _next_data_line(resp: aiohttp.ClientResponse) -> bytes | None:
+    """The next `data:` line of an SSE stream (None at EOF); blank lines and comments are skipped."""
+    while True:
+        line = await resp.content.readline()
+        if not line:
+            return None
+        if line.startswith(b"data:"):
+            return line
+
+
+def _json_or_none(data: bytes) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+
+
+__all__ = ["Executor", "UpstreamStream", "sse_comment"]

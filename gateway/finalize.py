@@ -1,0 +1,103 @@
+"""Finalize stage: usage -> cost, then the record -> headers, JSON log line and metrics, in one place."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import IO
+
+import orjson
+
+from gateway.config import GatewayConfig
+from gateway.metrics import GatewayMetrics
+from gateway.pricing import request_cost
+from gateway.record import RequestRecord
+
+log = logging.getLogger("gateway.finalize")
+
+
+class RequestLog:
+    """One JSON line per request, without prompt or completion text."""
+
+    def __init__(self, target: str) -> None:
+        self._out: IO[bytes] | None
+        if target == "off":
+            self._out = None
+        elif target == "stdout":
+            self._out = sys.stdout.buffer
+        elif target == "stderr":
+            self._out = sys.stderr.buffer
+        else:
+            self._out = open(target, "ab")  # noqa: SIM115 - lives as long as the app
+
+    def write(self, rec: RequestRecord) -> None:
+        if self._out is not None:
+            self._out.write(orjson.dumps(rec.to_log()) + b"\n")
+            self._out.flush()
+
+    def close(self) -> None:
+        if self._out is not None and self._out not in (sys.stdout.buffer, sys.stderr.buffer):
+            self._out.close()
+
+
+class Finalizer:
+    def __init__(self, config: GatewayConfig, metrics: GatewayMetrics, request_log: RequestLog) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.request_log = request_log
+
+    def price(self, rec: RequestRecord) -> None:
+        model = self.config.models.get(rec.served_model or "")
+        if model is not None:
+            rec.cost_usd = request_cost(model.pricing, rec.prompt_tokens, rec.completion_tokens,
+                                        rec.cached_tokens, rec.upstream_s, rec.concurrency)
+
+    def begin(self, rec: RequestRecord) -> None:
+        """The request names a configured model: count it in flight until finalized."""
+        rec.in_flight = True
+        self.metrics.in_flight.labels(rec.requested_model).inc()
+
+    def finalize(self, rec: RequestRecord) -> None:
+        """Called exactly once per request, whatever happened to it."""
+        if rec.in_flight:
+            rec.in_flight = False
+            self.metrics.in_flight.labels(rec.requested_model).dec()
+        rec.finish()
+        self.price(rec)
+        try:
+            self.metrics.observe(rec)
+            self.request_log.write(rec)
+        except Exception:  # accounting must never break serving; the failure itself is logged
+            log.exception("could not write the record of request %s", rec.request_id)
+
+
+def early_headers(rec: RequestRecord) -> dict[str, str]:
+    """What is known before the first byte of a response."""
+    h = {"x-request-id": rec.request_id}
+    if rec.served_model is not None:
+        h["x-gateway-model"] = rec.served_model
+        h["x-gateway-upstream-model"] = rec.upstream_model or ""
+        h["x-gateway-deployment"] = rec.deployment or ""
+        h["x-gateway-attempts"] = str(len(rec.attempts))
+        h["x-gateway-queue-ms"] = f"{rec.queue_s * 1e3:.3f}"
+    return h
+
+
+def final_headers(rec: RequestRecord) -> dict[str, str]:
+    """Everything, once the request is finished (non-streaming responses and errors)."""
+    h = early_headers(rec)
+    h["x-gateway-tenant"] = rec.tenant
+    h["x-gateway-e2e-ms"] = f"{rec.e2e_s * 1e3:.3f}"
+    h["x-gateway-upstream-ms"] = f"{rec.upstream_s * 1e3:.3f}"
+    h["x-gateway-overhead-ms"] = f"{rec.overhead_s * 1e3:.3f}"
+    if rec.usage_reported:
+        h["x-gateway-prompt-tokens"] = str(rec.prompt_tokens)
+        h["x-gateway-completion-tokens"] = str(rec.completion_tokens)
+        h["x-gateway-cached-tokens"] = str(rec.cached_tokens)
+        h["x-gateway-cost-usd"] = f"{rec.cost_usd:.10f}"
+    return h
+
+
+def stream_trailer(rec: RequestRecord) -> bytes:
+    """The final figures of a stream, sent as an SSE comment just before `data: [DONE]`."""
+    return b": x-gateway-accounting " + orjson.dumps(rec.to_log()) + b"\n\n"

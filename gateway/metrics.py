@@ -1,0 +1,103 @@
+"""Prometheus metrics, written from the request record in one place (see docs/metrics.md for names and labels).
+
+Label values are bounded: model is a configured public model name or "_unknown"; deployment a
+configured deployment name or "_none"; tenant a configured tenant, "anonymous" (auth off) or
+"unauthenticated"; status the HTTP status code. With several workers, prometheus-client's
+multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by `gateway serve`) keeps /metrics correct.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from gateway.record import RequestRecord
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+
+UNKNOWN_MODEL = "_unknown"
+NO_DEPLOYMENT = "_none"
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class GatewayMetrics:
+    def __init__(self, models: set[str], deployments: set[str]) -> None:
+        self._models = models
+        self._deployments = deployments
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        md = ["model", "deployment"]
+        mdt = ["model", "deployment", "tenant"]
+        self.requests = Counter("gateway_requests", "Requests finished, by status", [*mdt, "status"], registry=r)
+        self.prompt_tokens = Counter("gateway_prompt_tokens", "Prompt tokens as vLLM reported them", mdt, registry=r)
+        self.completion_tokens = Counter(
+            "gateway_completion_tokens", "Completion tokens as vLLM reported them", mdt, registry=r)
+        self.cached_tokens = Counter(
+            "gateway_cached_prompt_tokens", "Prompt tokens vLLM served from its prefix cache", mdt, registry=r)
+        self.cost = Counter("gateway_cost_usd", "Cost of served requests in USD", mdt, registry=r)
+        self.e2e = Histogram("gateway_request_duration_seconds", "End-to-end time in the gateway", md,
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("gateway_time_to_first_token_seconds", "Arrival to first token sent", md,
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("gateway_time_per_output_token_seconds", "Mean time per output token after the first",
+                              md, buckets=TPOT_BUCKETS, registry=r)
+        self.overhead = Histogram("gateway_overhead_seconds", "Time not spent waiting on vLLM or a queue", md,
+                                  buckets=OVERHEAD_BUCKETS, registry=r)
+        self.queue = Histogram("gateway_queue_seconds", "Time waiting for a deployment slot", md,
+                               buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("gateway_requests_in_flight", "Requests being served", ["model"],
+                               multiprocess_mode="livesum", registry=r)
+        self.upstream_healthy = Gauge("gateway_upstream_healthy", "1 if the deployment's /health answers",
+                                      ["deployment"], multiprocess_mode="max", registry=r)
+        self._children: dict[tuple[str, str, str, int], tuple[Any, ...]] = {}
+
+    def model_label(self, model: str | None) -> str:
+        return model if model in self._models else UNKNOWN_MODEL
+
+    def observe(self, rec: RequestRecord) -> None:
+        model = self.model_label(rec.served_model or rec.requested_model)
+        dep = rec.deployment if rec.deployment in self._deployments else NO_DEPLOYMENT
+        key = (model, dep, rec.tenant, rec.status)
+        c = self._children.get(key)
+        if c is None:
+            mdt = (model, dep, rec.tenant)
+            c = (self.requests.labels(*mdt, str(rec.status)), self.prompt_tokens.labels(*mdt),
+                 self.completion_tokens.labels(*mdt), self.cached_tokens.labels(*mdt), self.cost.labels(*mdt),
+                 self.e2e.labels(model, dep), self.ttft.labels(model, dep), self.tpot.labels(model, dep),
+                 self.overhead.labels(model, dep), self.queue.labels(model, dep))
+            self._children[key] = c
+        requests, prompt, completion, cached, cost, e2e, ttft, tpot, overhead, queue = c
+        requests.inc()
+        if rec.prompt_tokens:
+            prompt.inc(rec.prompt_tokens)
+        if rec.completion_tokens:
+            completion.inc(rec.completion_tokens)
+        if rec.cached_tokens:
+            cached.inc(rec.cached_tokens)
+        if rec.cost_usd:
+            cost.inc(rec.cost_usd)
+        e2e.observe(rec.e2e_s)
+        overhead.observe(rec.overhead_s)
+        if rec.deployment is not None:
+            queue.observe(rec.queue_s)
+        if rec.ttft_s is not None:
+            ttft.observe(rec.ttft_s)
+        if rec.tpot_s is not None:
+            tpot.observe(rec.tpot_s)
+
+    def render(self) -> bytes:
+        if multiprocess_dir():
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)

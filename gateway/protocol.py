@@ -1,0 +1,104 @@
+"""OpenAI wire format: request schemas the gateway validates, and the field names it reads or sets.
+
+Requests are validated for the fields the gateway relies on; every other field (vLLM's extra sampling
+and guided-decoding parameters included) is allowed and forwarded untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gateway.errors import GatewayError, bad_request
+
+Endpoint = Literal["chat", "completions", "embeddings"]
+
+UPSTREAM_PATHS: dict[Endpoint, str] = {
+    "chat": "/v1/chat/completions",
+    "completions": "/v1/completions",
+    "embeddings": "/v1/embeddings",
+}
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+
+class StreamOptions(_Open):
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None
+
+
+class ChatMessage(_Open):
+    role: Literal["system", "user", "assistant", "tool", "developer", "function"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class _Generation(_Open):
+    model: str = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=128)
+    seed: int | None = None
+
+    @field_validator("temperature", "top_p", mode="before")
+    @classmethod
+    def _finite(cls, v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+
+class ChatCompletionRequest(_Generation):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[str] | list[int] | list[list[int]]
+
+
+class EmbeddingRequest(_Open):
+    model: str = Field(min_length=1)
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] | None = None
+
+
+REQUEST_SCHEMAS: dict[Endpoint, type[_Open]] = {
+    "chat": ChatCompletionRequest,
+    "completions": CompletionRequest,
+    "embeddings": EmbeddingRequest,
+}
+
+
+def validate_request(endpoint: Endpoint, body: Any) -> _Open:
+    """Validate a parsed JSON body; raise a 400 naming the first offending field."""
+    if not isinstance(body, dict):
+        raise bad_request("Request body must be a JSON object.")
+    try:
+        return REQUEST_SCHEMAS[endpoint].model_validate(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        msg = "field required" if first["type"] == "missing" else first["msg"]
+        raise bad_request(f"Invalid request: '{loc}': {msg}", param=loc or None) from None
+
+
+def upstream_error(status: int, payload: Any, deployment: str) -> GatewayError:
+    """Turn a vLLM error response into ours, keeping its message (vLLM already speaks OpenAI's shape)."""
+    message = f"upstream {deployment} returned HTTP {status}"
+    if isinstance(payload, dict):
+        err = payload.get("error", payload)
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            message = err["message"]
+        elif isinstance(payload.get("message"), str):
+            message = payload["message"]
+    if 400 <= status < 500 and status not in (401, 403, 404, 408, 429):
+        # The request itself was rejected by vLLM (e.g. prompt too long): the client's problem.
+        return GatewayError(status, message, type="invalid_request_error", code="upstream_rejected")
+    return GatewayError(502, message, type="api_error", code="upstream_error")

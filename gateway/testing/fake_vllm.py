@@ -1,0 +1,271 @@
+"""A test upstream that speaks vLLM's OpenAI protocol, fast, with switches for delays and faults.
+
+It is a real HTTP server (aiohttp) used by the tests and the benchmarks. Token counts are
+deterministic (one token per whitespace-separated word) and exported like vLLM's own counters on
+/metrics, so accounting can be checked against it the same way as against real vLLM.
+
+Run: python -m gateway.testing.fake_vllm --port 8101 --model smollm2 --model sentiment
+Change behaviour at run time: POST /control {"ttft_ms": 50, "fail_status": 503, ...}; GET /control.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+
+@dataclass
+class Behaviour:
+    ttft_ms: float = 0.0  # delay before the first token (streams) or before the answer
+    itl_ms: float = 0.0  # delay between tokens
+    default_tokens: int = 16
+    fail_status: int = 0  # answer every request with this HTTP status (0: don't)
+    die_after_chunks: int = -1  # close the connection after this many token chunks (-1: don't)
+    malformed_after_chunks: int = -1  # send a chunk that is not JSON after this many (-1: don't)
+    omit_usage: bool = False  # answer without usage
+    error_event_after_chunks: int = -1  # send a vLLM-style error event mid-stream
+    num_waiting: float = 0.0  # reported as vllm:num_requests_waiting
+    kv_cache_usage: float = 0.0  # reported as vllm:kv_cache_usage_perc
+    healthy: bool = True
+
+
+@dataclass
+class Counters:
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    requests: int = 0
+    running: int = 0
+    last_request: dict[str, Any] = field(default_factory=dict)
+
+
+def count_prompt_tokens(body: dict[str, Any]) -> int:
+    if "messages" in body:
+        n = 2
+        for m in body["messages"]:
+            content = m.get("content")
+            if isinstance(content, list):
+                content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+            n += 4 + len(str(content or "").split())
+        return n
+    prompt = body.get("prompt", body.get("input", ""))
+    if isinstance(prompt, list):
+        if prompt and isinstance(prompt[0], int):
+            return len(prompt)
+        return sum(len(p) if isinstance(p, list) else len(str(p).split()) + 1 for p in prompt)
+    return len(str(prompt).split()) + 1
+
+
+class FakeVLLM:
+    def __init__(self, models: list[str], behaviour: Behaviour | None = None, max_model_len: int = 2048) -> None:
+        self.models = models
+        self.b = behaviour or Behaviour()
+        self.c = Counters()
+        self.max_model_len = max_model_len
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.add_routes([
+            web.post("/v1/chat/completions", self.generate),
+            web.post("/v1/completions", self.generate),
+            web.post("/v1/embeddings", self.embeddings),
+            web.post("/tokenize", self.tokenize),
+            web.get("/v1/models", self.list_models),
+            web.get("/health", self.health),
+            web.get("/metrics", self.metrics),
+            web.get("/control", self.get_control),
+            web.post("/control", self.set_control),
+        ])
+        return app
+
+    # ------------------------------------------------------------------ control
+    async def get_control(self, request: web.Request) -> web.Response:
+        return _json({"behaviour": asdict(self.b), "counters": asdict(self.c)})
+
+    async def set_control(self, request: web.Request) -> web.Response:
+        changes = orjson.loads(await request.read())
+        if changes.pop("reset_counters", False):
+            self.c = Counters()
+        self.b = Behaviour(**{**asdict(self.b), **changes})
+        return _json(asdict(self.b))
+
+    # ------------------------------------------------------------------ vLLM endpoints
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.b.healthy else 503)
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "vllm", "root": m,
+                 "parent": None if i == 0 else self.models[0], "max_model_len": self.max_model_len}
+                for i, m in enumerate(self.models)]
+        return _json({"object": "list", "data": data})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        name = self.models[0]
+        lines = [
+            f'vllm:num_requests_running{{model_name="{name}"}} {float(self.c.running)}',
+            f'vllm:num_requests_waiting{{model_name="{name}"}} {self.b.num_waiting}',
+            f'vllm:kv_cache_usage_perc{{model_name="{name}"}} {self.b.kv_cache_usage}',
+            f'vllm:prompt_tokens_total{{model_name="{name}"}} {float(self.c.prompt_tokens)}',
+            f'vllm:generation_tokens_total{{model_name="{name}"}} {float(self.c.generation_tokens)}',
+        ]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        n = count_prompt_tokens(body)
+        return _json({"count": n, "max_model_len": self.max_model_len, "tokens": list(range(n))})
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        self.c.last_request = body
+        if err := self._refuse(body):
+            return err
+        inputs = body["input"] if isinstance(body["input"], list) and not isinstance(body["input"][0], int) \
+            else [body["input"]]
+        n = count_prompt_tokens(body)
+        self.c.requests += 1
+        self.c.prompt_tokens += n
+        data = [{"object": "embedding", "index": i, "embedding": [0.1 * ((i + j) % 7) for j in range(8)]}
+                for i in range(len(inputs))]
+        return _json({"object": "list", "model": body["model"], "data": data,
+                      "usage": {"prompt_tokens": n, "total_tokens": n}})
+
+    def _refuse(self, body: dict[str, Any]) -> web.Response | None:
+        if self.b.fail_status:
+            return _json({"error": {"message": f"injected failure {self.b.fail_status}", "type": "InternalError",
+                                    "code": self.b.fail_status}}, status=self.b.fail_status)
+        if body.get("model") not in self.models:
+            return _json({"error": {"message": f"The model `{body.get('model')}` does not exist.",
+                                    "type": "NotFoundError", "code": 404}}, status=404)
+        return None
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        body = orjson.loads(await request.read())
+        self.c.last_request = body
+        if err := self._refuse(body):
+            return err
+        chat = "messages" in body
+        prompt_tokens = count_prompt_tokens(body)
+        if prompt_tokens > self.max_model_len:
+            return _json({"error": {"message": f"This model's maximum context length is {self.max_model_len} "
+                                    f"tokens. However, you requested {prompt_tokens} tokens.",
+                                    "type": "BadRequestError", "code": 400}}, status=400)
+        n = int(body.get("max_tokens") or body.get("max_completion_tokens") or self.b.default_tokens)
+        self.c.requests += 1
+        self.c.prompt_tokens += prompt_tokens
+        self.c.running += 1
+        try:
+            if body.get("stream"):
+                return await self._stream(request, body, chat, prompt_tokens, n)
+            if self.b.ttft_ms or self.b.itl_ms:
+                await asyncio.sleep((self.b.ttft_ms + self.b.itl_ms * max(0, n - 1)) / 1e3)
+            self.c.generation_tokens += n
+            text = "".join(f"tok{i} " for i in range(n))
+            rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+            if chat:
+                choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
+                                          "finish_reason": "length", "logprobs": None}
+            else:
+                choice = {"index": 0, "text": text, "finish_reason": "length", "logprobs": None}
+            out: dict[str, Any] = {"id": rid, "object": "chat.completion" if chat else "text_completion",
+                                   "created": int(time.time()), "model": body["model"], "choices": [choice]}
+            if not self.b.omit_usage:
+                out["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": n,
+                                "total_tokens": prompt_tokens + n}
+            return _json(out)
+        finally:
+            self.c.running -= 1
+
+    async def _stream(self, request: web.Request, body: dict[str, Any], chat: bool, prompt_tokens: int,
+                      n: int) -> web.StreamResponse:
+        opts = body.get("stream_options") or {}
+        include_usage = bool(opts.get("include_usage")) and not self.b.omit_usage
+        continuous = include_usage and bool(opts.get("continuous_usage_stats"))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": body["model"]}
+
+        def usage(done: int) -> dict[str, int]:
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
+
+        async def send(obj: dict[str, Any]) -> None:
+            await resp.write(b"data: " + orjson.dumps(obj) + b"\n\n")
+
+        if chat:
+            first = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                          "logprobs": None, "finish_reason": None}]}
+            if continuous:
+                first["usage"] = usage(0)
+            await send(first)
+        if self.b.ttft_ms:
+            await asyncio.sleep(self.b.ttft_ms / 1e3)
+        for i in range(n):
+            if i and self.b.itl_ms:
+                await asyncio.sleep(self.b.itl_ms / 1e3)
+            if i == self.b.die_after_chunks:
+                assert request.transport is not None
+                request.transport.abort()
+                return resp
+            if i == self.b.malformed_after_chunks:
+                await resp.write(b"data: {not json\n\n")
+                return resp
+            if i == self.b.error_event_after_chunks:
+                await send({"error": {"message": "injected engine error", "type": "InternalServerError",
+                                      "code": 500}})
+                await resp.write(b"data: [DONE]\n\n")
+                return resp
+            finish = "length" if i == n - 1 else None
+            if chat:
+                choice: dict[str, Any] = {"index": 0, "delta": {"content": f"tok{i} "}, "logprobs": None,
+                                          "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": f"tok{i} ", "logprobs": None, "finish_reason": finish}
+            chunk: dict[str, Any] = {**base, "choices": [choice]}
+            if continuous:
+                chunk["usage"] = usage(i + 1)
+            self.c.generation_tokens += 1
+            try:
+                await send(chunk)
+            except (ConnectionResetError, ConnectionError):
+                return resp
+        if include_usage:
+            await send({**base, "choices": [], "usage": usage(n)})
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+
+def _json(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8101)
+    p.add_argument("--model", action="append", help="served model names (first is the base)")
+    p.add_argument("--ttft-ms", type=float, default=0.0)
+    p.add_argument("--itl-ms", type=float, default=0.0)
+    p.add_argument("--tokens", type=int, default=16, help="completion tokens when max_tokens is not given")
+    p.add_argument("--max-model-len", type=int, default=2048)
+    a = p.parse_args()
+    fake = FakeVLLM(a.model or ["fake-model"], Behaviour(ttft_ms=a.ttft_ms, itl_ms=a.itl_ms,
+                                                         default_tokens=a.tokens), a.max_model_len)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    web.run_app(fake.app(), host=a.host, port=a.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Connections to vLLM deployments: one pooled keep-alive HTTP client, per-deployment slots and health."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from gateway.config import Deployment, GatewayConfig
+
+log = logging.getLogger("gateway.upstream")
+
+
+@dataclass(eq=False)
+class DeploymentState:
+    """Live state of one deployment in this worker."""
+
+    spec: Deployment
+    slots: asyncio.Semaphore
+    timeout: aiohttp.ClientTimeout
+    headers: dict[str, str]
+    in_flight: int = 0
+    healthy: bool | None = None  # None until the first health check answers
+    last_health_error: str | None = None
+    health_checked_at: float = field(default=0.0)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def load(self) -> float:
+        return (self.in_flight + 1) / self.spec.weight
+
+
+class UpstreamPool:
+    """Owns the HTTP client session and the state of every deployment; checks /health periodically."""
+
+    def __init__(self, config: GatewayConfig,
+                 on_checked: Callable[[UpstreamPool], None] | None = None) -> None:
+        self.config = config
+        self._on_checked = on_checked
+        self.states: dict[str, DeploymentState] = {}
+        for model in config.models.values():
+            for d in model.deployments:
+                headers = {"Authorization": f"Bearer {d.api_key}"} if d.api_key else {}
+                timeout = aiohttp.ClientTimeout(total=d.timeouts.total, sock_connect=d.timeouts.connect,
+                                                connect=d.timeouts.connect)
+                self.states[d.name] = DeploymentState(d, asyncio.Semaphore(d.max_concurrency), timeout, headers)
+        self._session: aiohttp.ClientSession | None = None
+        self._health_task: asyncio.Task[None] | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "UpstreamPool.start() was not awaited"
+        return self._session
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=75, ttl_dns_cache=300)
+        # auto_decompress off: bodies are relayed byte for byte; no cookie jar: the gateway is stateless.
+        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                              cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",))
+        await self.check_all()
+        self._health_task = asyncio.create_task(self._health_loop(), name="upstream-health")
+
+    async def close(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+        if self._session is not None:
+            await self._session.close()
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.server.health_interval)
+            await self.check_all()
+
+    async def check_all(self) -> None:
+        # Several deployments may share one vLLM server (base model and its adapters): ask each URL once.
+        by_url: dict[str, list[DeploymentState]] = {}
+        for s in self.states.values():
+            by_url.setdefault(s.spec.url, []).append(s)
+        results = await asyncio.gather(*(self._check(url, group[0]) for url, group in by_url.items()))
+        now = time.time()
+        for (url, group), (ok, err) in zip(by_url.items(), results, strict=True):
+            for s in group:
+                if s.healthy is not ok:
+                    log.log(logging.INFO if ok else logging.WARNING, "deployment %s is %s%s", s.name,
+                            "healthy" if ok else "unhealthy", f": {err}" if err else "")
+                s.healthy, s.last_health_error, s.health_checked_at = ok, err, now
+        if self._on_checked is not None:
+            self._on_checked(self)
+
+    async def _check(self, url: str, state: DeploymentState) -> tuple[bool, str | None]:
+        timeout = aiohttp.ClientTimeout(total=max(1.0, min(5.0, state.spec.timeouts.connect * 2)))
+        try:
+            async with self.session.get(f"{url}/health", timeout=timeout, headers=state.headers) as r:
+                await r.read()
+                return r.status == 200, None if r.status == 200 else f"HTTP {r.status}"
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            return False, type(e).__name__
+
+    def ready_models(self) -> dict[str, bool]:
+        return {name: any(self.states[d.name].healthy for d in m.deployments)
+                for name, m in self.config.models.items()}
