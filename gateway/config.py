@@ -188,7 +188,7 @@ def _substitute_with_paths(tree: Any, env: dict[str, str] | os._Environ[str], pa
             out[key] = _substitute_with_paths(v, env, key_path)
         return out
     if isinstance(tree, list):
-        return [_substitute_with_paths(v, env, f"{path}[{i}]") for i, v in enumerate(tree)]
+        return [_substitute_with_paths(v, env, f"{path}.{i}") for i, v in enumerate(tree)]
     try:
         return substitute_env(tree, env)
     except KeyError as e:

