@@ -5,6 +5,7 @@ parse + validate -> authenticate -> plan/execute (execute.py) -> finalize (final
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -17,7 +18,8 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from gateway import errors
 from gateway.auth import Authenticator
@@ -33,7 +35,7 @@ from gateway.upstream import UpstreamPool
 
 log = logging.getLogger("gateway")
 
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 JSON = "application/json"
 
 
@@ -54,18 +56,24 @@ class Gateway:
         for name, state in pool.states.items():
             self.metrics.upstream_healthy.labels(name).set(1 if state.healthy else 0)
 
-    async def read_json(self, request: Request) -> Any:
-        length = request.headers.get("content-length")
+    async def read_json(self, headers: dict[bytes, bytes], receive: Receive) -> Any:
+        length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             raise errors.payload_too_large(self.max_body)
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.stream():
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone()
+            chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
                 raise errors.payload_too_large(self.max_body)
             chunks.append(chunk)
-        raw = b"".join(chunks)
+            if not message.get("more_body", False):
+                break
+        raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if not raw:
             raise errors.bad_request("Request body is empty; expected a JSON object.")
         try:
@@ -73,13 +81,16 @@ class Gateway:
         except orjson.JSONDecodeError as e:
             raise errors.bad_request(f"Request body is not valid JSON: {e.msg}", code="invalid_json") from None
 
-    async def handle(self, request: Request, endpoint: Endpoint) -> Response:
-        rid = request.headers.get("x-request-id")
-        rec = RequestRecord(rid if rid and _REQUEST_ID.fullmatch(rid) else uuid.uuid4().hex, endpoint)
+    async def handle(self, scope: Scope, receive: Receive, send: Send, endpoint: Endpoint) -> None:
+        """The request's path through the stages; answers through raw ASGI (no framework on the hot path)."""
+        headers = _wanted_headers(scope["headers"])
+        rid = headers.get(b"x-request-id")
+        rec = RequestRecord(rid.decode() if rid and _REQUEST_ID.fullmatch(rid) else uuid.uuid4().hex, endpoint)
         try:
-            tenant, key_hash = self.auth.authenticate(request.headers.get("authorization"))
+            auth = headers.get(b"authorization")
+            tenant, key_hash = self.auth.authenticate(auth.decode("latin-1") if auth else None)
             rec.tenant, rec.api_key_hash = tenant.name, key_hash
-            body = await self.read_json(request)
+            body = await self.read_json(headers, receive)
             req = validate_request(endpoint, body)
             rec.requested_model = req.model
             model = self.config.models.get(req.model)
@@ -87,52 +98,65 @@ class Gateway:
                 raise errors.model_not_found(req.model)
             self.finalizer.begin(rec)
             if endpoint != "embeddings" and body.get("stream"):
-                return await self._stream(rec, model, endpoint, body)
+                await self._stream(rec, model, endpoint, body, receive, send)
+                return
             data = await self.executor.call(rec, model, endpoint, body)
             rec.status = 200
             self.finalizer.finalize(rec)
-            return Response(data, media_type=JSON, headers=final_headers(rec))
+            await _respond(send, 200, data, final_headers(rec))
         except GatewayError as e:
-            return self._error(rec, e)
+            await self._error(rec, e, send)
+        except ClientGone:
+            rec.outcome, rec.status = "client_disconnected", 499
+            self.finalizer.finalize(rec)
         except Exception:
             log.exception("internal error in request %s", rec.request_id)
-            return self._error(rec, GatewayError(500, f"Internal gateway error (request id {rec.request_id}).",
-                                                 type="api_error", code="internal_error"))
+            await self._error(rec, GatewayError(500, f"Internal gateway error (request id {rec.request_id}).",
+                                                type="api_error", code="internal_error"), send)
 
-    def _error(self, rec: RequestRecord, e: GatewayError) -> Response:
+    async def _error(self, rec: RequestRecord, e: GatewayError, send: Send) -> None:
         rec.status, rec.error_code, rec.outcome = e.status, e.code, "error"
         self.finalizer.finalize(rec)
-        return Response(e.to_json(), status_code=e.status, media_type=JSON,
-                        headers={**final_headers(rec), **e.headers})
+        await _respond(send, e.status, e.to_json(), {**final_headers(rec), **e.headers})
 
-    async def _stream(self, rec: RequestRecord, model: Any, endpoint: Endpoint, body: dict[str, Any]) -> Response:
+    async def _stream(self, rec: RequestRecord, model: Any, endpoint: Endpoint, body: dict[str, Any],
+                      receive: Receive, send: Send) -> None:
         rec.stream = True
         asked = body.get("stream_options") or {}
+        if not isinstance(asked, dict):
+            raise errors.bad_request("'stream_options' must be an object.", param="stream_options")
         acct = StreamAccountant(rec, bool(asked.get("include_usage")), bool(asked.get("continuous_usage_stats")))
         body["stream_options"] = {**asked, "include_usage": True, "continuous_usage_stats": True}
         stream = await self.executor.open_stream(rec, model, endpoint, body)
         rec.status = 200
-        finalizer = self.finalizer
         finalized = False
 
         def on_done() -> bytes:
             nonlocal finalized
-            finalizer.finalize(rec)
+            self.finalizer.finalize(rec)
             finalized = True
             return stream_trailer(rec)
 
-        async def events() -> AsyncIterator[bytes]:
-            nonlocal finalized
-            try:
-                async for chunk in self.executor.relay(stream, rec, acct, on_done):
-                    yield chunk
-            finally:
-                if not finalized:
-                    finalized = True
-                    finalizer.finalize(rec)
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={**early_headers(rec), "Cache-Control": "no-cache"})
+        # The client leaving shows up as http.disconnect on receive(): cancel the relay when it does.
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.create_task(_cancel_on_disconnect(receive, task))
+        try:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": _encode_headers({**early_headers(rec), "cache-control": "no-cache"}, SSE)})
+            async for chunk in self.executor.relay(stream, rec, acct, on_done):
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            watcher.cancel()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not watcher.done() or watcher.cancelled():
+                raise  # cancelled from outside (shutdown), not by our disconnect watcher
+            task.uncancel()
+        finally:
+            watcher.cancel()
+            if not finalized:
+                finalized = True
+                self.finalizer.finalize(rec)
 
     def list_models(self) -> dict[str, Any]:
         return {"object": "list", "data": [
@@ -141,7 +165,67 @@ class Gateway:
             for name, m in self.config.models.items()]}
 
 
-def create_app(config: GatewayConfig | None = None) -> FastAPI:
+class ClientGone(Exception):
+    """The client disconnected before its request body arrived."""
+
+
+async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[Any]) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            task.cancel()
+            return
+
+
+_WANTED = frozenset({b"authorization", b"x-request-id", b"content-length"})
+JSON_CT = (b"content-type", b"application/json")
+SSE = (b"content-type", b"text/event-stream; charset=utf-8")
+
+
+def _wanted_headers(raw: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+    return {k: v for k, v in raw if k in _WANTED}
+
+
+def _encode_headers(headers: dict[str, str], content_type: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
+    return [content_type, *((k.encode(), v.encode()) for k, v in headers.items())]
+
+
+async def _respond(send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:
+    h = _encode_headers(headers, JSON_CT)
+    h.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": h})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _Handled(Response):
+    """Lets a FastAPI route hand its request to Gateway.handle (the same code the fast path runs)."""
+
+    def __init__(self, gw: Gateway, endpoint: Endpoint) -> None:
+        self.gw, self.endpoint = gw, endpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.gw.handle(scope, receive, send, self.endpoint)
+
+
+class FastPath:
+    """ASGI entry: the three proxy routes go straight to Gateway.handle; everything else to FastAPI."""
+
+    ROUTES: dict[str, Endpoint] = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
+                                   "/v1/embeddings": "embeddings"}
+
+    def __init__(self, gw: Gateway, app: FastAPI) -> None:
+        self.gw, self.app = gw, app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            endpoint = self.ROUTES.get(scope["path"])
+            if endpoint is not None:
+                await self.gw.handle(scope, receive, send, endpoint)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(config: GatewayConfig | None = None) -> FastPath:
     """Build the app; with no config, load the file named by GATEWAY_CONFIG (uvicorn --factory workers)."""
     if config is None:
         config = load_config(os.environ["GATEWAY_CONFIG"])
@@ -159,17 +243,18 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
     app = FastAPI(title="vLLM gateway", version="0.1.0", lifespan=lifespan)
     app.state.gateway = gw
 
+    # Served by FastPath without routing; declared here too so that they appear in the OpenAPI description.
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await gw.handle(request, "chat")
+        return _Handled(gw, "chat")
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await gw.handle(request, "completions")
+        return _Handled(gw, "completions")
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
-        return await gw.handle(request, "embeddings")
+        return _Handled(gw, "embeddings")
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
@@ -204,4 +289,4 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         return Response(errors.bad_request(str(exc)).to_json(), status_code=400, media_type=JSON)
 
-    return app
+    return FastPath(gw, app)
