@@ -30,6 +30,9 @@ from gateway.finalize import Finalizer, RequestLog, early_headers, final_headers
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.protocol import Endpoint, validate_request
 from gateway.record import RequestRecord
+from gateway.routing.breaker import BreakerState, CircuitBreaker
+from gateway.routing.live import LiveStats
+from gateway.routing.policy import Plan, Planner
 from gateway.streaming import StreamAccountant
 from gateway.upstream import UpstreamPool
 
@@ -46,11 +49,34 @@ class Gateway:
         self.config = config
         self.auth = Authenticator(config)
         self.pool = UpstreamPool(config, on_checked=self._health_checked)
-        self.executor = Executor(self.pool)
+        self.breakers = {name: CircuitBreaker(name, config.circuit_breaker, self._breaker_changed)
+                         for name in self.pool.states}
+        self.executor = Executor(self.pool, self.breakers)
+        self.live = LiveStats(config)
+        self.planner = Planner(config, self.live, self.breakers, budget_fraction=lambda tenant: 0.0,
+                               in_flight=lambda name: self.pool.states[name].in_flight)
         deployments = {d.name for m in config.models.values() for d in m.deployments}
         self.metrics = GatewayMetrics(set(config.models), deployments)
         self.finalizer = Finalizer(config, self.metrics, RequestLog(config.server.request_log))
+        self.finalizer.observers.append(self._observe_latency)
         self.max_body = config.server.max_body_bytes
+        for name, m in config.models.items():
+            self.metrics.model_info.labels(name, m.tier).set(1)
+        for name in self.breakers:
+            self.metrics.breaker_state.labels(name).set(0)
+
+    def _breaker_changed(self, deployment: str, state: BreakerState) -> None:
+        log.warning("circuit breaker of %s is now %s", deployment, state.name.lower())
+        self.metrics.breaker_state.labels(deployment).set(int(state))
+
+    def _observe_latency(self, rec: RequestRecord) -> None:
+        """Feed the deadline rule's live figures from successful requests."""
+        if rec.status != 200 or rec.deployment is None:
+            return
+        if rec.stream:
+            self.live.get(rec.deployment).observe(rec.ttft_s, rec.tpot_s)
+        elif rec.completion_tokens > 0 and rec.endpoint != "embeddings":
+            self.live.get(rec.deployment).observe(None, rec.upstream_s / rec.completion_tokens)
 
     def _health_checked(self, pool: UpstreamPool) -> None:
         for name, state in pool.states.items():
@@ -93,14 +119,12 @@ class Gateway:
             body = await self.read_json(headers, receive)
             req = validate_request(endpoint, body)
             rec.requested_model = req.model
-            model = self.config.models.get(req.model)
-            if model is None:
-                raise errors.model_not_found(req.model)
+            plan = await self._plan(rec, req.model, body, headers)
             self.finalizer.begin(rec)
             if endpoint != "embeddings" and body.get("stream"):
-                await self._stream(rec, model, endpoint, body, receive, send)
+                await self._stream(rec, plan, endpoint, body, receive, send)
                 return
-            data = await self.executor.call(rec, model, endpoint, body)
+            data = await self.executor.call(rec, plan, endpoint, body)
             rec.status = 200
             self.finalizer.finalize(rec)
             await _respond(send, 200, data, final_headers(rec))
@@ -119,7 +143,31 @@ class Gateway:
         self.finalizer.finalize(rec)
         await _respond(send, e.status, e.to_json(), {**final_headers(rec), **e.headers})
 
-    async def _stream(self, rec: RequestRecord, model: Any, endpoint: Endpoint, body: dict[str, Any],
+    async def _plan(self, rec: RequestRecord, name: str, body: dict[str, Any], headers: dict[bytes, bytes]) -> Plan:
+        task_raw = headers.get(b"x-gateway-task")
+        metadata = body.get("metadata")
+        task = task_raw.decode("latin-1").strip().lower() if task_raw else (
+            str(metadata["task"]).lower() if isinstance(metadata, dict) and metadata.get("task") else None)
+        deadline_ms = None
+        if (raw := headers.get(b"x-gateway-deadline-ms")) is not None:
+            try:
+                deadline_ms = float(raw)
+                if not 0 < deadline_ms < 1e9:
+                    raise ValueError
+            except ValueError:
+                raise errors.bad_request("Header x-gateway-deadline-ms must be a positive number of milliseconds.",
+                                         param="x-gateway-deadline-ms") from None
+        plan = await self.planner.plan(name, body, rec.tenant, task, deadline_ms, self.executor.count_tokens)
+        rec.primary_model = plan.requested.name
+        rec.route = plan.route.name if plan.route is not None else None
+        rec.task = task
+        rec.rule, rec.fallback_reason = plan.rule, plan.reason
+        rec.route_decisions = plan.decisions
+        rec.deadline_ms = None if plan.deadline_s is None else plan.deadline_s * 1e3
+        rec.predicted_ms = None if plan.predicted_s is None else plan.predicted_s * 1e3
+        return plan
+
+    async def _stream(self, rec: RequestRecord, plan: Plan, endpoint: Endpoint, body: dict[str, Any],
                       receive: Receive, send: Send) -> None:
         rec.stream = True
         asked = body.get("stream_options") or {}
@@ -127,7 +175,7 @@ class Gateway:
             raise errors.bad_request("'stream_options' must be an object.", param="stream_options")
         acct = StreamAccountant(rec, bool(asked.get("include_usage")), bool(asked.get("continuous_usage_stats")))
         body["stream_options"] = {**asked, "include_usage": True, "continuous_usage_stats": True}
-        stream = await self.executor.open_stream(rec, model, endpoint, body)
+        stream = await self.executor.open_stream(rec, plan, endpoint, body)
         rec.status = 200
         finalized = False
 
@@ -162,7 +210,10 @@ class Gateway:
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": m.owned_by,
              "root": m.deployments[0].upstream_model}
-            for name, m in self.config.models.items()]}
+            for name, m in self.config.models.items()] + [
+            {"id": name, "object": "model", "created": 0, "owned_by": "gateway-route",
+             "root": r.candidates[0].name, "candidates": [c.name for c in r.candidates]}
+            for name, r in self.config.routes.items()]}
 
 
 class ClientGone(Exception):
@@ -177,7 +228,8 @@ async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[Any]) -> No
             return
 
 
-_WANTED = frozenset({b"authorization", b"x-request-id", b"content-length"})
+_WANTED = frozenset({b"authorization", b"x-request-id", b"content-length", b"x-gateway-task",
+                     b"x-gateway-deadline-ms"})
 JSON_CT = (b"content-type", b"application/json")
 SSE = (b"content-type", b"text/event-stream; charset=utf-8")
 
@@ -234,9 +286,11 @@ def create_app(config: GatewayConfig | None = None) -> FastPath:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await gw.pool.start()
+        gw.live.start(gw.pool.session)
         try:
             yield
         finally:
+            await gw.live.close()
             await gw.pool.close()
             gw.finalizer.request_log.close()
 

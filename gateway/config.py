@@ -60,11 +60,73 @@ class CostBasis(_Strict):
     gpu_count: int = Field(1, ge=1)
 
 
+# ---- Redis-backed features: response cache, rate limits and budgets, usage ledger (docs/redis.md)
+
+CacheMode = Literal["off", "deterministic", "all"]
+
+
+class CacheRuleSpec(_Strict):
+    mode: CacheMode | None = Field(None, description="off, deterministic (temperature 0 or a seed), all")
+    ttl_s: float | None = Field(None, gt=0)
+
+
+class TenantCacheSpec(CacheRuleSpec):
+    scope: str | None = Field(None, min_length=1, description="tenants naming the same scope share answers")
+
+
+class LimitsSpec(_Strict):
+    rpm: int | None = Field(None, ge=1, description="requests per minute")
+    tpm: int | None = Field(None, ge=1, description="tokens per minute (prompt + completion)")
+    concurrency: int | None = Field(None, ge=1, description="requests in flight")
+    budget_day_usd: float | None = Field(None, gt=0, description="spend per UTC day")
+    budget_month_usd: float | None = Field(None, gt=0, description="spend per UTC calendar month")
+
+
+class TenantSpec(_Strict):
+    limits: LimitsSpec = LimitsSpec()
+    cache: TenantCacheSpec = TenantCacheSpec()
+
+
+class CacheSpec(_Strict):
+    mode: CacheMode = "deterministic"
+    ttl_s: float = Field(3600.0, gt=0)
+    coalesce: bool = Field(True, description="identical concurrent misses wait for the first one's answer")
+    coalesce_wait_s: float = Field(30.0, gt=0, description="longest a coalesced request waits for the leader")
+    max_entry_bytes: int = Field(1024 * 1024, ge=1024, description="larger answers are not stored")
+    max_entries: int = Field(10000, ge=1, description="in-process backend only (LRU)")
+
+
+class LimitsDefaultsSpec(_Strict):
+    default_max_tokens: int = Field(256, ge=1, description="tokens reserved when a request names no max_tokens")
+    chars_per_token: float = Field(4.0, gt=0, description="prompt size estimate for the reservation")
+    lease_s: float = Field(900.0, gt=0, description="a concurrency slot not released (crash) expires after this")
+
+
+class RedisFailureSpec(_Strict):
+    cache: Literal["open", "closed"] = "open"
+    limits: Literal["open", "closed"] = "open"
+
+
+class RedisSpec(_Strict):
+    url: str | None = Field(None, description="redis://host:port/db; unset or empty: in-process backend")
+    key_prefix: str = "gw:"
+    timeout_s: float = Field(0.25, gt=0, description="socket timeout of each Redis command")
+    down_for_s: float = Field(1.0, ge=0, description="after an error, skip Redis this long (the ledger probes)")
+    on_failure: RedisFailureSpec = RedisFailureSpec()
+    ledger_stream: str = "ledger"
+    ledger_maxlen: int | None = Field(None, ge=1000, description="approximate trim; unset: keep everything")
+    ledger_buffer: int = Field(10000, ge=1, description="records kept in memory while Redis is away")
+    ledger_flush_interval_s: float = Field(0.2, gt=0)
+
+
 class ModelSpec(_Strict):
     deployments: list[DeploymentSpec] = Field(min_length=1)
     prices: Prices | None = None
     cost_basis: CostBasis | None = None
+    cache: CacheRuleSpec | None = None
     owned_by: str = "vllm"
+    tier: Literal["large", "small", "adapter"] = Field("large", description="for routing reports and dashboards")
+    context_window: int | None = Field(None, ge=1, description="tokens; default: vLLM's max_model_len")
 
     @model_validator(mode="after")
     def _one_cost_source(self) -> ModelSpec:
@@ -78,6 +140,7 @@ class ApiKeySpec(_Strict):
     key_sha256: str | None = Field(None, description="hex SHA-256 of the key")
     key: str | None = Field(None, description="the key itself, normally as ${ENV_NAME}")
     admin: bool = False
+    limits: LimitsSpec | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ApiKeySpec:
@@ -99,10 +162,69 @@ class ServerSpec(_Strict):
     request_log: str = Field("stderr", description="stderr, stdout, off, or a file path")
 
 
+class FailureFallbackSpec(_Strict):
+    max_attempts: int = Field(3, ge=1, description="upstream calls per request, all candidates together")
+    budget_s: float = Field(30.0, gt=0, description="no new attempt starts after this many seconds")
+
+
+class OverloadSpec(_Strict):
+    max_waiting: float | None = Field(None, ge=0, description="vllm:num_requests_waiting above this is overload")
+    max_kv_cache: float | None = Field(None, ge=0, le=1, description="vllm:kv_cache_usage_perc above this")
+    max_in_flight: int | None = Field(None, ge=1, description="this gateway's requests in flight on a deployment")
+
+
+class DeadlineSpec(_Strict):
+    default_ms: float | None = Field(None, gt=0, description="deadline when the request names none")
+    on_miss: Literal["best_effort", "reject"] = "best_effort"
+
+
+class BudgetPressureSpec(_Strict):
+    threshold: float = Field(0.8, gt=0, le=1, description="share of a budget spent that triggers downgrades")
+
+
+class RouteSpec(_Strict):
+    candidates: list[str] = Field(min_length=1, description="model names, most capable first")
+    failure_fallback: FailureFallbackSpec = FailureFallbackSpec()
+    overload: OverloadSpec | None = None
+    deadline: DeadlineSpec | None = None
+    budget_pressure: BudgetPressureSpec | None = None
+    context_length: bool = Field(True, description="move prompts too long for a candidate to one that fits")
+    tasks: dict[str, str] = Field(default_factory=dict, description="task name -> candidate model")
+
+
+class CircuitBreakerSpec(_Strict):
+    failures: int = Field(5, ge=1, description="consecutive failures that open the breaker")
+    window_s: float = Field(30.0, gt=0)
+    failure_ratio: float = Field(0.5, gt=0, le=1, description="or this share of failures in the window")
+    min_requests: int = Field(10, ge=1, description="requests in the window before the ratio counts")
+    cooldown_s: float = Field(10.0, gt=0, description="open -> half-open after this long")
+    half_open_probes: int = Field(1, ge=1, description="requests let through while half-open")
+
+
 class GatewaySpec(_Strict):
     server: ServerSpec = ServerSpec()
     auth: AuthSpec = AuthSpec()
     models: dict[str, ModelSpec] = Field(min_length=1)
+    routes: dict[str, RouteSpec] = Field(default_factory=dict)
+    circuit_breaker: CircuitBreakerSpec = CircuitBreakerSpec()
+    metrics_scrape_interval: float = Field(5.0, gt=0, description="seconds between scrapes of vLLM /metrics")
+    redis: RedisSpec = RedisSpec()
+    cache: CacheSpec = CacheSpec()
+    limits: LimitsDefaultsSpec = LimitsDefaultsSpec()
+    tenants: dict[str, TenantSpec] = Field(default_factory=dict, description="per-tenant limits and cache")
+
+    @model_validator(mode="after")
+    def _routes_name_models(self) -> GatewaySpec:
+        for name, route in self.routes.items():
+            if name in self.models:
+                raise ValueError(f"routes.{name}: a route cannot have the name of a model")
+            for c in [*route.candidates, *route.tasks.values()]:
+                if c not in self.models:
+                    raise ValueError(f"routes.{name}: candidate {c!r} is not a model in models")
+            for task, c in route.tasks.items():
+                if c not in route.candidates:
+                    raise ValueError(f"routes.{name}.tasks.{task}: {c!r} must also be one of the candidates")
+        return self
 
 
 # ---------------------------------------------------------------- compiled, immutable runtime view
@@ -135,12 +257,67 @@ class Model:
     deployments: tuple[Deployment, ...]
     pricing: Pricing
     owned_by: str
+    tier: str = "large"
+    context_window: int | None = None
+
+    def unit_price(self) -> float:
+        """A comparable price per token (prompt + completion), for 'cheaper candidate' decisions."""
+        p = self.pricing
+        return p.prompt + p.completion if p.gpu_usd_per_second is None else p.gpu_usd_per_second
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A public name whose requests go to an ordered list of candidate models, moved by rules."""
+
+    name: str
+    candidates: tuple[Model, ...]
+    spec: RouteSpec
+    tasks: dict[str, Model]
 
 
 @dataclass(frozen=True, slots=True)
 class Tenant:
     name: str
     admin: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """One scope's limits (an API key or a tenant); 0 means no such limit."""
+
+    rpm: int = 0
+    tpm: int = 0
+    concurrency: int = 0
+    budget_day: float = 0.0
+    budget_month: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class CachePolicy:
+    mode: str  # off | deterministic | all
+    ttl_s: float
+    scope: str  # whose answers may be shared: the tenant's name unless config declares a shared scope
+
+
+@dataclass(frozen=True)
+class Features:
+    """The Redis-backed features, compiled into lookup tables (see gateway/store.py, cache.py, limits.py)."""
+
+    redis: RedisSpec = field(default_factory=RedisSpec)
+    cache: CacheSpec = field(default_factory=CacheSpec)
+    limits: LimitsDefaultsSpec = field(default_factory=LimitsDefaultsSpec)
+    cache_policies: dict[tuple[str, str], CachePolicy] = field(default_factory=dict)  # (tenant, model)
+    tenant_limits: dict[str, Limits] = field(default_factory=dict)
+    key_limits: dict[str, Limits] = field(default_factory=dict)  # by key fingerprint (12 hex digits)
+
+    @property
+    def redis_url(self) -> str | None:
+        return self.redis.url or None
+
+    def cache_policy(self, tenant: str, model: str) -> CachePolicy:
+        p = self.cache_policies.get((tenant, model))
+        return p if p is not None else CachePolicy("off", 0.0, tenant)
 
 
 @dataclass(frozen=True)
@@ -151,6 +328,10 @@ class GatewayConfig:
     keys_by_sha256: dict[str, Tenant]
     auth_enabled: bool
     tenants: tuple[str, ...] = field(default=())
+    routes: dict[str, Route] = field(default_factory=dict)
+    circuit_breaker: CircuitBreakerSpec = field(default_factory=CircuitBreakerSpec)
+    metrics_scrape_interval: float = 5.0
+    features: Features = field(default_factory=lambda: Features())  # cache, limits, ledger (Redis)
 
 
 def hash_key(key: str) -> str:
@@ -266,7 +447,10 @@ def compile_config(spec: GatewaySpec, source: str) -> GatewayConfig:
             pricing = Pricing(gpu_usd_per_second=m.cost_basis.gpu_usd_per_hour * m.cost_basis.gpu_count / 3600.0)
         else:
             pricing = Pricing()
-        models[name] = Model(name, tuple(deps), pricing, m.owned_by)
+        models[name] = Model(name, tuple(deps), pricing, m.owned_by, m.tier, m.context_window)
+    routes = {name: Route(name, tuple(models[c] for c in r.candidates), r,
+                          {task: models[c] for task, c in r.tasks.items()})
+              for name, r in spec.routes.items()}
 
     keys: dict[str, Tenant] = {}
     for k in spec.auth.keys:
@@ -275,4 +459,37 @@ def compile_config(spec: GatewaySpec, source: str) -> GatewayConfig:
     if not keys:
         log.warning("no API keys configured: authentication is OFF, every caller is tenant 'anonymous'")
     tenants = tuple(sorted({t.name for t in keys.values()} | ({"anonymous"} if not keys else set())))
-    return GatewayConfig(source, spec.server, models, keys, bool(keys), tenants)
+    return GatewayConfig(source, spec.server, models, keys, bool(keys), tenants, routes, spec.circuit_breaker,
+                         spec.metrics_scrape_interval, compile_features(spec, models, keys, tenants))
+
+
+def _limits(spec: LimitsSpec | None) -> Limits | None:
+    if spec is None:
+        return None
+    lim = Limits(spec.rpm or 0, spec.tpm or 0, spec.concurrency or 0, spec.budget_day_usd or 0.0,
+                 spec.budget_month_usd or 0.0)
+    return lim if lim != Limits() else None
+
+
+def compile_features(spec: GatewaySpec, models: dict[str, Model], keys: dict[str, Tenant],
+                     tenants: tuple[str, ...]) -> Features:
+    """Cache policy per (tenant, model) and limits per key and tenant, resolved once at start-up."""
+    tenant_limits = {name: lim for name, t in spec.tenants.items() if (lim := _limits(t.limits)) is not None}
+    key_limits: dict[str, Limits] = {}
+    for k in spec.auth.keys:
+        lim = _limits(k.limits)
+        if lim is not None:
+            key_limits[(k.key_sha256 or hash_key(k.key or ""))[:12]] = lim
+    unknown = sorted(set(spec.tenants) - set(tenants))
+    if unknown:
+        log.warning("tenants %s have settings but no API key", ", ".join(unknown))
+    policies: dict[tuple[str, str], CachePolicy] = {}
+    for tenant in sorted(set(tenants) | set(spec.tenants) | {"anonymous"}):
+        t = spec.tenants.get(tenant, TenantSpec()).cache
+        for name, m in spec.models.items():
+            rule = m.cache or CacheRuleSpec()
+            # the tenant's rule wins over the model's, which wins over the global default
+            mode = t.mode or rule.mode or spec.cache.mode
+            ttl = t.ttl_s or rule.ttl_s or spec.cache.ttl_s
+            policies[(tenant, name)] = CachePolicy(mode, ttl, f"shared:{t.scope}" if t.scope else f"tenant:{tenant}")
+    return Features(spec.redis, spec.cache, spec.limits, policies, tenant_limits, key_limits)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
@@ -21,7 +21,12 @@ from gateway.errors import GatewayError
 from gateway.protocol import UPSTREAM_PATHS, Endpoint, upstream_error
 from gateway.record import Attempt, RequestRecord
 from gateway.streaming import DONE, MalformedStream, StreamAccountant, chunk_has_token, sse_data, take_usage
+from gateway.routing.breaker import CircuitBreaker
+from gateway.routing.policy import Plan
 from gateway.upstream import DeploymentState, UpstreamPool
+
+T = TypeVar("T")
+JSON = "application/json"
 
 
 class _Retryable(Exception):
@@ -42,12 +47,17 @@ class UpstreamStream:
 
 
 class Executor:
-    def __init__(self, pool: UpstreamPool) -> None:
+    def __init__(self, pool: UpstreamPool, breakers: dict[str, CircuitBreaker]) -> None:
         self.pool = pool
+        self.breakers = breakers
         self.queue_timeout = pool.config.server.queue_timeout
 
-    def plan(self, model: Model) -> list[DeploymentState]:
-        """Healthy deployments first, then least outstanding requests per unit of weight."""
+    def order(self, model: Model) -> list[DeploymentState]:
+        """Healthy deployments first, then least outstanding requests per unit of weight.
+
+        LoRA affinity follows from the config: an adapter is a model whose deployments are the vLLM
+        servers that load it, so its requests never reach a server without the adapter.
+        """
         states = [self.pool.states[d.name] for d in model.deployments]
         if len(states) > 1:
             states.sort(key=lambda s: (s.healthy is False, s.load()))
@@ -60,9 +70,9 @@ class Executor:
                 async with asyncio.timeout(self.queue_timeout):
                     await state.slots.acquire()
             except TimeoutError:
-                raise errors.overloaded(
+                raise _Retryable("queue_timeout", errors.overloaded(
                     f"deployment {state.name} is at its concurrency limit ({state.spec.max_concurrency}) "
-                    f"and no slot freed within {self.queue_timeout:g}s") from None
+                    f"and no slot freed within {self.queue_timeout:g}s")) from None
             finally:
                 rec.queue_s += time.perf_counter() - t0
         else:
@@ -74,34 +84,75 @@ class Executor:
         state.in_flight -= 1
         state.slots.release()
 
-    async def call(self, rec: RequestRecord, model: Model, endpoint: Endpoint, body: dict[str, Any]) -> bytes:
+    async def _attempt_in_order(self, rec: RequestRecord, plan: Plan, body: dict[str, Any],
+                                attempt: Callable[[DeploymentState, bytes], Awaitable[T]], keep_slot: bool) -> T:
+        """Try the plan's candidates and their deployments in order until one answers.
+
+        Bounded by the plan's attempt count and time budget; deployments whose breaker is open are
+        skipped without a call. Only failures before any byte reached the client come here.
+        """
+        last: GatewayError | None = None
+        made = 0
+        for model in plan.candidates:
+            for state in self.order(model):
+                if made >= plan.max_attempts or time.perf_counter() - rec.started > plan.budget_s:
+                    return self._give_up(rec, plan, last, made)
+                breaker = self.breakers[state.name]
+                upstream_model = state.spec.upstream_model
+                if not breaker.allow():
+                    rec.attempts.append(Attempt(state.name, upstream_model, "circuit_open", 0.0))
+                    continue
+                made += 1
+                body["model"] = upstream_model
+                t0 = time.perf_counter()
+                acquired = succeeded = False
+                try:
+                    await self._acquire(state, rec)
+                    acquired = True
+                    result = await attempt(state, orjson.dumps(body))
+                    succeeded = True
+                except _Retryable as r:
+                    breaker.record(False)
+                    rec.attempts.append(Attempt(state.name, upstream_model, r.reason, time.perf_counter() - t0))
+                    last = r.error
+                    continue
+                except GatewayError as e:
+                    breaker.record(e.status < 500)  # a 4xx means the deployment itself is fine
+                    rec.attempts.append(Attempt(state.name, upstream_model, f"error_{e.status}",
+                                                time.perf_counter() - t0))
+                    raise
+                finally:
+                    rec.upstream_s += time.perf_counter() - t0
+                    if acquired and not (keep_slot and succeeded):
+                        self._release(state)
+                breaker.record(True)
+                rec.attempts.append(Attempt(state.name, upstream_model, "ok", time.perf_counter() - t0))
+                self._served_by(rec, plan, model, state)
+                return result
+        return self._give_up(rec, plan, last, made)
+
+    @staticmethod
+    def _give_up(rec: RequestRecord, plan: Plan, last: GatewayError | None, made: int) -> Any:
+        if last is not None:
+            raise last
+        raise errors.GatewayError(503, f"No deployment of '{plan.name}' is available "
+                                  f"(circuit breakers open or attempt budget spent after {made} attempts).",
+                                  type="api_error", code="no_deployment_available")
+
+    async def call(self, rec: RequestRecord, plan: Plan, endpoint: Endpoint, body: dict[str, Any]) -> bytes:
         """Non-streaming call; returns vLLM's response body unchanged."""
         path = UPSTREAM_PATHS[endpoint]
-        last: GatewayError | None = None
-        for state in self.plan(model):
-            body["model"] = state.spec.upstream_model
-            await self._acquire(state, rec)
-            t0 = time.perf_counter()
-            try:
-                data = await self._post_json(state, path, rec, orjson.dumps(body))
-            except _Retryable as r:
-                rec.attempts.append(Attempt(state.name, state.spec.upstream_model, r.reason, time.perf_counter() - t0))
-                last = r.error
-                continue
-            finally:
-                rec.upstream_s += time.perf_counter() - t0
-                self._release(state)
-            rec.attempts.append(Attempt(state.name, state.spec.upstream_model, "ok", time.perf_counter() - t0))
-            self._served_by(rec, model, state)
-            return data
-        assert last is not None
-        raise last
+
+        async def attempt(state: DeploymentState, payload: bytes) -> bytes:
+            return await self._post_json(state, path, rec, payload)
+
+        return await self._attempt_in_order(rec, plan, body, attempt, keep_slot=False)
 
     async def _post_json(self, state: DeploymentState, path: str, rec: RequestRecord, payload: bytes) -> bytes:
         try:
             async with self.pool.session.post(
                 state.spec.url + path, data=payload, timeout=state.timeout,
-                headers={**state.headers, "Content-Type": "application/json", "X-Request-Id": rec.request_id},
+                headers={**state.headers, "Content-Type": JSON, "X-Request-Id": rec.request_id},
             ) as resp:
                 data = await resp.read()
                 status = resp.status
@@ -128,33 +179,36 @@ class Executor:
                 f"deployment {state.name} returned a body that is not JSON")) from None
         return data
 
-    async def open_stream(self, rec: RequestRecord, model: Model, endpoint: Endpoint,
+    async def open_stream(self, rec: RequestRecord, plan: Plan, endpoint: Endpoint,
                           body: dict[str, Any]) -> UpstreamStream:
-        """Start a stream on the first deployment that answers with its first chunk."""
+        """Start a stream on the first deployment that answers with its first token; it keeps its slot."""
         path = UPSTREAM_PATHS[endpoint]
-        last: GatewayError | None = None
-        for state in self.plan(model):
-            body["model"] = state.spec.upstream_model
-            await self._acquire(state, rec)
-            t0 = time.perf_counter()
-            try:
-                stream = await self._open(state, path, rec, orjson.dumps(body))
-            except _Retryable as r:
-                rec.upstream_s += time.perf_counter() - t0
-                rec.attempts.append(Attempt(state.name, state.spec.upstream_model, r.reason, time.perf_counter() - t0))
-                self._release(state)
-                last = r.error
-                continue
-            except BaseException:
-                rec.upstream_s += time.perf_counter() - t0
-                self._release(state)
-                raise
-            rec.upstream_s += time.perf_counter() - t0
-            rec.attempts.append(Attempt(state.name, state.spec.upstream_model, "ok", time.perf_counter() - t0))
-            self._served_by(rec, model, state)
-            return stream
-        assert last is not None
-        raise last
+
+        async def attempt(state: DeploymentState, payload: bytes) -> UpstreamStream:
+            return await self._open(state, path, rec, payload)
+
+        return await self._attempt_in_order(rec, plan, body, attempt, keep_slot=True)
+
+    async def count_tokens(self, model: Model, body: dict[str, Any]) -> tuple[int, int]:
+        """Prompt tokens and context window from vLLM's /tokenize on one of the model's deployments."""
+        state = self.order(model)[0]
+        req: dict[str, Any] = {"model": state.spec.upstream_model}
+        if "messages" in body:
+            req["messages"] = body["messages"]
+        else:
+            req["prompt"] = body.get("prompt", "")
+        try:
+            async with self.pool.session.post(state.spec.url + "/tokenize", data=orjson.dumps(req),
+                                              timeout=state.timeout, headers={**state.headers,
+                                                                              "Content-Type": JSON}) as r:
+                data = orjson.loads(await r.read())
+        except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError) as e:
+            raise errors.upstream_unavailable(f"cannot count prompt tokens on {state.name}: "
+                                              f"{type(e).__name__}") from None
+        count, window = data.get("count"), model.context_window or data.get("max_model_len")
+        if not isinstance(count, int) or not isinstance(window, int):
+            raise errors.upstream_unavailable(f"deployment {state.name} gave no token count for the prompt")
+        return count, window
 
     async def _open(self, state: DeploymentState, path: str, rec: RequestRecord, payload: bytes) -> UpstreamStream:
         first_token = state.spec.timeouts.first_token
@@ -163,7 +217,7 @@ class Executor:
             async with asyncio.timeout(first_token):
                 resp = await self.pool.session.post(
                     state.spec.url + path, data=payload, timeout=state.timeout,
-                    headers={**state.headers, "Content-Type": "application/json", "X-Request-Id": rec.request_id},
+                    headers={**state.headers, "Content-Type": JSON, "X-Request-Id": rec.request_id},
                 )
                 if resp.status >= 400:
                     data = await resp.read()
@@ -247,11 +301,16 @@ class Executor:
             self._release(stream.state)
 
     @staticmethod
-    def _served_by(rec: RequestRecord, model: Model, state: DeploymentState) -> None:
+    def _served_by(rec: RequestRecord, plan: Plan, model: Model, state: DeploymentState) -> None:
         rec.served_model = model.name
         rec.deployment = state.name
         rec.upstream_model = state.spec.upstream_model
         rec.concurrency = state.in_flight
+        failed = [a for a in rec.attempts if a.outcome != "ok"]
+        if failed:
+            rec.fallback_reason = failed[-1].outcome
+            if model is not plan.candidates[0]:
+                rec.rule = "failure_fallback"
 
 
 async def _next_data_line(resp: aiohttp.ClientResponse) -> bytes | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from typing import IO
 
 import orjson
@@ -45,12 +46,21 @@ class Finalizer:
         self.config = config
         self.metrics = metrics
         self.request_log = request_log
+        self.observers: list[Callable[[RequestRecord], None]] = []  # e.g. live latency figures for routing
 
     def price(self, rec: RequestRecord) -> None:
-        model = self.config.models.get(rec.served_model or "")
+        if rec.cache == "hit":  # served from the gateway cache: free; rec.saved_usd holds what it cost
+            rec.cost_usd = rec.counterfactual_cost_usd = 0.0
+            return
+        models = self.config.models
+        model = models.get(rec.served_model or "")
         if model is not None:
             rec.cost_usd = request_cost(model.pricing, rec.prompt_tokens, rec.completion_tokens,
                                         rec.cached_tokens, rec.upstream_s, rec.concurrency)
+            primary = models.get(rec.primary_model or "", model)
+            rec.counterfactual_cost_usd = rec.cost_usd if primary is model else request_cost(
+                primary.pricing, rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens, rec.upstream_s,
+                rec.concurrency)
 
     def begin(self, rec: RequestRecord) -> None:
         """The request names a configured model: count it in flight until finalized."""
@@ -67,6 +77,8 @@ class Finalizer:
         try:
             self.metrics.observe(rec)
             self.request_log.write(rec)
+            for observe in self.observers:
+                observe(rec)
         except Exception:  # accounting must never break serving; the failure itself is logged
             log.exception("could not write the record of request %s", rec.request_id)
 
@@ -80,6 +92,18 @@ def early_headers(rec: RequestRecord) -> dict[str, str]:
         h["x-gateway-deployment"] = rec.deployment or ""
         h["x-gateway-attempts"] = str(len(rec.attempts))
         h["x-gateway-queue-ms"] = f"{rec.queue_s * 1e3:.3f}"
+        if rec.route is not None:
+            h["x-gateway-route"] = f"{rec.route} -> {rec.served_model}"
+        if rec.rule is not None:
+            h["x-gateway-rule"] = rec.rule
+        if rec.fallback_reason is not None:
+            h["x-gateway-fallback-reason"] = rec.fallback_reason
+    if rec.cache is not None:
+        h["x-gateway-cache"] = rec.cache
+        if rec.cache == "hit":
+            h["x-gateway-saved-usd"] = f"{rec.saved_usd:.10f}"
+    if rec.ratelimit_headers:
+        h.update(rec.ratelimit_headers)
     return h
 
 
@@ -95,6 +119,8 @@ def final_headers(rec: RequestRecord) -> dict[str, str]:
         h["x-gateway-completion-tokens"] = str(rec.completion_tokens)
         h["x-gateway-cached-tokens"] = str(rec.cached_tokens)
         h["x-gateway-cost-usd"] = f"{rec.cost_usd:.10f}"
+        if rec.primary_model is not None and rec.primary_model != rec.served_model:
+            h["x-gateway-counterfactual-cost-usd"] = f"{rec.counterfactual_cost_usd:.10f}"
     return h
 
 

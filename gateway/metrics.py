@@ -59,6 +59,32 @@ class GatewayMetrics:
                                multiprocess_mode="livesum", registry=r)
         self.upstream_healthy = Gauge("gateway_upstream_healthy", "1 if the deployment's /health answers",
                                       ["deployment"], multiprocess_mode="max", registry=r)
+        self.fallbacks = Counter("gateway_fallbacks", "Requests served by another model than their first "
+                                 "candidate", ["from_model", "to_model", "reason"], registry=r)
+        self.counterfactual_cost = Counter(
+            "gateway_counterfactual_cost_usd", "What the first candidate model would have charged for the same "
+            "tokens", mdt, registry=r)
+        self.breaker_state = Gauge("gateway_circuit_breaker_state", "0 closed, 1 half-open, 2 open",
+                                   ["deployment"], multiprocess_mode="max", registry=r)
+        self.model_info = Gauge("gateway_model_info", "1 per configured model, with its tier", ["model", "tier"],
+                                multiprocess_mode="max", registry=r)
+        # response cache, rate limits and budgets, usage ledger, Redis (docs/redis.md)
+        mt = ["model", "tenant"]
+        self.cache_requests = Counter("gateway_cache_requests", "Cache stage results (hit, miss, bypass)",
+                                      [*mt, "result"], registry=r)
+        self.cache_saved = Counter("gateway_cache_saved_usd", "What cache hits would have cost", mt, registry=r)
+        self.cache_tokens = Counter("gateway_cache_tokens", "Tokens of answers served from the gateway cache",
+                                    [*mt, "kind"], registry=r)
+        self.ratelimit_refusals = Counter("gateway_ratelimit_refusals", "Requests refused by a limit or budget",
+                                          ["tenant", "limit"], registry=r)
+        self.redis_errors = Counter("gateway_redis_errors", "Redis commands that failed", ["operation"], registry=r)
+        self.ledger_dropped = Counter("gateway_ledger_dropped", "Ledger records lost to a full buffer", registry=r)
+        self.ledger_buffered = Gauge("gateway_ledger_buffered", "Ledger records waiting to be written",
+                                     multiprocess_mode="livesum", registry=r)
+        self.tenant_spend = Gauge("gateway_tenant_spend_usd", "Spend in the current budget period, as last seen",
+                                  ["tenant", "period"], multiprocess_mode="max", registry=r)
+        self.tenant_budget = Gauge("gateway_tenant_budget_usd", "Configured budget", ["tenant", "period"],
+                                   multiprocess_mode="max", registry=r)
         self._children: dict[tuple[str, str, str, int], tuple[Any, ...]] = {}
 
     def model_label(self, model: str | None) -> str:
@@ -78,12 +104,22 @@ class GatewayMetrics:
             self._children[key] = c
         requests, prompt, completion, cached, cost, e2e, ttft, tpot, overhead, queue = c
         requests.inc()
-        if rec.prompt_tokens:
-            prompt.inc(rec.prompt_tokens)
-        if rec.completion_tokens:
-            completion.inc(rec.completion_tokens)
-        if rec.cached_tokens:
-            cached.inc(rec.cached_tokens)
+        if rec.cache == "hit":  # vLLM processed none of a hit's tokens: they go to gateway_cache_tokens_total
+            self.cache_tokens.labels(model, rec.tenant, "prompt").inc(rec.prompt_tokens)
+            self.cache_tokens.labels(model, rec.tenant, "completion").inc(rec.completion_tokens)
+        else:
+            if rec.prompt_tokens:
+                prompt.inc(rec.prompt_tokens)
+            if rec.completion_tokens:
+                completion.inc(rec.completion_tokens)
+            if rec.cached_tokens:
+                cached.inc(rec.cached_tokens)
+        if rec.cache is not None:
+            self.cache_requests.labels(model, rec.tenant, rec.cache).inc()
+            if rec.saved_usd:
+                self.cache_saved.labels(model, rec.tenant).inc(rec.saved_usd)
+        if rec.limited_by is not None and rec.limited_by != "skipped":
+            self.ratelimit_refusals.labels(rec.tenant, rec.limited_by).inc()
         if rec.cost_usd:
             cost.inc(rec.cost_usd)
         e2e.observe(rec.e2e_s)
@@ -94,6 +130,10 @@ class GatewayMetrics:
             ttft.observe(rec.ttft_s)
         if rec.tpot_s is not None:
             tpot.observe(rec.tpot_s)
+        if rec.counterfactual_cost_usd:
+            self.counterfactual_cost.labels(model, dep, rec.tenant).inc(rec.counterfactual_cost_usd)
+        if rec.primary_model is not None and rec.served_model is not None and rec.primary_model != rec.served_model:
+            self.fallbacks.labels(rec.primary_model, rec.served_model, rec.rule or "unknown").inc()
 
     def render(self) -> bytes:
         if multiprocess_dir():

@@ -34,6 +34,16 @@ class RequestRecord:
     error_code: str | None = None
     outcome: str = "ok"  # ok | error | client_disconnected | upstream_failed_midstream
     attempts: list[Attempt] = field(default_factory=list)
+    # routing: what moved the request off its first candidate, and what that candidate would have cost
+    route: str | None = None
+    primary_model: str | None = None
+    rule: str | None = None
+    fallback_reason: str | None = None
+    route_decisions: list[str] = field(default_factory=list)
+    task: str | None = None
+    deadline_ms: float | None = None
+    predicted_ms: float | None = None
+    counterfactual_cost_usd: float = 0.0
     # durations in seconds (None when not applicable, e.g. no token ever arrived)
     queue_s: float = 0.0
     upstream_s: float = 0.0  # time spent waiting on vLLM (connect, headers, every chunk read)
@@ -47,6 +57,12 @@ class RequestRecord:
     cached_tokens: int = 0
     usage_reported: bool = False
     cost_usd: float = 0.0
+    # response cache, rate limits and budgets (gateway/cache.py, gateway/limits.py)
+    cache: str | None = None  # hit | miss | bypass (None: the request never reached the cache stage)
+    saved_usd: float = 0.0  # on a hit: what the answer cost when it was made (the hit itself costs 0)
+    limited_by: str | None = None  # the limit that refused it (rpm, tpm, ...), or "skipped" (store down)
+    ratelimit_headers: dict[str, str] | None = None  # x-ratelimit-* as of admission
+    reservation: Any = None  # what admission reserved; settled (and cleared) at finalize
 
     def finish(self, now: float | None = None) -> None:
         end = time.perf_counter() if now is None else now
@@ -81,6 +97,15 @@ class RequestRecord:
                 {"deployment": a.deployment, "model": a.model, "outcome": a.outcome, "ms": round(a.seconds * 1e3, 3)}
                 for a in self.attempts
             ],
+            "route": self.route,
+            "primary_model": self.primary_model,
+            "rule": self.rule,
+            "fallback_reason": self.fallback_reason,
+            "route_decisions": self.route_decisions,
+            "task": self.task,
+            "deadline_ms": self.deadline_ms,
+            "predicted_ms": self.predicted_ms,
+            "counterfactual_cost_usd": self.counterfactual_cost_usd,
             "queue_ms": _ms(self.queue_s),
             "ttft_ms": _ms(self.ttft_s),
             "tpot_ms": _ms(self.tpot_s),
@@ -92,6 +117,9 @@ class RequestRecord:
             "cached_tokens": self.cached_tokens,
             "usage_reported": self.usage_reported,
             "cost_usd": self.cost_usd,
+            "cache": self.cache,
+            "saved_usd": self.saved_usd,
+            "limited_by": self.limited_by,
         }
 
 
