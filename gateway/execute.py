@@ -43,6 +43,7 @@ class UpstreamStream:
 
     state: DeploymentState
     response: aiohttp.ClientResponse
+    reader: SSEReader
     primed: list[bytes]  # data lines up to and including the first that carries a token
 
 
@@ -226,7 +227,8 @@ class Executor:
                     if resp.status >= 500 or resp.status == 429:
                         raise _Retryable(f"upstream_{resp.status}", err)
                     raise err
-                primed = await _read_until_first_token(resp)
+                reader = SSEReader(resp)
+                primed = await _read_until_first_token(reader)
         except aiohttp.ClientConnectorError as e:
             raise _Retryable("connect_error", errors.upstream_unavailable(
                 f"cannot connect to deployment {state.name}: {e.os_error.strerror or e}")) from None
@@ -244,30 +246,37 @@ class Executor:
             resp.close()
             raise _Retryable("empty_stream", errors.upstream_unavailable(
                 f"deployment {state.name} closed the stream before the first chunk"))
-        return UpstreamStream(state, resp, primed)
+        return UpstreamStream(state, resp, reader, primed)
 
     async def relay(self, stream: UpstreamStream, rec: RequestRecord, acct: StreamAccountant,
                     on_done: Callable[[], bytes]) -> AsyncIterator[bytes]:
-        """Yield the client's SSE bytes chunk by chunk; always end with [DONE]; finalize in every case."""
+        """Yield the client's SSE bytes as they arrive; always end with [DONE]; account in every case.
+
+        Each network read from vLLM becomes one write to the client: chunks that arrived together
+        leave together (one syscall), and a chunk is never held back waiting for the next one.
+        """
         resp, completed = stream.response, False
-        primed = iter(stream.primed)
         try:
-            line: bytes | None = next(primed)
-            while line is not None:
-                payload = line[5:].strip()
-                if payload == b"[DONE]":
-                    completed = acct.upstream_error is None
+            batch: list[bytes] | None = stream.primed
+            while batch is not None and not completed:
+                out = []
+                for line in batch:
+                    payload = line[5:].strip()
+                    if payload == b"[DONE]":
+                        completed = acct.upstream_error is None
+                        break
+                    chunk = acct.on_data(payload)
+                    if chunk is not None:
+                        out.append(chunk)
+                if out:
+                    yield out[0] if len(out) == 1 else b"".join(out)
+                if completed or acct.upstream_error is not None:
                     break
-                out = acct.on_data(payload)
-                if out is not None:
-                    yield out
-                line = next(primed, None)
-                if line is None:
-                    t0 = time.perf_counter()
-                    try:
-                        line = await _next_data_line(resp)
-                    finally:
-                        rec.upstream_s += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                try:
+                    batch = await stream.reader.next_lines()
+                finally:
+                    rec.upstream_s += time.perf_counter() - t0
             if completed:
                 acct.done()
                 yield on_done()
@@ -313,36 +322,52 @@ class Executor:
                 rec.rule = "failure_fallback"
 
 
-async def _next_data_line(resp: aiohttp.ClientResponse) -> bytes | None:
-    """The next `data:` line of an SSE stream (None at EOF); blank lines and comments are skipped."""
-    while True:
-        line = await resp.content.readline()
-        if not line:
-            return None
-        if line.startswith(b"data:"):
-            return line
+class SSEReader:
+    """Splits vLLM's event stream into `data:` lines, a whole network read at a time."""
+
+    __slots__ = ("_content", "_tail")
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._content = resp.content
+        self._tail = b""
+
+    async def next_lines(self) -> list[bytes] | None:
+        """The complete `data:` lines of the next read(s) (at least one); None at end of stream."""
+        while True:
+            data = await self._content.readany()
+            if not data:
+                return None
+            if self._tail:
+                data = self._tail + data
+            parts = data.split(b"\n")
+            self._tail = parts.pop()
+            lines = [p for p in parts if p.startswith(b"data:")]
+            if lines:
+                return lines
 
 
-async def _read_until_first_token(resp: aiohttp.ClientResponse) -> list[bytes]:
+async def _read_until_first_token(reader: SSEReader) -> list[bytes]:
     """Hold back the chunks before the first token (vLLM's role-only chunk), so that a deployment that
     stalls before its first token can still be left for another without the client seeing a byte."""
     lines: list[bytes] = []
     while True:
-        line = await _next_data_line(resp)
-        if line is None:
+        batch = await reader.next_lines()
+        if batch is None:
             return lines
-        lines.append(line)
-        payload = line[5:].strip()
-        if payload == b"[DONE]":
-            return lines
-        try:
-            obj = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return lines  # the relay reports it
-        if not isinstance(obj, dict) or "error" in obj or not obj.get("choices") or chunk_has_token(obj["choices"]):
-            return lines
-        if any(isinstance(c, dict) and c.get("finish_reason") for c in obj["choices"]):
-            return lines
+        lines.extend(batch)
+        for line in batch:
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                return lines
+            try:
+                obj = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                return lines  # the relay reports it
+            if not isinstance(obj, dict) or "error" in obj or not obj.get("choices"):
+                return lines
+            choices = obj["choices"]
+            if chunk_has_token(choices) or any(isinstance(c, dict) and c.get("finish_reason") for c in choices):
+                return lines
 
 
 def _json_or_none(data: bytes) -> Any:
