@@ -126,8 +126,8 @@ class FakeVLLM:
         self.c.last_request = body
         if err := self._refuse(body):
             return err
-        inputs = body["input"] if isinstance(body["input"], list) and not isinstance(body["input"][0], int) \
-            else [body["input"]]
+        raw = body["input"]
+        inputs = raw if isinstance(raw, list) and raw and not isinstance(raw[0], int) else [raw]
         n = count_prompt_tokens(body)
         self.c.requests += 1
         self.c.prompt_tokens += n
@@ -137,12 +137,32 @@ class FakeVLLM:
                       "usage": {"prompt_tokens": n, "total_tokens": n}})
 
     def _refuse(self, body: dict[str, Any]) -> web.Response | None:
+        """Injected failures first, then the checks vLLM itself makes (its answers are 400/404, never 500)."""
         if self.b.fail_status:
             return _json({"error": {"message": f"injected failure {self.b.fail_status}", "type": "InternalError",
                                     "code": self.b.fail_status}}, status=self.b.fail_status)
         if body.get("model") not in self.models:
             return _json({"error": {"message": f"The model `{body.get('model')}` does not exist.",
                                     "type": "NotFoundError", "code": 404}}, status=404)
+        try:
+            prompt_tokens = count_prompt_tokens(body)
+            tokens = body.get("prompt", body.get("input"))
+            flat = tokens if isinstance(tokens, list) else []
+            flat = [t for x in flat for t in (x if isinstance(x, list) else [x])]
+            if any(isinstance(t, int) and not 0 <= t < 50_000 for t in flat) or any(
+                    isinstance(t, bool) for t in flat):
+                raise ValueError("token ids must be in [0, vocab_size)")
+            if body.get("max_tokens") is not None and not isinstance(body["max_tokens"], int):
+                raise ValueError("max_tokens must be an integer")
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
+            return _json({"error": {"message": f"invalid request: {e}", "type": "BadRequestError", "code": 400}},
+                         status=400)
+        wanted = int(body.get("max_tokens") or body.get("max_completion_tokens") or 0)
+        if prompt_tokens + wanted > self.max_model_len:
+            return _json({"error": {"message": f"This model's maximum context length is {self.max_model_len} "
+                                    f"tokens. However, you requested {prompt_tokens + wanted} tokens "
+                                    f"({prompt_tokens} in the messages, {wanted} in the completion).",
+                                    "type": "BadRequestError", "code": 400}}, status=400)
         return None
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
@@ -152,10 +172,6 @@ class FakeVLLM:
             return err
         chat = "messages" in body
         prompt_tokens = count_prompt_tokens(body)
-        if prompt_tokens > self.max_model_len:
-            return _json({"error": {"message": f"This model's maximum context length is {self.max_model_len} "
-                                    f"tokens. However, you requested {prompt_tokens} tokens.",
-                                    "type": "BadRequestError", "code": 400}}, status=400)
         n = int(body.get("max_tokens") or body.get("max_completion_tokens") or self.b.default_tokens)
         self.c.requests += 1
         self.c.prompt_tokens += prompt_tokens
