@@ -8,10 +8,21 @@ multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by `gateway serve`) keeps /metr
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from gateway.record import RequestRecord
@@ -35,6 +46,9 @@ class GatewayMetrics:
         self._models = models
         self._deployments = deployments
         self.registry = CollectorRegistry(auto_describe=True)
+        # Resource figures for leak hunting (soak test): memory, open fds, CPU, live asyncio tasks.
+        ProcessCollector(registry=self.registry)
+        self.registry.register(_AsyncioTasks())
         r = self.registry
         md = ["model", "deployment"]
         mdt = ["model", "deployment", "tenant"]
@@ -141,3 +155,17 @@ class GatewayMetrics:
             multiprocess.MultiProcessCollector(registry)
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+class _AsyncioTasks:
+    """gateway_asyncio_tasks: tasks alive in this worker's event loop (a leak shows as growth)."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            n = len(asyncio.all_tasks())
+        except RuntimeError:  # no running loop (collected outside the server)
+            n = 0
+        yield GaugeMetricFamily("gateway_asyncio_tasks", "asyncio tasks alive in this worker", value=n)
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return []
