@@ -158,7 +158,7 @@ def test_fallback_when_one_real_engine_is_killed_mid_run(
         vllm: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> None:
     """Two real engines behind one model; one is killed while requests flow; no client sees an error."""
     port = free_port()
-    second = engines.start_chat_engine(port, lora=False)
+    second = engines.start_chat_engine(port)  # same flags as the first: reuses its compile cache
     second_url = f"http://127.0.0.1:{port}"
     try:
         engines.wait_healthy(second_url, timeout=900, proc=second)

