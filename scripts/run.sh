@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Run the gateway in front of the vLLM named by VLLM_URL / VLLM_MODEL (deploy/examples/single-vllm.yaml).
+# Run the gateway with its embedded default: the local CPU stack (real vLLM engines serving SmolLM2
+# with a LoRA adapter and MiniLM embeddings, Redis, the gateway on http://127.0.0.1:8000).
+# First run prepares the engine venv and the models (~10 min); later runs start in about a minute.
+# Ctrl-C stops everything. To front your own vLLM instead:
+#   VLLM_URL=http://host:8000 VLLM_MODEL=name .venv/bin/gateway serve --config deploy/examples/single-vllm.yaml
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${GATEWAY_VENV:-.venv}
 if [ ! -x "$VENV/bin/gateway" ]; then
+  echo "[run] installing the gateway into $VENV"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check -e . 2>&1 | grep -v '^WARNING: Location' || true
 fi
-: "${VLLM_URL:?set VLLM_URL to your vLLM server, e.g. http://127.0.0.1:8101}"
-: "${VLLM_MODEL:?set VLLM_MODEL to the model name it serves}"
-exec "$VENV/bin/gateway" serve --config deploy/examples/single-vllm.yaml --host "${HOST:-127.0.0.1}" --port "${PORT:-8000}" "$@"
+exec "$VENV/bin/python" deploy/local/stack.py up "$@"
