@@ -17,5 +17,11 @@ if ! command -v redis-server >/dev/null; then
   (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null
 fi
 
+# Real Prometheus and promtool (Debian's prometheus package) for the dashboard and alert-rule tests.
+if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+  echo "== installing prometheus"
+  (apt-get update -qq && apt-get install -y -qq prometheus) >/dev/null
+fi
+
 echo "== running the tests"
 exec "$VENV/bin/python" -m pytest "$@"

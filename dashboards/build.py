@@ -1,0 +1,353 @@
+"""Writes dashboards/*.json (Grafana) and deploy/prometheus/gateway-recording.yml from the Python below.
+
+    python -m dashboards.build            # rewrite the files
+    python -m dashboards.build --check    # exit 1 if a checked-in file differs from what this writes
+
+Panels read the recording rules defined here (RULES) where one exists, so the dashboards and the
+rules cannot drift apart. Every query filters with the template variables; a variable's "All" is
+`.+`, so a filter on a label a metric does not carry matches nothing (and the tests notice).
+vLLM series carry a `deployment` label added by the scrape config (deploy/prometheus/README.md),
+equal to the gateway's name for the deployment that engine serves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARDS = ROOT / "dashboards"
+RULES_FILE = ROOT / "deploy" / "prometheus" / "gateway-recording.yml"
+DS = {"type": "prometheus", "uid": "${datasource}"}
+SCHEMA_VERSION = 39
+
+# TTFT SLO: this share of streamed requests gets its first token within the threshold.
+TTFT_SLO_SECONDS = 1.0
+TTFT_SLO_OBJECTIVE = 0.99
+LE_1S = 'le=~"1|1\\\\.0"'  # Prometheus 2 keeps le="1.0" from prometheus-client; Prometheus 3 normalises it to "1"
+
+# ------------------------------------------------------------------------------------- recording rules
+
+MDT = "model, deployment, tenant"
+_RATES = [  # (record name, expression) with a 1m rate
+    ("model_deployment_tenant_status:gateway_requests:rate1m",
+     f"sum by ({MDT}, status) (rate(gateway_requests_total[1m]))"),
+    *[(f"model_deployment_tenant:gateway_{m}:rate1m", f"sum by ({MDT}) (rate(gateway_{m}_total[1m]))")
+      for m in ("prompt_tokens", "completion_tokens", "cached_prompt_tokens", "cost_usd", "counterfactual_cost_usd")],
+    ("from_model_to_model_reason:gateway_fallbacks:rate1m",
+     "sum by (from_model, to_model, reason) (rate(gateway_fallbacks_total[1m]))"),
+    ("model_tenant_result:gateway_cache_requests:rate1m",
+     "sum by (model, tenant, result) (rate(gateway_cache_requests_total[1m]))"),
+    ("model_tenant:gateway_cache_saved_usd:rate1m", "sum by (model, tenant) (rate(gateway_cache_saved_usd_total[1m]))"),
+    ("tenant_limit:gateway_ratelimit_refusals:rate1m",
+     "sum by (tenant, limit) (rate(gateway_ratelimit_refusals_total[1m]))"),
+    ("operation:gateway_redis_errors:rate1m", "sum by (operation) (rate(gateway_redis_errors_total[1m]))"),
+    ("deployment:vllm_prompt_tokens:rate1m", "sum by (deployment) (rate(vllm:prompt_tokens_total[1m]))"),
+    ("deployment:vllm_generation_tokens:rate1m", "sum by (deployment) (rate(vllm:generation_tokens_total[1m]))"),
+    ("deployment:vllm_num_preemptions:rate1m", "sum by (deployment) (rate(vllm:num_preemptions_total[1m]))"),
+]
+GATEWAY_HISTOGRAMS = {"e2e": "gateway_request_duration_seconds", "ttft": "gateway_time_to_first_token_seconds",
+                      "tpot": "gateway_time_per_output_token_seconds", "overhead": "gateway_overhead_seconds",
+                      "queue": "gateway_queue_seconds"}
+VLLM_HISTOGRAMS = {"ttft": "vllm:time_to_first_token_seconds", "itl": "vllm:inter_token_latency_seconds",
+                   "e2e": "vllm:e2e_request_latency_seconds", "queue": "vllm:request_queue_time_seconds"}
+QUANTILES = {"p50": 0.5, "p95": 0.95, "p99": 0.99}
+SLO_WINDOWS = ("5m", "30m", "1h", "6h")
+
+
+def pct_record(metric: str, q: str) -> str:
+    """Recording rule name of quantile q (p50/p95/p99) of a histogram, by deployment (and model for the gateway)."""
+    if metric.startswith("vllm:"):
+        return f"deployment:{metric.replace(':', '_')}:{q}_5m"
+    return f"model_deployment:{metric}:{q}_5m"
+
+
+def recording_rules() -> dict[str, Any]:
+    pct = []
+    for metric in GATEWAY_HISTOGRAMS.values():
+        for q, v in QUANTILES.items():
+            pct.append({"record": pct_record(metric, q), "expr":
+                        f"histogram_quantile({v}, sum by (model, deployment, le) (rate({metric}_bucket[5m])))"})
+    for metric in VLLM_HISTOGRAMS.values():
+        for q, v in QUANTILES.items():
+            pct.append({"record": pct_record(metric, q), "expr":
+                        f"histogram_quantile({v}, sum by (deployment, le) (rate({metric}_bucket[5m])))"})
+    ratios = [
+        {"record": "model:gateway_requests_errors:ratio_rate5m",
+         "expr": 'sum by (model) (rate(gateway_requests_total{status=~"5.."}[5m]))\n'
+                 "/ sum by (model) (rate(gateway_requests_total[5m]))"},
+        {"record": "gateway:fallbacks:ratio_rate10m",
+         "expr": "sum(rate(gateway_fallbacks_total[10m])) / sum(rate(gateway_requests_total[10m]))"},
+        {"record": "deployment:vllm_prefix_cache_hits:ratio_rate5m",
+         "expr": "sum by (deployment) (rate(vllm:prefix_cache_hits_total[5m]))\n"
+                 "/ sum by (deployment) (rate(vllm:prefix_cache_queries_total[5m]))"},
+        *[{"record": f"model:gateway_ttft_slo_errors:ratio_rate{w}",
+           "expr": f"1 - sum by (model) (rate(gateway_time_to_first_token_seconds_bucket{{{LE_1S}}}[{w}]))\n"
+                   f"/ sum by (model) (rate(gateway_time_to_first_token_seconds_count[{w}]))"}
+          for w in SLO_WINDOWS],
+    ]
+    return {"groups": [
+        {"name": "gateway-rates", "interval": "15s", "rules": [{"record": r, "expr": e} for r, e in _RATES]},
+        {"name": "gateway-latency-percentiles", "interval": "15s", "rules": pct},
+        {"name": "gateway-ratios", "interval": "15s", "rules": ratios},
+    ]}
+
+
+# ------------------------------------------------------------------------------------------ panels
+
+@dataclass
+class Panel:
+    title: str
+    targets: list[tuple[str, str]]  # (expr, legend)
+    unit: str = "short"
+    kind: str = "timeseries"
+    description: str = ""
+    width: int = 8
+    height: int = 8
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def ts(title: str, *targets: tuple[str, str], unit: str = "short", desc: str = "", width: int = 8,
+       **extra: Any) -> Panel:
+    return Panel(title, list(targets), unit, "timeseries", desc, width, extra=extra)
+
+
+M, D, T = 'model=~"$model"', 'deployment=~"$deployment"', 'tenant=~"$tenant"'
+MD, MDT_F = f"{M}, {D}", f"{M}, {D}, {T}"
+NON2XX, OK2XX = 'status!~"2.."', 'status=~"2.."'
+
+
+def rate(metric: str, by: str, flt: str = MDT_F, extra: str = "") -> str:
+    """Sum of a recorded 1m rate."""
+    sel = ", ".join(x for x in (flt, extra) if x)
+    return f"sum by ({by}) ({metric}{{{sel}}})"
+
+
+REQ = "model_deployment_tenant_status:gateway_requests:rate1m"
+PROMPT = "model_deployment_tenant:gateway_prompt_tokens:rate1m"
+COMPL = "model_deployment_tenant:gateway_completion_tokens:rate1m"
+COST = "model_deployment_tenant:gateway_cost_usd:rate1m"
+CF_COST = "model_deployment_tenant:gateway_counterfactual_cost_usd:rate1m"
+
+
+def latency(title: str, metric: str, flt: str = f'{MD}, deployment!="_none"', desc: str = "") -> Panel:
+    return ts(title, *[(f"{pct_record(metric, q)}{{{flt}}}", f"{q} {{{{model}}}} @ {{{{deployment}}}}")
+                       for q in QUANTILES], unit="s", desc=desc)
+
+
+BREAKER_MAPPING = [{"type": "value", "options": {"0": {"text": "closed", "color": "green"},
+                                                  "1": {"text": "half-open", "color": "orange"},
+                                                  "2": {"text": "open", "color": "red"}}}]
+
+
+def gateway_overview() -> list[Panel]:
+    return [
+        ts("Requests/s by model and status", (rate(REQ, "model, status"), "{{model}} {{status}}"), unit="reqps"),
+        ts("Error ratio by model and status (non-2xx)",
+           (f'{rate(REQ, "model, status", extra=NON2XX)}\n'
+            f'/ ignoring(status) group_left {rate(REQ, "model")}', "{{model}} {{status}}"),
+           unit="percentunit", desc="Share of each model's requests that ended with this status"),
+        ts("Requests in flight", (f"sum by (model) (gateway_requests_in_flight{{{M}}})", "{{model}}")),
+        latency("End-to-end latency", GATEWAY_HISTOGRAMS["e2e"]),
+        latency("Time to first token (streams)", GATEWAY_HISTOGRAMS["ttft"]),
+        latency("Time per output token (streams)", GATEWAY_HISTOGRAMS["tpot"]),
+        latency("Gateway overhead", GATEWAY_HISTOGRAMS["overhead"], flt=MD,
+                desc="Time not spent waiting on vLLM or for a deployment slot (refused requests included)"),
+        latency("Queue time (waiting for a deployment slot)", GATEWAY_HISTOGRAMS["queue"]),
+        ts("Tokens/s in and out", (rate(PROMPT, "model"), "in {{model}}"), (rate(COMPL, "model"), "out {{model}}")),
+        ts("Cost USD/hour by model", (f'{rate(COST, "model")} * 3600', "{{model}}"), unit="currencyUSD"),
+        ts("Cost USD/hour by tenant", (f'{rate(COST, "tenant")} * 3600', "{{tenant}}"), unit="currencyUSD"),
+        ts("Spend today vs daily budget",
+           (f'max by (tenant) (gateway_tenant_spend_usd{{{T}, period="day"}})', "spent {{tenant}}"),
+           (f'max by (tenant) (gateway_tenant_budget_usd{{{T}, period="day"}})', "budget {{tenant}}"),
+           unit="currencyUSD"),
+        ts("Cache hit ratio",
+           (f'sum by (model) (model_tenant_result:gateway_cache_requests:rate1m{{{M}, {T}, result="hit"}})\n'
+            f"/ sum by (model) (model_tenant_result:gateway_cache_requests:rate1m{{{M}, {T}}})", "{{model}}"),
+           unit="percentunit"),
+        ts("Cache: USD saved/hour",
+           (f"sum by (model) (model_tenant:gateway_cache_saved_usd:rate1m{{{M}, {T}}}) * 3600", "{{model}}"),
+           unit="currencyUSD"),
+        ts("Fallbacks/s by from -> to and reason",
+           ('sum by (from_model, to_model, reason) (from_model_to_model_reason:gateway_fallbacks:rate1m'
+            '{from_model=~"$model"})', "{{from_model}} -> {{to_model}} ({{reason}})"), unit="reqps"),
+        ts("Circuit breaker state", (f"max by (deployment) (gateway_circuit_breaker_state{{{D}}})",
+                                     "{{deployment}}"), desc="0 closed, 1 half-open, 2 open",
+           mappings=BREAKER_MAPPING),
+        ts("Upstream health", (f"min by (deployment) (gateway_upstream_healthy{{{D}}})", "{{deployment}}"),
+           desc="1 when the deployment's /health answers", mappings=[{"type": "value", "options": {
+               "0": {"text": "down", "color": "red"}, "1": {"text": "up", "color": "green"}}}]),
+        ts("Rate-limit and budget refusals/s",
+           (f"sum by (tenant, limit) (tenant_limit:gateway_ratelimit_refusals:rate1m{{{T}}})",
+            "{{tenant}} {{limit}}"), unit="reqps"),
+        ts("Redis errors/s", ('sum by (operation) (operation:gateway_redis_errors:rate1m{operation=~".+"})',
+                              "{{operation}}")),
+        ts("Usage ledger: buffered and dropped",
+           ("sum(gateway_ledger_buffered)", "buffered"),
+           ("sum(increase(gateway_ledger_dropped_total[$__rate_interval]))", "dropped")),
+    ]
+
+
+def vllm_engines() -> list[Panel]:
+    def vs(title: str, vllm_metric: str, gw_metric: str, gw_name: str) -> Panel:
+        return ts(title, *[(f"{pct_record(vllm_metric, q)}{{{D}}}", f"vLLM {q} {{{{deployment}}}}")
+                           for q in ("p50", "p95", "p99")],
+                  (f"{pct_record(gw_metric, 'p95')}{{{D}}}", f"gateway {gw_name} p95 {{{{deployment}}}}"), unit="s")
+    return [
+        ts("Requests running and waiting (vLLM)",
+           (f"sum by (deployment) (vllm:num_requests_running{{{D}}})", "running {{deployment}}"),
+           (f"sum by (deployment) (vllm:num_requests_waiting{{{D}}})", "waiting {{deployment}}")),
+        ts("Concurrency (gateway's view)",
+           (f'sum by (deployment) (rate(gateway_request_duration_seconds_sum{{{D}}}[$__rate_interval]))',
+            "gateway {{deployment}}"), desc="Little's law: request rate x mean latency"),
+        ts("KV-cache usage", (f"max by (deployment) (vllm:kv_cache_usage_perc{{{D}}})", "{{deployment}}"),
+           unit="percentunit"),
+        vs("Time to first token: vLLM vs gateway", VLLM_HISTOGRAMS["ttft"], GATEWAY_HISTOGRAMS["ttft"], "TTFT"),
+        vs("Inter-token latency (vLLM) vs time per output token (gateway)", VLLM_HISTOGRAMS["itl"],
+           GATEWAY_HISTOGRAMS["tpot"], "TPOT"),
+        vs("End-to-end latency: vLLM vs gateway", VLLM_HISTOGRAMS["e2e"], GATEWAY_HISTOGRAMS["e2e"], "e2e"),
+        vs("Queue time: vLLM scheduler vs gateway slot", VLLM_HISTOGRAMS["queue"], GATEWAY_HISTOGRAMS["queue"],
+           "queue"),
+        ts("Prompt tokens/s: vLLM vs gateway",
+           (f"deployment:vllm_prompt_tokens:rate1m{{{D}}}", "vLLM {{deployment}}"),
+           (rate(PROMPT, "deployment"), "gateway {{deployment}}")),
+        ts("Generation tokens/s: vLLM vs gateway",
+           (f"deployment:vllm_generation_tokens:rate1m{{{D}}}", "vLLM {{deployment}}"),
+           (rate(COMPL, "deployment"), "gateway {{deployment}}")),
+        ts("Preemptions/s", (f"deployment:vllm_num_preemptions:rate1m{{{D}}}", "{{deployment}}")),
+        ts("Prefix-cache hit ratio: vLLM vs gateway's cached prompt tokens",
+           (f"deployment:vllm_prefix_cache_hits:ratio_rate5m{{{D}}}", "vLLM {{deployment}}"),
+           (f'{rate("model_deployment_tenant:gateway_cached_prompt_tokens:rate1m", "deployment")}\n'
+            f'/ {rate(PROMPT, "deployment")}', "gateway {{deployment}}"), unit="percentunit"),
+        ts("Requests/s by deployment and status (gateway)", (rate(REQ, "deployment, status"),
+                                                              "{{deployment}} {{status}}"), unit="reqps"),
+    ]
+
+
+def cost_tenants() -> list[Panel]:
+    tier_join = f'* on (model) group_left (tier) max by (model, tier) (gateway_model_info{{{M}}})'
+    return [
+        ts("Spend USD/hour by tenant", (f'{rate(COST, "tenant")} * 3600', "{{tenant}}"), unit="currencyUSD"),
+        ts("Spend USD/hour by model", (f'{rate(COST, "model")} * 3600', "{{model}}"), unit="currencyUSD"),
+        Panel("Spend in the time range by tenant and model",
+              [(f"sum by (tenant, model) (increase(gateway_cost_usd_total{{{MDT_F}}}[$__range]))",
+                "{{tenant}} {{model}}")], "currencyUSD", "bargauge", width=8,
+              extra={"options": {"displayMode": "gradient", "orientation": "horizontal",
+                                 "reduceOptions": {"calcs": ["lastNotNull"]}}}),
+        ts("Cost per 1k tokens by model",
+           (f'{rate(COST, "model")}\n/ ({rate(PROMPT, "model")} + {rate(COMPL, "model")}) * 1000', "{{model}}"),
+           unit="currencyUSD"),
+        ts("Share of requests by model tier",
+           (f'sum by (tier) ({rate(REQ, "model", extra=OK2XX)} '
+            f'{tier_join})\n/ scalar(sum({REQ}{{{MDT_F}, status=~"2.."}}))', "{{tier}}"), unit="percentunit",
+           desc="Served (2xx) requests by the tier of the model that served them (gateway_model_info)"),
+        ts("Requests/s by tier and tenant",
+           (f'sum by (tier, tenant) ({rate(REQ, "model, tenant")} {tier_join})', "{{tier}} {{tenant}}"),
+           unit="reqps"),
+        ts("Savings USD/hour: cache and fallbacks",
+           (f"sum(model_tenant:gateway_cache_saved_usd:rate1m{{{M}, {T}}}) * 3600", "cache hits"),
+           (f"(sum({CF_COST}{{{MDT_F}}}) - sum({COST}{{{MDT_F}}})) * 3600",
+            "fallbacks and downgrades (counterfactual - billed)"), unit="currencyUSD"),
+        ts("Counterfactual vs billed USD/hour by model",
+           (f'{rate(CF_COST, "model")} * 3600', "counterfactual {{model}}"),
+           (f'{rate(COST, "model")} * 3600', "billed {{model}}"), unit="currencyUSD"),
+        ts("Budget used (share of day / month budget)",
+           (f"max by (tenant, period) (gateway_tenant_spend_usd{{{T}}})\n"
+            f"/ max by (tenant, period) (gateway_tenant_budget_usd{{{T}}})", "{{tenant}} {{period}}"),
+           unit="percentunit"),
+    ]
+
+
+# ------------------------------------------------------------------------------------ dashboard JSON
+
+def _var(name: str, label: str, query: str) -> dict[str, Any]:
+    return {"name": name, "label": label, "type": "query", "datasource": DS, "definition": query,
+            "query": {"query": query, "refId": f"var-{name}"}, "refresh": 2, "includeAll": True, "multi": True,
+            "allValue": ".+", "sort": 1, "hide": 0,
+            "current": {"selected": True, "text": ["All"], "value": ["$__all"]}}
+
+
+VARIABLES = [
+    {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus", "hide": 0,
+     "current": {"selected": False, "text": "Prometheus", "value": "prometheus"}},
+    _var("model", "Model", "label_values(gateway_model_info, model)"),
+    _var("deployment", "Deployment", "label_values(gateway_upstream_healthy, deployment)"),
+    _var("tenant", "Tenant", "label_values(gateway_requests_total, tenant)"),
+]
+
+
+def dashboard(uid: str, title: str, description: str, panels: list[Panel]) -> dict[str, Any]:
+    out, x, y, row_h = [], 0, 0, 0
+    for i, p in enumerate(panels, start=1):
+        if x + p.width > 24:
+            x, y = 0, y + row_h
+        field_cfg: dict[str, Any] = {"defaults": {"unit": p.unit, "min": 0}, "overrides": []}
+        if "mappings" in p.extra:
+            field_cfg["defaults"]["mappings"] = p.extra["mappings"]
+        panel = {"id": i, "type": p.kind, "title": p.title, "description": p.description, "datasource": DS,
+                 "gridPos": {"h": p.height, "w": p.width, "x": x, "y": y}, "fieldConfig": field_cfg,
+                 "targets": [{"refId": chr(65 + j), "datasource": DS, "expr": e, "legendFormat": leg, "range": True}
+                             for j, (e, leg) in enumerate(p.targets)]}
+        panel["options"] = p.extra.get("options", {"legend": {"displayMode": "list", "placement": "bottom"},
+                                                   "tooltip": {"mode": "multi"}})
+        out.append(panel)
+        x, row_h = x + p.width, max(row_h if x else 0, p.height)
+    return {"uid": uid, "title": title, "description": description, "tags": ["vllm-gateway"],
+            "schemaVersion": SCHEMA_VERSION, "version": 1, "editable": False, "graphTooltip": 1,
+            "time": {"from": "now-1h", "to": "now"}, "refresh": "30s", "timezone": "browser",
+            "templating": {"list": VARIABLES}, "annotations": {"list": []}, "links": [], "panels": out}
+
+
+DASHBOARD_SPECS = {
+    "gateway-overview.json": ("vllm-gateway-overview", "vLLM gateway: overview",
+                              "Traffic, latency, tokens, cost, cache, fallbacks, breakers, limits", gateway_overview),
+    "vllm-engines.json": ("vllm-gateway-engines", "vLLM gateway: engines",
+                          "Each vLLM deployment's own metrics next to the gateway's view of it", vllm_engines),
+    "cost-tenants.json": ("vllm-gateway-cost", "vLLM gateway: cost and tenants",
+                          "Spend by tenant and model, cost per token, model tiers, savings", cost_tenants),
+}
+
+
+class _RulesDumper(yaml.SafeDumper):
+    """Multi-line expressions as literal blocks, as a person would write them."""
+
+
+_RulesDumper.add_representer(str, lambda d, s: d.represent_scalar(
+    "tag:yaml.org,2002:str", s, style="|" if "\n" in s else None))
+
+
+def outputs() -> dict[Path, str]:
+    files = {DASHBOARDS / name: json.dumps(dashboard(uid, title, desc, fn()), indent=2) + "\n"
+             for name, (uid, title, desc, fn) in DASHBOARD_SPECS.items()}
+    header = ("# Recording rules the dashboards read. GENERATED by `python -m dashboards.build`: edit\n"
+              "# dashboards/build.py, not this file.\n")
+    files[RULES_FILE] = header + yaml.dump(recording_rules(), Dumper=_RulesDumper, sort_keys=False, width=200)
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="only compare with the files on disk")
+    args = p.parse_args(argv)
+    stale = []
+    for path, text in outputs().items():
+        if args.check:
+            if not path.is_file() or path.read_text() != text:
+                stale.append(str(path.relative_to(ROOT)))
+        else:
+            path.write_text(text)
+            print(f"wrote {path.relative_to(ROOT)}")
+    if stale:
+        print("out of date (run python -m dashboards.build): " + ", ".join(stale), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
