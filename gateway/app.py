@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,16 +24,21 @@ from starlette.types import Receive, Scope, Send
 
 from gateway import errors
 from gateway.auth import Authenticator
+from gateway.cache import NO_LOOKUP, Lookup, RecordingAccountant, build_cache, replay
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import GatewayError
 from gateway.execute import Executor
 from gateway.finalize import Finalizer, RequestLog, early_headers, final_headers, stream_trailer
+from gateway.ledger import Ledger, parse_time
+from gateway.limits import build_limiter
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
+from gateway.openapi import install_openapi
 from gateway.protocol import Endpoint, validate_request
 from gateway.record import RequestRecord
 from gateway.routing.breaker import BreakerState, CircuitBreaker
 from gateway.routing.live import LiveStats
 from gateway.routing.policy import Plan, Planner
+from gateway.store import StoreUnavailable, build_store
 from gateway.streaming import StreamAccountant
 from gateway.upstream import UpstreamPool
 
@@ -53,17 +59,41 @@ class Gateway:
                          for name in self.pool.states}
         self.executor = Executor(self.pool, self.breakers)
         self.live = LiveStats(config)
-        self.planner = Planner(config, self.live, self.breakers, budget_fraction=lambda tenant: 0.0,
+        self.planner = Planner(config, self.live, self.breakers,
+                               budget_fraction=lambda tenant: self.limiter.budget_used_fraction(tenant),
                                in_flight=lambda name: self.pool.states[name].in_flight)
         deployments = {d.name for m in config.models.values() for d in m.deployments}
         self.metrics = GatewayMetrics(set(config.models), deployments)
         self.finalizer = Finalizer(config, self.metrics, RequestLog(config.server.request_log))
         self.finalizer.observers.append(self._observe_latency)
+        # Response cache, limits and budgets, usage ledger: one store (Redis, or in-process without a URL).
+        f = config.features
+        self.store = build_store(config, self._redis_error)
+        self.cache = build_cache(config, self.store)
+        self.limiter = build_limiter(config, self.store, self._spend_seen)
+        self.ledger = Ledger(self.store, f.redis.ledger_buffer, f.redis.ledger_flush_interval_s,
+                             self.metrics.ledger_buffered.set, self.metrics.ledger_dropped.inc)
+        self.finalizer.observers[:0] = [self.ledger.append, self.limiter.settle]
+        for tenant, lim in f.tenant_limits.items():
+            for period, budget in (("day", lim.budget_day), ("month", lim.budget_month)):
+                if budget:
+                    self.metrics.tenant_budget.labels(tenant, period).set(budget)
+        self._redis_logged: dict[str, float] = {}
         self.max_body = config.server.max_body_bytes
         for name, m in config.models.items():
             self.metrics.model_info.labels(name, m.tier).set(1)
         for name in self.breakers:
             self.metrics.breaker_state.labels(name).set(0)
+
+    def _redis_error(self, operation: str, exc: BaseException) -> None:
+        self.metrics.redis_errors.labels(operation).inc()
+        now = time.monotonic()
+        if now - self._redis_logged.get(operation, 0.0) >= 10.0:  # one line per operation per 10 s
+            self._redis_logged[operation] = now
+            log.warning("redis %s failed: %s: %s", operation, type(exc).__name__, exc)
+
+    def _spend_seen(self, tenant: str, period: str, usd: float) -> None:
+        self.metrics.tenant_spend.labels(tenant, period).set(usd)
 
     def _breaker_changed(self, deployment: str, state: BreakerState) -> None:
         log.warning("circuit breaker of %s is now %s", deployment, state.name.lower())
@@ -121,12 +151,20 @@ class Gateway:
             rec.requested_model = req.model
             plan = await self._plan(rec, req.model, body, headers)
             self.finalizer.begin(rec)
-            if endpoint != "embeddings" and body.get("stream"):
-                await self._stream(rec, plan, endpoint, body, receive, send)
-                return
-            data = await self.executor.call(rec, plan, endpoint, body)
-            rec.status = 200
-            self.finalizer.finalize(rec)
+            model = plan.candidates[0]
+            await self.limiter.admit(rec, model, body)  # 429 (or 503 when failing closed) refuses here
+            stream = endpoint != "embeddings" and bool(body.get("stream"))
+            lk = await self.cache.lookup(rec, model, endpoint, body, headers.get(b"cache-control"), stream)
+            try:
+                if stream:
+                    await self._stream(rec, plan, endpoint, body, receive, send, lk)
+                    return
+                data = lk.entry.body if lk.entry is not None else await self.executor.call(rec, plan, endpoint, body)
+                rec.status = 200
+                self.finalizer.finalize(rec)
+                self.cache.store(lk, rec, "json", data)
+            finally:
+                self.cache.release(lk)
             await _respond(send, 200, data, final_headers(rec))
         except GatewayError as e:
             await self._error(rec, e, send)
@@ -168,14 +206,16 @@ class Gateway:
         return plan
 
     async def _stream(self, rec: RequestRecord, plan: Plan, endpoint: Endpoint, body: dict[str, Any],
-                      receive: Receive, send: Send) -> None:
+                      receive: Receive, send: Send, lk: Lookup = NO_LOOKUP) -> None:
         rec.stream = True
         asked = body.get("stream_options") or {}
         if not isinstance(asked, dict):
             raise errors.bad_request("'stream_options' must be an object.", param="stream_options")
-        acct = StreamAccountant(rec, bool(asked.get("include_usage")), bool(asked.get("continuous_usage_stats")))
+        # A miss that may be stored keeps the upstream payloads (RecordingAccountant); a hit replays them.
+        acct_type = RecordingAccountant if lk.may_store else StreamAccountant
+        acct = acct_type(rec, bool(asked.get("include_usage")), bool(asked.get("continuous_usage_stats")))
         body["stream_options"] = {**asked, "include_usage": True, "continuous_usage_stats": True}
-        stream = await self.executor.open_stream(rec, plan, endpoint, body)
+        stream = None if lk.entry is not None else await self.executor.open_stream(rec, plan, endpoint, body)
         rec.status = 200
         finalized = False
 
@@ -183,6 +223,8 @@ class Gateway:
             nonlocal finalized
             self.finalizer.finalize(rec)
             finalized = True
+            if isinstance(acct, RecordingAccountant):  # only called for a stream that completed
+                self.cache.store(lk, rec, "sse", b"\n".join(acct.payloads))
             return stream_trailer(rec)
 
         # The client leaving shows up as http.disconnect on receive(): cancel the relay when it does.
@@ -192,7 +234,9 @@ class Gateway:
         try:
             await send({"type": "http.response.start", "status": 200,
                         "headers": _encode_headers({**early_headers(rec), "cache-control": "no-cache"}, SSE)})
-            async for chunk in self.executor.relay(stream, rec, acct, on_done):
+            chunks = replay(lk.entry, acct, on_done) if stream is None and lk.entry is not None else \
+                self.executor.relay(stream, rec, acct, on_done)  # type: ignore[arg-type]
+            async for chunk in chunks:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             watcher.cancel()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -229,7 +273,7 @@ async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[Any]) -> No
 
 
 _WANTED = frozenset({b"authorization", b"x-request-id", b"content-length", b"x-gateway-task",
-                     b"x-gateway-deadline-ms"})
+                     b"x-gateway-deadline-ms", b"cache-control"})
 JSON_CT = (b"content-type", b"application/json")
 SSE = (b"content-type", b"text/event-stream; charset=utf-8")
 
@@ -287,14 +331,21 @@ def create_app(config: GatewayConfig | None = None) -> FastPath:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await gw.pool.start()
         gw.live.start(gw.pool.session)
+        await gw.store.start()
+        await gw.ledger.start()
         try:
             yield
         finally:
             await gw.live.close()
             await gw.pool.close()
+            await gw.limiter.close()
+            await gw.cache.close()
+            await gw.ledger.close()  # writes what is still buffered, if the store answers
+            await gw.store.close()
             gw.finalizer.request_log.close()
 
     app = FastAPI(title="vLLM gateway", version="0.1.0", lifespan=lifespan)
+    install_openapi(app, [*config.models, *config.routes])
     app.state.gateway = gw
 
     # Served by FastPath without routing; declared here too so that they appear in the OpenAPI description.
@@ -318,11 +369,32 @@ def create_app(config: GatewayConfig | None = None) -> FastPath:
             return Response(e.to_json(), status_code=e.status, media_type=JSON)
         return Response(orjson.dumps(gw.list_models()), media_type=JSON)
 
+    @app.get("/v1/usage")
+    async def usage(request: Request) -> Response:
+        """Totals by tenant, model and day from the ledger; a tenant sees its own, an admin key all."""
+        try:
+            tenant, _ = gw.auth.authenticate(request.headers.get("authorization"))
+            q = request.query_params
+            try:
+                start, end = parse_time(q.get("start")), parse_time(q.get("end"))
+            except ValueError:
+                raise errors.bad_request("start and end must be unix seconds or ISO 8601 dates.") from None
+            who = q.get("tenant") if tenant.admin else tenant.name
+            try:
+                await gw.ledger.flush()  # so that a caller sees its own latest requests
+                totals = await gw.ledger.usage(start, end, who)
+            except StoreUnavailable:
+                raise GatewayError(503, "The usage ledger is unavailable right now.", type="api_error",
+                                   code="ledger_unavailable") from None
+        except GatewayError as e:
+            return Response(e.to_json(), status_code=e.status, media_type=JSON)
+        return Response(orjson.dumps(totals), media_type=JSON)
+
     @app.get("/healthz")
     async def healthz() -> Response:
         return Response(b'{"status":"ok"}', media_type=JSON)
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses={503: {"description": "a model has no healthy deployment"}})
     async def readyz() -> Response:
         ready = gw.pool.ready_models()
         ok = all(ready.values())

@@ -1,4 +1,4 @@
-"""Command line: `gateway serve` and `gateway check-config`."""
+"""Command line: `gateway serve`, `gateway check-config` and `gateway ledger-export`."""
 
 from __future__ import annotations
 
@@ -60,10 +60,21 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--log-level", default="info")
     c = sub.add_parser("check-config", help="validate a config file without serving")
     c.add_argument("file")
+    e = sub.add_parser("ledger-export", help="write the usage ledger as JSONL or CSV (for billing)")
+    e.add_argument("--config", help="YAML config file naming the Redis (default: $GATEWAY_CONFIG)")
+    e.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    e.add_argument("--start", help="unix seconds or ISO 8601 date/time (UTC), inclusive")
+    e.add_argument("--end", help="unix seconds or ISO 8601 date/time (UTC), exclusive")
+    e.add_argument("--tenant", help="only this tenant's records")
+    e.add_argument("--out", default="-", help="file to write (default: stdout)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "check-config":
         return check_config(args.file)
+    if args.command == "ledger-export":
+        from gateway.ledger import export_command
+
+        return export_command(_config_path(args.config), args.format, args.out, args.start, args.end, args.tenant)
     return serve(_config_path(args.config), args.host, args.port, args.workers, args.log_level)
 
 

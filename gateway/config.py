@@ -161,6 +161,11 @@ class ServerSpec(_Strict):
     health_interval: float = Field(5.0, gt=0)
     request_log: str = Field("stderr", description="stderr, stdout, off, or a file path")
 
+    @field_validator("request_log", mode="before")
+    @classmethod
+    def _off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML reads a bare `off` as false
+
 
 class FailureFallbackSpec(_Strict):
     max_attempts: int = Field(3, ge=1, description="upstream calls per request, all candidates together")

@@ -138,12 +138,82 @@ def start(cmd: list[str], core: str, env: dict[str, str] | None = None) -> subpr
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def redis_figures(a: argparse.Namespace, up_port: int, tmp: Path, plain_url: str, direct: str) -> dict[str, Any]:
+    """Redis: a cache hit's latency, and what limits add on the hot path (a second gateway with both)."""
+    r_port, g_port = free_port(), free_port()
+    redis = start(["redis-server", "--port", str(r_port), "--save", "", "--appendonly", "no"], OTHER_CORE)
+    cfg = tmp / "bench-redis.yaml"
+    cfg.write_text(f"""
+server: {{request_log: "{tmp / 'requests-redis.jsonl'}", health_interval: 5}}
+models:
+  m1:
+    prices: {{prompt_per_1m: 0.1, completion_per_1m: 0.4}}
+    deployments: [{{name: fake, url: "http://127.0.0.1:{up_port}", model: m1, max_concurrency: 1024}}]
+redis: {{url: "redis://127.0.0.1:{r_port}/0"}}
+tenants:
+  anonymous: {{limits: {{rpm: 100000000, tpm: 1000000000000, concurrency: 100000, budget_day_usd: 1000000000}}}}
+{a.config_extra}
+""")
+    gw = start([sys.executable, "-m", "gateway", "serve", "--config", str(cfg), "--port", str(g_port),
+                "--log-level", "warning"], GATEWAY_CORE)
+    out: dict[str, Any] = {}
+    try:
+        wait(f"http://127.0.0.1:{g_port}/healthz")
+        limited = f"http://127.0.0.1:{g_port}/v1/chat/completions"
+        body = orjson.dumps(CHAT)  # no temperature: not cacheable, so only the limits differ
+        hit_body = orjson.dumps({**CHAT, "temperature": 0})
+        rate = a.redis_rate
+        windows: dict[str, tuple[float, float]] = {}
+
+        def timed(name: str, url: str, b: bytes) -> dict[str, float]:
+            t0 = time.time()
+            res = asyncio.run(open_loop(url, rate, a.duration, b))
+            windows[name] = (t0 + 0.2, time.time())
+            return res
+
+        d = asyncio.run(open_loop(direct, rate, a.duration, body))
+        p = timed("plain", plain_url, body)
+        lim = timed("limits", limited, body)
+        hit = timed("hit", limited, hit_body)
+        time.sleep(0.5)
+
+        def logged(path: Path, name: str, field: str) -> dict[str, float]:
+            lo, hi = windows[name]
+            vals = [r[field] for r in map(json.loads, path.read_text().splitlines()) if lo <= r["ts"] <= hi]
+            return {"p50_ms": percentile(vals, 50), "p99_ms": percentile(vals, 99), "n": len(vals)}
+
+        # The records' own figures: time in the gateway outside vLLM, free of the load driver's noise.
+        inside = {"plain_overhead": logged(tmp / "requests.jsonl", "plain", "overhead_ms"),
+                  "limits_overhead": logged(tmp / "requests-redis.jsonl", "limits", "overhead_ms"),
+                  "hit_e2e": logged(tmp / "requests-redis.jsonl", "hit", "e2e_ms")}
+        out = {"rate": rate, "direct": d, "gateway_plain": p, "gateway_limits": lim, "gateway_cache_hit": hit,
+               "limits_added_p50_ms": lim["p50_ms"] - p["p50_ms"], "limits_added_p99_ms": lim["p99_ms"] - p["p99_ms"],
+               "records": inside,
+               "limits_added_overhead_p50_ms": inside["limits_overhead"]["p50_ms"] - inside["plain_overhead"]["p50_ms"]}
+        print(f"redis @ {rate:.0f}/s: direct p50 {d['p50_ms']:.2f} ms; gateway p50 {p['p50_ms']:.2f} ms, with limits "
+              f"{lim['p50_ms']:.2f} ms (added {out['limits_added_p50_ms']:.2f} ms p50, "
+              f"{out['limits_added_p99_ms']:.2f} ms p99); cache hit (limits on) p50 {hit['p50_ms']:.2f} ms, "
+              f"p99 {hit['p99_ms']:.2f} ms; errors {lim['errors'] + hit['errors']}", flush=True)
+        print(f"redis, from the records: overhead p50 plain {inside['plain_overhead']['p50_ms']:.3f} ms, with limits "
+              f"{inside['limits_overhead']['p50_ms']:.3f} ms (added {out['limits_added_overhead_p50_ms']:.3f} ms); "
+              f"cache hit e2e p50 {inside['hit_e2e']['p50_ms']:.3f} ms, p99 {inside['hit_e2e']['p99_ms']:.3f} ms",
+              flush=True)
+    finally:
+        gw.terminate()
+        gw.wait()
+        redis.terminate()
+        redis.wait()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rates", default="50,300,1000")
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--config-extra", default="", help="YAML merged into the gateway config (e.g. redis)")
     ap.add_argument("--out", help="write the figures as JSON here")
+    ap.add_argument("--redis", action="store_true", help="also measure a cache hit and the limits (redis-server)")
+    ap.add_argument("--redis-rate", type=float, default=300.0, help="open-loop rate of the Redis figures")
     a = ap.parse_args()
 
     up_port, gw_port = free_port(), free_port()
@@ -199,6 +269,8 @@ models:
         print(f"32-chunk streams/s (16 concurrent): direct {sd['streams_per_s']:.0f}, "
               f"gateway {sg['streams_per_s']:.0f} (errors {sg['errors']}); "
               f"gateway CPU per stream {cpu_per_stream * 1e6:.0f} us", flush=True)
+        if a.redis:
+            results["redis"] = redis_figures(a, up_port, tmp, via, direct)
     finally:
         gateway.terminate()
         upstream.terminate()

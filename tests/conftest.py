@@ -198,3 +198,6 @@ def reset_upstream(upstream: FakeUpstream) -> Iterator[FakeUpstream]:
     yield upstream
     upstream.control(ttft_ms=0, itl_ms=0, fail_status=0, die_after_chunks=-1, malformed_after_chunks=-1,
                      omit_usage=False, error_event_after_chunks=-1, healthy=True)
+
+
+from tests.redis_fixtures import own_redis, redis_prefix, redis_server  # noqa: E402,F401  (Redis fixtures)

@@ -1,0 +1,298 @@
+"""Cache stage: exact-match response cache (key normalisation, policy, stampede coalescing, SSE replay).
+
+Key: SHA-256 of the tenant's cache scope, the model the plan sends the request to (with its upstream
+model names, so an adapter is its own model), the endpoint, whether it streams, and the request body
+without the fields that do not change the output. Only deterministic requests are cached unless
+config says otherwise. Identical concurrent non-streaming misses are coalesced: in one process they
+wait on the first one's future; across replicas a short Redis lock makes the others poll for the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from gateway.config import GatewayConfig, Model
+from gateway.errors import GatewayError
+from gateway.record import RequestRecord
+from gateway.store import Store, StoreUnavailable
+from gateway.streaming import StreamAccountant
+
+log = logging.getLogger("gateway.cache")
+
+# Body fields that do not change the answer (or that the gateway rewrites): left out of the key.
+IGNORED_FIELDS = frozenset({"model", "stream", "stream_options", "user", "request_id", "priority", "metadata",
+                            "store"})
+
+
+@dataclass(slots=True)
+class Entry:
+    """A cached answer: a JSON body, or the upstream SSE payloads of a complete stream, and its accounting."""
+
+    kind: str  # json | sse
+    body: bytes  # json: the response body; sse: the data payloads, one per line
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    cost_usd: float
+    served_model: str
+    upstream_model: str | None
+
+    def encode(self) -> bytes:
+        meta = orjson.dumps({"k": self.kind, "p": self.prompt_tokens, "c": self.completion_tokens,
+                             "ct": self.cached_tokens, "usd": self.cost_usd, "s": self.served_model,
+                             "u": self.upstream_model})
+        return meta + b"\n" + self.body
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Entry:
+        meta, _, body = raw.partition(b"\n")
+        m = orjson.loads(meta)
+        return cls(m["k"], body, m["p"], m["c"], m["ct"], m["usd"], m["s"], m["u"])
+
+    def payloads(self) -> list[bytes]:
+        return self.body.split(b"\n")
+
+    def apply(self, rec: RequestRecord) -> None:
+        """A hit: the record carries the answer's tokens (marked cached), costs 0 and saves what it cost."""
+        rec.cache = "hit"
+        rec.served_model, rec.upstream_model = self.served_model, self.upstream_model
+        rec.prompt_tokens, rec.completion_tokens = self.prompt_tokens, self.completion_tokens
+        rec.cached_tokens, rec.usage_reported = self.cached_tokens, True
+        rec.saved_usd = self.cost_usd
+
+
+@dataclass(slots=True, eq=False)
+class Lookup:
+    """One request's cache handle: its key, a hit if any, and what it must do when it finishes."""
+
+    key: str | None = None
+    model: str | None = None
+    ttl_s: float = 0.0
+    may_store: bool = False
+    entry: Entry | None = None
+    future: asyncio.Future[Entry | None] | None = None  # set while this request leads a coalesced miss
+    locked: bool = False  # holds the cross-replica stampede lock
+    done: bool = False
+    payloads: list[bytes] = field(default_factory=list)
+
+
+NO_LOOKUP = Lookup()
+
+
+class ResponseCache(Protocol):
+    async def lookup(self, rec: RequestRecord, model: Model, endpoint: str, body: dict[str, Any],
+                     cache_control: bytes | None, stream: bool) -> Lookup: ...
+    def store(self, lk: Lookup, rec: RequestRecord, kind: str, body: bytes) -> None: ...
+    def release(self, lk: Lookup) -> None: ...
+    async def close(self) -> None: ...
+
+
+class NullCache:
+    """Caching is off for every tenant and model."""
+
+    async def lookup(self, rec: RequestRecord, model: Model, endpoint: str, body: dict[str, Any],
+                     cache_control: bytes | None, stream: bool) -> Lookup:
+        rec.cache = "bypass"
+        return NO_LOOKUP
+
+    def store(self, lk: Lookup, rec: RequestRecord, kind: str, body: bytes) -> None:
+        return None
+
+    def release(self, lk: Lookup) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def cacheable(mode: str, endpoint: str, body: dict[str, Any]) -> bool:
+    if mode == "all":
+        return True
+    if mode == "off":
+        return False
+    if endpoint == "embeddings":
+        return True
+    return body.get("temperature") == 0 or body.get("seed") is not None
+
+
+def cache_key(scope: str, model: Model, endpoint: str, stream: bool, body: dict[str, Any]) -> str:
+    norm = {k: v for k, v in body.items() if k not in IGNORED_FIELDS}
+    upstream = sorted({d.upstream_model for d in model.deployments})
+    raw = orjson.dumps([scope, model.name, upstream, endpoint, stream, norm], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(raw).hexdigest()
+
+
+def parse_cache_control(value: bytes | None) -> tuple[bool, bool]:
+    """(no_cache, no_store) from a request's Cache-Control header."""
+    if not value:
+        return False, False
+    directives = {d.strip().split(b"=", 1)[0].lower() for d in value.split(b",")}
+    return b"no-cache" in directives, b"no-store" in directives
+
+
+class StoreCache:
+    def __init__(self, config: GatewayConfig, store: Store) -> None:
+        f = config.features
+        self.features = f
+        self.backend = store
+        self.fail_closed = f.redis.on_failure.cache == "closed"
+        self.coalesce = f.cache.coalesce
+        self.wait_s = f.cache.coalesce_wait_s
+        self.lock_ms = int(f.cache.coalesce_wait_s * 1000)
+        self.max_entry = f.cache.max_entry_bytes
+        self._inflight: dict[str, asyncio.Future[Entry | None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def lookup(self, rec: RequestRecord, model: Model, endpoint: str, body: dict[str, Any],
+                     cache_control: bytes | None, stream: bool) -> Lookup:
+        policy = self.features.cache_policy(rec.tenant, model.name)
+        if not cacheable(policy.mode, endpoint, body):
+            rec.cache = "bypass"
+            return NO_LOOKUP
+        no_cache, no_store = parse_cache_control(cache_control)
+        key = cache_key(policy.scope, model, endpoint, stream, body)
+        lk = Lookup(key, model.name, policy.ttl_s, not no_store)
+        if no_cache:
+            rec.cache = "bypass"
+            return lk
+        coalesce = self.coalesce and not stream  # a follower of a stream would lose its time to first token
+        if coalesce:
+            leader = self._inflight.get(key)
+            if leader is not None:
+                try:
+                    entry = await asyncio.wait_for(asyncio.shield(leader), self.wait_s)
+                except TimeoutError:
+                    entry = None
+                if entry is not None:
+                    entry.apply(rec)
+                    lk.entry, lk.may_store = entry, False
+                    return lk
+            else:
+                lk.future = asyncio.get_running_loop().create_future()
+                self._inflight[key] = lk.future
+        try:
+            entry = await self._fetch(lk, coalesce)
+        except StoreUnavailable as e:
+            self.release(lk)
+            if self.fail_closed:
+                raise GatewayError(503, "The response cache is unavailable.", type="api_error",
+                                   code="cache_unavailable") from e
+            rec.cache = "bypass"
+            return Lookup()
+        if entry is None:
+            rec.cache = "miss"
+            return lk
+        entry.apply(rec)
+        lk.entry, lk.may_store = entry, False
+        self._resolve(lk, entry)
+        return lk
+
+    async def _fetch(self, lk: Lookup, coalesce: bool) -> Entry | None:
+        assert lk.key is not None
+        raw, lk.locked = await self.backend.cache_lookup(lk.key, self.lock_ms if coalesce else 0)
+        if raw is not None:
+            return Entry.decode(raw)
+        if not coalesce or lk.locked:
+            return None
+        # Another replica is computing this answer: poll until it is stored or its lock goes away.
+        deadline = time.monotonic() + self.wait_s
+        delay = 0.005
+        while time.monotonic() < deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+            raw, lk.locked = await self.backend.cache_lookup(lk.key, self.lock_ms)
+            if raw is not None:
+                return Entry.decode(raw)
+            if lk.locked:
+                return None
+        return None
+
+    def store(self, lk: Lookup, rec: RequestRecord, kind: str, body: bytes) -> None:
+        """Keep a finished, successful answer (never one that ended in error or came from another model)."""
+        if (lk.key is None or not lk.may_store or lk.done or rec.status != 200 or rec.outcome != "ok"
+                or rec.served_model != lk.model or len(body) > self.max_entry):
+            return
+        entry = Entry(kind, body, rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens, rec.cost_usd,
+                      rec.served_model or "", rec.upstream_model)
+        self._resolve(lk, entry)
+        lk.done = True
+        self._background(self._put(lk.key, entry.encode(), lk.ttl_s))
+
+    async def _put(self, key: str, value: bytes, ttl_s: float) -> None:
+        try:
+            await self.backend.cache_put(key, value, ttl_s)
+        except StoreUnavailable:
+            # Don't leave other replicas polling a lock until it expires: try to drop it once Redis answers.
+            await asyncio.sleep(self.features.redis.down_for_s)
+            await self.backend.cache_unlock(key)
+
+    def release(self, lk: Lookup) -> None:
+        """Always called when the request ends: wake followers and drop the lock if nothing was stored."""
+        self._resolve(lk, None)
+        if lk.locked and not lk.done and lk.key is not None:
+            lk.done = True
+            self._background(self.backend.cache_unlock(lk.key))
+
+    def _resolve(self, lk: Lookup, entry: Entry | None) -> None:
+        fut = lk.future
+        if fut is not None:
+            lk.future = None
+            if not fut.done():
+                fut.set_result(entry)
+            if lk.key is not None and self._inflight.get(lk.key) is fut:
+                del self._inflight[lk.key]
+
+    def _background(self, coro: Any) -> None:
+        async def run() -> None:
+            with contextlib.suppress(StoreUnavailable):  # counted and logged by the store
+                await coro
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+class RecordingAccountant(StreamAccountant):
+    """The stream accountant that also keeps each upstream payload, for storing a complete stream."""
+
+    __slots__ = ("payloads",)
+
+    def __init__(self, rec: RequestRecord, want_usage: bool, want_continuous: bool) -> None:
+        super().__init__(rec, want_usage, want_continuous)
+        self.payloads: list[bytes] = []
+
+    def on_data(self, payload: bytes) -> bytes | None:
+        self.payloads.append(payload)
+        return super().on_data(payload)
+
+
+async def replay(entry: Entry, acct: StreamAccountant, on_done: Callable[[], bytes]) -> AsyncIterator[bytes]:
+    """A hit answered as the original stream: the same chunks through the accountant, trailer, [DONE]."""
+    from gateway.streaming import DONE
+
+    for payload in entry.payloads():
+        out = acct.on_data(payload)
+        if out is not None:
+            yield out
+    acct.done()
+    yield on_done()
+    yield DONE
+
+
+def build_cache(config: GatewayConfig, store: Store) -> ResponseCache:
+    if all(p.mode == "off" for p in config.features.cache_policies.values()):
+        return NullCache()
+    return StoreCache(config, store)
