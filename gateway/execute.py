@@ -21,7 +21,7 @@ from gateway.errors import GatewayError
 from gateway.protocol import UPSTREAM_PATHS, Endpoint, upstream_error
 from gateway.record import Attempt, RequestRecord
 from gateway.streaming import DONE, MalformedStream, StreamAccountant, chunk_has_token, sse_data, take_usage
-from gateway.routing.breaker import CircuitBreaker
+from gateway.routing.breaker import BreakerState, CircuitBreaker
 from gateway.routing.policy import Plan
 from gateway.upstream import DeploymentState, UpstreamPool
 
@@ -190,26 +190,27 @@ class Executor:
 
         return await self._attempt_in_order(rec, plan, body, attempt, keep_slot=True)
 
-    async def count_tokens(self, model: Model, body: dict[str, Any]) -> tuple[int, int]:
-        """Prompt tokens and context window from vLLM's /tokenize on one of the model's deployments."""
-        state = self.order(model)[0]
-        req: dict[str, Any] = {"model": state.spec.upstream_model}
-        if "messages" in body:
-            req["messages"] = body["messages"]
-        else:
-            req["prompt"] = body.get("prompt", "")
-        try:
-            async with self.pool.session.post(state.spec.url + "/tokenize", data=orjson.dumps(req),
-                                              timeout=state.timeout, headers={**state.headers,
-                                                                              "Content-Type": JSON}) as r:
-                data = orjson.loads(await r.read())
-        except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError) as e:
-            raise errors.upstream_unavailable(f"cannot count prompt tokens on {state.name}: "
-                                              f"{type(e).__name__}") from None
-        count, window = data.get("count"), model.context_window or data.get("max_model_len")
-        if not isinstance(count, int) or not isinstance(window, int):
-            raise errors.upstream_unavailable(f"deployment {state.name} gave no token count for the prompt")
-        return count, window
+    async def count_tokens(self, model: Model, body: dict[str, Any]) -> tuple[int, int] | None:
+        """Prompt tokens and context window from vLLM's /tokenize, asking the model's deployments in
+        order; None when none can answer (the execute stage then finds out which deployment works)."""
+        req: dict[str, Any] = {"messages": body["messages"]} if "messages" in body else {
+            "prompt": body.get("prompt", "")}
+        for state in self.order(model):
+            if state.healthy is False or self.breakers[state.name].state is BreakerState.OPEN:
+                continue
+            req["model"] = state.spec.upstream_model
+            try:
+                async with self.pool.session.post(state.spec.url + "/tokenize", data=orjson.dumps(req),
+                                                  timeout=state.timeout,
+                                                  headers={**state.headers, "Content-Type": JSON}) as r:
+                    data = orjson.loads(await r.read())
+            except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError):
+                continue
+            count = data.get("count") if isinstance(data, dict) else None
+            window = model.context_window or (data.get("max_model_len") if isinstance(data, dict) else None)
+            if isinstance(count, int) and isinstance(window, int):
+                return count, window
+        return None
 
     async def _open(self, state: DeploymentState, path: str, rec: RequestRecord, payload: bytes) -> UpstreamStream:
         first_token = state.spec.timeouts.first_token

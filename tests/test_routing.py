@@ -281,3 +281,16 @@ routes:
     assert [m.name for m in rich.candidates] == ["big", "small"] and rich.rule is None
     assert [m.name for m in poor.candidates] == ["small", "big"] and poor.rule == "budget_pressure"
     assert "85%" in (poor.reason or "")
+
+
+def test_context_check_survives_a_dead_deployment(gateway_factory: Callable[..., GatewayProcess],
+                                                  big: FakeUpstream, small: FakeUpstream) -> None:
+    cfg = route_config(big.url, small.url)
+    cfg["models"]["big"]["deployments"].insert(0, {"name": "big-dead", "url": f"http://127.0.0.1:{free_port()}",
+                                                   "model": "big-base", "weight": 10})
+    gw = gateway_factory(cfg)
+    time.sleep(0.5)
+    text = " ".join(["word"] * 1500)  # needs counting (over the byte bound) but fits big's 2048 tokens
+    r = chat(gw, content=text, max_tokens=8)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-gateway-model"] == "big" and r.headers["x-gateway-deployment"] == "big-0"

@@ -41,7 +41,7 @@ class Plan:
         self.candidates = new_order
 
 
-TokenCounter = Callable[[Model, dict[str, Any]], Any]  # async (model, body) -> (prompt_tokens, window)
+TokenCounter = Callable[[Model, dict[str, Any]], Any]  # async (model, body) -> (prompt_tokens, window) | None
 
 
 class Planner:
@@ -114,7 +114,11 @@ class Planner:
             if window is None or upper + want <= window:
                 fits.append(m)  # surely fits (a token is at least one byte): no need to count
                 continue
-            tokens, window = await count_tokens(m, body)
+            counted = await count_tokens(m, body)
+            if counted is None:
+                fits.append(m)  # no deployment could count: let the execute stage find a working one
+                continue
+            tokens, window = counted
             measured[m.name] = (tokens, window)
             if tokens + want <= window:
                 fits.append(m)
