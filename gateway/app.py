@@ -73,7 +73,8 @@ class Gateway:
         self.limiter = build_limiter(config, self.store, self._spend_seen)
         self.ledger = Ledger(self.store, f.redis.ledger_buffer, f.redis.ledger_flush_interval_s,
                              self.metrics.ledger_buffered.set, self.metrics.ledger_dropped.inc)
-        self.finalizer.observers[:0] = [self.ledger.append, self.limiter.settle]
+        self.finalizer.record_sinks.append(self.ledger.append)
+        self.finalizer.observers.insert(0, self.limiter.settle)
         for tenant, lim in f.tenant_limits.items():
             for period, budget in (("day", lim.budget_day), ("month", lim.budget_month)):
                 if budget:
@@ -221,11 +222,11 @@ class Gateway:
 
         def on_done() -> bytes:
             nonlocal finalized
-            self.finalizer.finalize(rec)
+            line = self.finalizer.finalize(rec)
             finalized = True
             if isinstance(acct, RecordingAccountant):  # only called for a stream that completed
                 self.cache.store(lk, rec, "sse", b"\n".join(acct.payloads))
-            return stream_trailer(rec)
+            return stream_trailer(line)
 
         # The client leaving shows up as http.disconnect on receive(): cancel the relay when it does.
         task = asyncio.current_task()

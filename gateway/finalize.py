@@ -31,9 +31,9 @@ class RequestLog:
         else:
             self._out = open(target, "ab")  # noqa: SIM115 - lives as long as the app
 
-    def write(self, rec: RequestRecord) -> None:
+    def write(self, line: bytes) -> None:
         if self._out is not None:
-            self._out.write(orjson.dumps(rec.to_log()) + b"\n")
+            self._out.write(line + b"\n")
             self._out.flush()
 
     def close(self) -> None:
@@ -47,6 +47,8 @@ class Finalizer:
         self.metrics = metrics
         self.request_log = request_log
         self.observers: list[Callable[[RequestRecord], None]] = []  # e.g. live latency figures for routing
+        # Where the record's JSON line goes, serialized once: the request log, the usage ledger.
+        self.record_sinks: list[Callable[[bytes], None]] = [request_log.write]
 
     def price(self, rec: RequestRecord) -> None:
         if rec.cache == "hit":  # served from the gateway cache: free; rec.saved_usd holds what it cost
@@ -67,20 +69,23 @@ class Finalizer:
         rec.in_flight = True
         self.metrics.in_flight.labels(rec.requested_model).inc()
 
-    def finalize(self, rec: RequestRecord) -> None:
-        """Called exactly once per request, whatever happened to it."""
+    def finalize(self, rec: RequestRecord) -> bytes:
+        """Called exactly once per request, whatever happened to it; returns the record's JSON line."""
         if rec.in_flight:
             rec.in_flight = False
             self.metrics.in_flight.labels(rec.requested_model).dec()
         rec.finish()
         self.price(rec)
+        line = orjson.dumps(rec.to_log())
         try:
             self.metrics.observe(rec)
-            self.request_log.write(rec)
+            for sink in self.record_sinks:
+                sink(line)
             for observe in self.observers:
                 observe(rec)
         except Exception:  # accounting must never break serving; the failure itself is logged
             log.exception("could not write the record of request %s", rec.request_id)
+        return line
 
 
 def early_headers(rec: RequestRecord) -> dict[str, str]:
@@ -124,6 +129,6 @@ def final_headers(rec: RequestRecord) -> dict[str, str]:
     return h
 
 
-def stream_trailer(rec: RequestRecord) -> bytes:
-    """The final figures of a stream, sent as an SSE comment just before `data: [DONE]`."""
-    return b": x-gateway-accounting " + orjson.dumps(rec.to_log()) + b"\n\n"
+def stream_trailer(record_line: bytes) -> bytes:
+    """The final figures of a stream (the record's JSON line), as an SSE comment just before `data: [DONE]`."""
+    return b": x-gateway-accounting " + record_line + b"\n\n"

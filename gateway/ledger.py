@@ -19,7 +19,6 @@ from typing import IO, Any
 
 import orjson
 
-from gateway.record import RequestRecord
 from gateway.store import Store, StoreUnavailable
 
 log = logging.getLogger("gateway.ledger")
@@ -50,15 +49,14 @@ class Ledger:
         self._task: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
 
-    def append(self, rec: RequestRecord) -> None:
-        """From the finalizer: queue the record; drop (and count) it only if the buffer is full."""
+    def append(self, line: bytes) -> None:
+        """From the finalizer: queue the record's JSON line; drop (and count) it only if the buffer is full."""
         if len(self.buffer) >= self.capacity:
             self.dropped += 1
             self._on_dropped(1)
-            log.error("ledger buffer full (%d records): record of request %s dropped", self.capacity,
-                      rec.request_id)
+            log.error("ledger buffer full (%d records): a record was dropped", self.capacity)
             return
-        self.buffer.append(orjson.dumps(rec.to_log()))
+        self.buffer.append(line)
         self._on_buffered(len(self.buffer))
         if len(self.buffer) >= BATCH:
             self._wake.set()
