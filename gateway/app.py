@@ -81,6 +81,7 @@ class Gateway:
                     self.metrics.tenant_budget.labels(tenant, period).set(budget)
         self._redis_logged: dict[str, float] = {}
         self.max_body = config.server.max_body_bytes
+        self.body_timeout = config.server.body_timeout
         for name, m in config.models.items():
             self.metrics.model_info.labels(name, m.tier).set(1)
         for name in self.breakers:
@@ -119,8 +120,17 @@ class Gateway:
             raise errors.payload_too_large(self.max_body)
         chunks: list[bytes] = []
         size = 0
+        deadline: float | None = None
         while True:
-            message = await receive()
+            if deadline is None:
+                message = await receive()  # usually the whole body: no timer needed
+            else:
+                try:
+                    async with asyncio.timeout_at(deadline):  # a slow sender (slowloris) is cut off
+                        message = await receive()
+                except TimeoutError:
+                    raise GatewayError(408, f"The request body did not arrive within {self.body_timeout:g}s.",
+                                       code="request_timeout") from None
             if message["type"] == "http.disconnect":
                 raise ClientGone()
             chunk = message.get("body", b"")
@@ -130,6 +140,8 @@ class Gateway:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
+            if deadline is None:
+                deadline = asyncio.get_running_loop().time() + self.body_timeout
         raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if not raw:
             raise errors.bad_request("Request body is empty; expected a JSON object.")

@@ -33,7 +33,7 @@ def check_config(path: str) -> int:
 
 def serve(path: str, host: str, port: int, workers: int, log_level: str) -> int:
     try:
-        load_config(path)  # fail fast, with the message, before any worker starts
+        cfg = load_config(path)  # fail fast, with the message, before any worker starts
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
@@ -45,7 +45,7 @@ def serve(path: str, host: str, port: int, workers: int, log_level: str) -> int:
 
     uvicorn.run("gateway.app:create_app", factory=True, host=host, port=port, workers=workers,
                 loop="uvloop", http="httptools", access_log=False, log_level=log_level,
-                timeout_keep_alive=30)
+                timeout_keep_alive=30, limit_concurrency=cfg.server.max_connections)
     return 0
 
 

@@ -160,6 +160,8 @@ class ServerSpec(_Strict):
     queue_timeout: float = Field(30.0, gt=0, description="seconds a request may wait for a deployment slot")
     health_interval: float = Field(5.0, gt=0)
     request_log: str = Field("stderr", description="stderr, stdout, off, or a file path")
+    body_timeout: float = Field(30.0, gt=0, description="seconds a client may take to send its request body")
+    max_connections: int | None = Field(None, ge=1, description="uvicorn limit_concurrency; beyond it: 503")
 
     @field_validator("request_log", mode="before")
     @classmethod
