@@ -218,7 +218,7 @@ class Executor:
         try:
             async with asyncio.timeout(first_token):
                 resp = await self.pool.session.post(
-                    state.spec.url + path, data=payload, timeout=state.timeout,
+                    state.spec.url + path, data=payload, timeout=state.stream_timeout,
                     headers={**state.headers, "Content-Type": JSON, "X-Request-Id": rec.request_id},
                 )
                 if resp.status >= 400:

@@ -56,6 +56,7 @@ class RequestRecord:
     completion_tokens: int = 0
     cached_tokens: int = 0
     usage_reported: bool = False
+    usage_invalid: bool = False  # vLLM sent usage that could not be true (negative, absurd): not billed
     cost_usd: float = 0.0
     # response cache, rate limits and budgets (gateway/cache.py, gateway/limits.py)
     cache: str | None = None  # hit | miss | bypass (None: the request never reached the cache stage)
@@ -116,6 +117,7 @@ class RequestRecord:
             "completion_tokens": self.completion_tokens,
             "cached_tokens": self.cached_tokens,
             "usage_reported": self.usage_reported,
+            "usage_invalid": self.usage_invalid,
             "cost_usd": self.cost_usd,
             "cache": self.cache,
             "saved_usd": self.saved_usd,

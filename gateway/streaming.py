@@ -7,12 +7,15 @@ midway. Usage the client did not ask for is removed from the chunks it receives.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 import orjson
 
 from gateway.record import RequestRecord
+
+log = logging.getLogger("gateway.streaming")
 
 DONE = b"data: [DONE]\n\n"
 
@@ -90,8 +93,19 @@ class MalformedStream(Exception):
     pass
 
 
+MAX_TOKENS_PLAUSIBLE = 2**31  # no context window comes near; larger counts are a broken upstream
+
+
+class AbsurdUsage(ValueError):
+    pass
+
+
 def _int(v: Any) -> int:
-    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
+    if v is None:
+        return 0
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < MAX_TOKENS_PLAUSIBLE:
+        raise AbsurdUsage(f"token count {v!r}")
+    return v
 
 
 def take_usage(rec: RequestRecord, body: Any) -> None:
@@ -101,10 +115,22 @@ def take_usage(rec: RequestRecord, body: Any) -> None:
 
 
 def apply_usage(rec: RequestRecord, usage: dict[str, Any]) -> None:
-    """Copy vLLM's usage (cumulative, so the latest chunk's figures win) into the record."""
+    """Copy vLLM's usage (cumulative, so the latest chunk's figures win) into the record.
+
+    Counts that are negative, not integers or absurdly large are not believed: the record says the
+    usage was not reported (and is billed nothing) rather than carry invented figures.
+    """
+    try:
+        details = usage.get("prompt_tokens_details")
+        figures = (_int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")),
+                   _int(details.get("cached_tokens")) if isinstance(details, dict) else 0)
+    except AbsurdUsage as e:
+        if not rec.usage_invalid:
+            log.warning("request %s: upstream usage not believed (%s)", rec.request_id, e)
+        rec.usage_invalid = True
+        rec.usage_reported = False
+        return
+    if rec.usage_invalid:
+        return
     rec.usage_reported = True
-    rec.prompt_tokens = _int(usage.get("prompt_tokens"))
-    rec.completion_tokens = _int(usage.get("completion_tokens"))
-    details = usage.get("prompt_tokens_details")
-    if isinstance(details, dict):
-        rec.cached_tokens = _int(details.get("cached_tokens"))
+    rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens = figures

@@ -23,6 +23,7 @@ class DeploymentState:
     spec: Deployment
     slots: asyncio.Semaphore
     timeout: aiohttp.ClientTimeout
+    stream_timeout: aiohttp.ClientTimeout  # also bounds each read: a stream that stalls mid-way is cut off
     headers: dict[str, str]
     in_flight: int = 0
     healthy: bool | None = None  # None until the first health check answers
@@ -48,9 +49,12 @@ class UpstreamPool:
         for model in config.models.values():
             for d in model.deployments:
                 headers = {"Authorization": f"Bearer {d.api_key}"} if d.api_key else {}
-                timeout = aiohttp.ClientTimeout(total=d.timeouts.total, sock_connect=d.timeouts.connect,
-                                                connect=d.timeouts.connect)
-                self.states[d.name] = DeploymentState(d, asyncio.Semaphore(d.max_concurrency), timeout, headers)
+                t = d.timeouts
+                timeout = aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, connect=t.connect)
+                stream_timeout = aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, connect=t.connect,
+                                                       sock_read=t.first_token)
+                self.states[d.name] = DeploymentState(d, asyncio.Semaphore(d.max_concurrency), timeout,
+                                                      stream_timeout, headers)
         self._session: aiohttp.ClientSession | None = None
         self._health_task: asyncio.Task[None] | None = None
 

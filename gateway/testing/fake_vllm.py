@@ -30,6 +30,8 @@ class Behaviour:
     die_after_chunks: int = -1  # close the connection after this many token chunks (-1: don't)
     malformed_after_chunks: int = -1  # send a chunk that is not JSON after this many (-1: don't)
     omit_usage: bool = False  # answer without usage
+    absurd_usage: bool = False  # report impossible token counts
+    stall_after_chunks: int = -1  # stop sending (but keep the connection) after this many token chunks
     error_event_after_chunks: int = -1  # send a vLLM-style error event mid-stream
     num_waiting: float = 0.0  # reported as vllm:num_requests_waiting
     kv_cache_usage: float = 0.0  # reported as vllm:kv_cache_usage_perc
@@ -191,7 +193,9 @@ class FakeVLLM:
                 choice = {"index": 0, "text": text, "finish_reason": "length", "logprobs": None}
             out: dict[str, Any] = {"id": rid, "object": "chat.completion" if chat else "text_completion",
                                    "created": int(time.time()), "model": body["model"], "choices": [choice]}
-            if not self.b.omit_usage:
+            if self.b.absurd_usage:
+                out["usage"] = {"prompt_tokens": -3, "completion_tokens": 10**15, "total_tokens": 0}
+            elif not self.b.omit_usage:
                 out["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": n,
                                 "total_tokens": prompt_tokens + n}
             return _json(out)
@@ -230,6 +234,8 @@ class FakeVLLM:
                 assert request.transport is not None
                 request.transport.abort()
                 return resp
+            if i == self.b.stall_after_chunks:
+                await asyncio.sleep(3600)
             if i == self.b.malformed_after_chunks:
                 await resp.write(b"data: {not json\n\n")
                 return resp
