@@ -159,7 +159,9 @@ def test_breaker_unit_open_half_open_close() -> None:
 
 def test_breaker_opens_skips_and_recovers(gateway_factory: Callable[..., GatewayProcess], big: FakeUpstream,
                                           small: FakeUpstream) -> None:
-    gw = gateway_factory(route_config(big.url, small.url))
+    cfg = route_config(big.url, small.url)
+    cfg["circuit_breaker"]["cooldown_s"] = 3.0  # long enough that a loaded machine can't half-open it early
+    gw = gateway_factory(cfg)
     big.control(fail_status=500)
     for _ in range(2):
         assert chat(gw).status_code == 200
@@ -169,7 +171,7 @@ def test_breaker_opens_skips_and_recovers(gateway_factory: Callable[..., Gateway
     assert r.status_code == 200 and big.counters()["requests"] == sent, "open breaker: big not called"
     assert gw.record("skips")["attempts"][0]["outcome"] == "circuit_open"
     big.control(fail_status=0)
-    time.sleep(1.1)  # cool-down: the next request is a half-open probe that succeeds
+    time.sleep(3.1)  # cool-down: the next request is a half-open probe that succeeds
     r = chat(gw)
     assert r.headers["x-gateway-model"] == "big"
     assert metric_value(gw.metrics(), "gateway_circuit_breaker_state", deployment="big-0") == 0
