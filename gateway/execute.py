@@ -20,9 +20,9 @@ from gateway.config import Model
 from gateway.errors import GatewayError
 from gateway.protocol import UPSTREAM_PATHS, Endpoint, upstream_error
 from gateway.record import Attempt, RequestRecord
-from gateway.streaming import DONE, MalformedStream, StreamAccountant, chunk_has_token, sse_data, take_usage
 from gateway.routing.breaker import BreakerState, CircuitBreaker
 from gateway.routing.policy import Plan
+from gateway.streaming import DONE, MalformedStream, StreamAccountant, chunk_has_token, sse_data, take_usage
 from gateway.upstream import DeploymentState, UpstreamPool
 
 T = TypeVar("T")
@@ -160,7 +160,7 @@ class Executor:
         except aiohttp.ClientConnectorError as e:
             raise _Retryable("connect_error", errors.upstream_unavailable(
                 f"cannot connect to deployment {state.name}: {e.os_error.strerror or e}")) from None
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+        except (TimeoutError, aiohttp.ServerTimeoutError):
             # The whole request took longer than the deployment's total timeout: vLLM did the work, so
             # repeating it elsewhere could double the cost; give an honest 504 instead.
             raise errors.upstream_timeout(
@@ -204,7 +204,7 @@ class Executor:
                                                   timeout=state.timeout,
                                                   headers={**state.headers, "Content-Type": JSON}) as r:
                     data = orjson.loads(await r.read())
-            except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError):
+            except (TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError):
                 continue
             count = data.get("count") if isinstance(data, dict) else None
             window = model.context_window or (data.get("max_model_len") if isinstance(data, dict) else None)
@@ -289,7 +289,7 @@ class Executor:
                 yield DONE
                 return
             raise aiohttp.ClientPayloadError("stream ended without [DONE]")
-        except (aiohttp.ClientError, asyncio.TimeoutError, MalformedStream) as e:
+        except (TimeoutError, aiohttp.ClientError, MalformedStream) as e:
             # Too late to fall back: tell the client honestly, with no fake finish_reason.
             acct.done()
             rec.outcome, rec.status, rec.error_code = "upstream_failed_midstream", 502, "upstream_stream_broken"

@@ -23,12 +23,13 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-REQUEST_BODIES = {
+REQUEST_BODIES: dict[str, type[BaseModel]] = {
     "/v1/chat/completions": ChatCompletionRequest,
     "/v1/completions": CompletionRequest,
     "/v1/embeddings": EmbeddingRequest,
 }
-ERROR_STATUSES = {"400": "invalid request", "401": "missing or wrong API key", "404": "unknown model", "408": "request body too slow",
+ERROR_STATUSES = {"400": "invalid request", "401": "missing or wrong API key", "404": "unknown model",
+                  "408": "request body too slow",
                   "413": "body too large", "429": "rate limit or budget", "502": "upstream failed",
                   "503": "overloaded or no deployment", "504": "upstream timeout"}
 

@@ -26,6 +26,12 @@ class _Open(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
 
+class _Request(_Open):
+    """Every proxied request names its model."""
+
+    model: str = Field(min_length=1)
+
+
 class StreamOptions(_Open):
     include_usage: bool | None = None
     continuous_usage_stats: bool | None = None
@@ -36,8 +42,7 @@ class ChatMessage(_Open):
     content: str | list[dict[str, Any]] | None = None
 
 
-class _Generation(_Open):
-    model: str = Field(min_length=1)
+class _Generation(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -67,20 +72,19 @@ class CompletionRequest(_Generation):
     prompt: Prompt
 
 
-class EmbeddingRequest(_Open):
-    model: str = Field(min_length=1)
+class EmbeddingRequest(_Request):
     input: Prompt
     encoding_format: Literal["float", "base64"] | None = None
 
 
-REQUEST_SCHEMAS: dict[Endpoint, type[_Open]] = {
+REQUEST_SCHEMAS: dict[Endpoint, type[_Request]] = {
     "chat": ChatCompletionRequest,
     "completions": CompletionRequest,
     "embeddings": EmbeddingRequest,
 }
 
 
-def validate_request(endpoint: Endpoint, body: Any) -> _Open:
+def validate_request(endpoint: Endpoint, body: Any) -> _Request:
     """Validate a parsed JSON body; raise a 400 naming the first offending field."""
     if not isinstance(body, dict):
         raise bad_request("Request body must be a JSON object.")

@@ -91,7 +91,7 @@ class UpstreamPool:
             by_url.setdefault(s.spec.url, []).append(s)
         results = await asyncio.gather(*(self._check(url, group[0]) for url, group in by_url.items()))
         now = time.time()
-        for (url, group), (ok, err) in zip(by_url.items(), results, strict=True):
+        for group, (ok, err) in zip(by_url.values(), results, strict=True):
             for s in group:
                 if s.healthy is not ok:
                     log.log(logging.INFO if ok else logging.WARNING, "deployment %s is %s%s", s.name,
@@ -106,7 +106,7 @@ class UpstreamPool:
             async with self.session.get(f"{url}/health", timeout=timeout, headers=state.headers) as r:
                 await r.read()
                 return r.status == 200, None if r.status == 200 else f"HTTP {r.status}"
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
             return False, type(e).__name__
 
     def ready_models(self) -> dict[str, bool]:

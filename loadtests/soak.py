@@ -81,7 +81,7 @@ async def drive(url: str, stop_at: float, concurrency: int, seed: int, counts: d
                         counts["bad_ok" if r.status == 400 else "unexpected"] += 1
                     else:
                         counts["ok" if r.status == 200 else "unexpected"] += 1
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 counts["client_errors"] += 1
 
         async def worker() -> None:

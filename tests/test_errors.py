@@ -73,7 +73,7 @@ def test_auth_missing_and_wrong_keys(gateway: GatewayProcess) -> None:
     assert_openai_error(post(gateway, CHAT, key=None), 401, "Missing API key")
     err = assert_openai_error(post(gateway, CHAT, key="sk-wrong"), 401, "Incorrect API key")
     assert err["type"] == "authentication_error"
-    r = post(gateway, CHAT, key="sk-wrong", **{"X-Request-Id": "bad-key-req"})
+    post(gateway, CHAT, key="sk-wrong", **{"X-Request-Id": "bad-key-req"})
     assert "sk-wrong" not in orjson.dumps(gateway.record("bad-key-req")).decode()
     with pytest.raises(openai.AuthenticationError):
         OpenAI(base_url=f"{gateway.url}/v1", api_key="sk-wrong", max_retries=0).models.list()

@@ -13,6 +13,7 @@ foreground until Ctrl-C, which stops everything it started.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -176,10 +177,8 @@ def down(_: argparse.Namespace) -> int:
         if name.startswith("vLLM"):
             engines.stop(pid)
         else:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
     f.unlink()
     return 0
 

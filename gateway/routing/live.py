@@ -112,7 +112,7 @@ class LiveStats:
                     got = lens.get(self._upstream_names[n])
                     if isinstance(got, int):
                         self.by_deployment[n].max_model_len = got
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
             log.debug("scrape of %s failed: %s", url, type(e).__name__)
             return
         for n in names:
