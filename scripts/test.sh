@@ -23,5 +23,9 @@ if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
   (apt-get update -qq && apt-get install -y -qq prometheus) >/dev/null
 fi
 
+echo "== lint and type checks"
+"$VENV/bin/ruff" check gateway tests loadtests dashboards deploy
+"$VENV/bin/mypy" gateway
+
 echo "== running the tests"
 exec "$VENV/bin/python" -m pytest "$@"

@@ -28,7 +28,7 @@ models:
   small-gpu:
     cost_basis: {gpu_usd_per_hour: 3.6, gpu_count: 2}
     deployments: [{url: "http://h:1", model: small}]
-""" % hash_key("secret-b")
+""".replace("%s", hash_key("secret-b"))
 
 
 def test_good_config_compiles() -> None:
@@ -47,7 +47,8 @@ def test_good_config_compiles() -> None:
 
 @pytest.mark.parametrize("mutate, where", [
     (lambda t: t.replace("weight: 2", "weight: -2"), "models.big.deployments.0.weight"),
-    (lambda t: t.replace("max_concurrency: 8", "max_concurency: 8"), "models.big.deployments.0.max_concurency: unknown key"),
+    (lambda t: t.replace("max_concurrency: 8", "max_concurency: 8"),
+     "models.big.deployments.0.max_concurency: unknown key"),
     (lambda t: t.replace('url: "http://h:1"', 'url: "h:1"'), "models.small-gpu.deployments.0.url"),
     (lambda t: t.replace("prompt_per_1m: 3", "prompt_per_1m: cheap"), "models.big.prices.prompt_per_1m"),
     (lambda t: t.replace("cost_basis:", "prices: {}\n    cost_basis:"), "models.small-gpu"),
@@ -64,7 +65,8 @@ def test_bad_config_names_file_and_key_path(mutate, where: str) -> None:  # type
 
 
 def test_unset_key_turns_auth_off(caplog: pytest.LogCaptureFixture) -> None:
-    text = "auth: {keys: [{tenant: t, key: '${GW_KEY:-}'}]}\nmodels: {m: {deployments: [{url: 'http://x:1', model: m}]}}"
+    text = ("auth: {keys: [{tenant: t, key: '${GW_KEY:-}'}]}\n"
+            "models: {m: {deployments: [{url: 'http://x:1', model: m}]}}")
     cfg = parse_config(text, "x.yaml", env={})
     assert not cfg.auth_enabled
     assert "authentication is OFF" in caplog.text
