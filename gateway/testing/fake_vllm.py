@@ -258,9 +258,12 @@ class FakeVLLM:
                 await send(chunk)
             except (ConnectionResetError, ConnectionError):
                 return resp
-        if include_usage:
-            await send({**base, "choices": [], "usage": usage(n)})
-        await resp.write(b"data: [DONE]\n\n")
+        try:
+            if include_usage:
+                await send({**base, "choices": [], "usage": usage(n)})
+            await resp.write(b"data: [DONE]\n\n")
+        except (ConnectionResetError, ConnectionError):
+            pass  # the client (the gateway) went away: like vLLM, just stop
         return resp
 
 
