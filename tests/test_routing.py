@@ -296,3 +296,22 @@ def test_context_check_survives_a_dead_deployment(gateway_factory: Callable[...,
     r = chat(gw, content=text, max_tokens=8)
     assert r.status_code == 200, r.text
     assert r.headers["x-gateway-model"] == "big" and r.headers["x-gateway-deployment"] == "big-0"
+
+
+def test_budget_pressure_keeps_a_task_choice_first() -> None:
+    text = """
+models:
+  big: {prices: {prompt_per_1m: 10, completion_per_1m: 30}, deployments: [{url: "http://a:1", model: b}]}
+  tiny: {prices: {prompt_per_1m: 0.1, completion_per_1m: 0.2}, deployments: [{url: "http://c:1", model: t}]}
+  nlu: {prices: {prompt_per_1m: 1, completion_per_1m: 2}, deployments: [{url: "http://b:1", model: n}]}
+routes:
+  r: {candidates: [big, tiny, nlu], tasks: {classification: nlu}, budget_pressure: {threshold: 0.5},
+      context_length: false}
+"""
+    import asyncio
+
+    cfg = parse_config(text, "t.yaml", env={})
+    breakers = {n: CircuitBreaker(n, cfg.circuit_breaker) for n in ("big-0", "tiny-0", "nlu-0")}
+    planner = Planner(cfg, LiveStats(cfg), breakers, budget_fraction=lambda _t: 0.9, in_flight=lambda _n: 0)
+    plan = asyncio.run(planner.plan("r", {"messages": []}, "t", "classification", None, lambda *_: None))
+    assert [m.name for m in plan.candidates] == ["nlu", "tiny", "big"] and plan.rule == "task"

@@ -99,7 +99,9 @@ class Planner:
         assert spec.budget_pressure is not None
         used = self.budget_fraction(tenant)
         if used >= spec.budget_pressure.threshold:
-            cheapest_first = sorted(p.candidates, key=lambda m: m.unit_price())
+            # A model chosen for the request's task keeps its place: a cheaper general model may not do it.
+            keep = p.candidates[:1] if p.rule == "task" else []
+            cheapest_first = keep + sorted(p.candidates[len(keep):], key=lambda m: m.unit_price())
             p.move(cheapest_first, "budget_pressure",
                    f"tenant {tenant} has spent {used:.0%} of a budget (threshold "
                    f"{spec.budget_pressure.threshold:.0%})")
