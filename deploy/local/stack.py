@@ -155,7 +155,9 @@ Ctrl-C stops everything this command started.""", flush=True)
         if a.detach:
             started.clear()  # leave them running; `down` stops them
             return 0
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        # Ctrl-C and SIGTERM both end the stack (a background job may have inherited SIGINT as ignored).
+        signal.signal(signal.SIGINT, _interrupt)
+        signal.signal(signal.SIGTERM, _interrupt)
         while all(p.poll() is None for _, p in started):
             time.sleep(1)
         dead = [name for name, p in started if p.poll() is not None]
@@ -165,6 +167,10 @@ Ctrl-C stops everything this command started.""", flush=True)
         return 0
     finally:
         stop_all()
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
 
 
 def down(_: argparse.Namespace) -> int:
