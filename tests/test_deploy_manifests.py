@@ -549,7 +549,13 @@ def test_servicemonitors(base_objects: list[dict[str, Any]]) -> None:
         hits = [s for s in services if _matches(sel, s["metadata"].get("labels", {}))]
         assert hits, f"ServiceMonitor {sm['metadata']['name']} selects no Service"
         for ep in sm["spec"]["endpoints"]:
-            assert set(ep) <= {"port", "path", "interval", "scrapeTimeout", "scheme", "honorLabels"}
+            assert set(ep) <= {"port", "path", "interval", "scrapeTimeout", "scheme", "honorLabels", "relabelings"}
+            for rl in ep.get("relabelings", []):  # monitoring.coreos.com/v1 RelabelConfig fields only
+                assert set(rl) <= {"sourceLabels", "separator", "targetLabel", "regex", "modulus", "replacement",
+                                   "action"}
+            if sm["metadata"]["name"] == "vllm":  # engine panels join on deployment = the Service name
+                assert {"sourceLabels": ["__meta_kubernetes_service_name"], "targetLabel": "deployment"} in ep[
+                    "relabelings"]
             assert ep["path"] == "/metrics" and re.fullmatch(r"\d+s", ep["interval"])
             for s in hits:
                 assert ep["port"] in {p["name"] for p in s["spec"]["ports"]}
