@@ -53,39 +53,42 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
+        self.max_body = config.server.max_body_bytes
+        self.body_timeout = config.server.body_timeout
         self.auth = Authenticator(config)
-        self.pool = UpstreamPool(config, on_checked=self._health_checked)
-        self.breakers = {name: CircuitBreaker(name, config.circuit_breaker, self._breaker_changed)
-                         for name in self.pool.states}
-        self.executor = Executor(self.pool, self.breakers)
-        self.live = LiveStats(config)
-        self.planner = Planner(config, self.live, self.breakers,
-                               budget_fraction=lambda tenant: self.limiter.budget_used_fraction(tenant),
-                               in_flight=lambda name: self.pool.states[name].in_flight)
         deployments = {d.name for m in config.models.values() for d in m.deployments}
         self.metrics = GatewayMetrics(set(config.models), deployments)
-        self.finalizer = Finalizer(config, self.metrics, RequestLog(config.server.request_log))
-        self.finalizer.observers.append(self._observe_latency)
         # Response cache, limits and budgets, usage ledger: one store (Redis, or in-process without a URL).
         f = config.features
+        self._redis_logged: dict[str, float] = {}
         self.store = build_store(config, self._redis_error)
         self.cache = build_cache(config, self.store)
         self.limiter = build_limiter(config, self.store, self._spend_seen)
         self.ledger = Ledger(self.store, f.redis.ledger_buffer, f.redis.ledger_flush_interval_s,
                              self.metrics.ledger_buffered.set, self.metrics.ledger_dropped.inc)
+        # Upstreams, their breakers and live figures, and the routing rules over them.
+        self.pool = UpstreamPool(config, on_checked=self._health_checked)
+        self.breakers = {name: CircuitBreaker(name, config.circuit_breaker, self._breaker_changed)
+                         for name in self.pool.states}
+        self.executor = Executor(self.pool, self.breakers)
+        self.live = LiveStats(config)
+        self.planner = Planner(config, self.live, self.breakers, budget_fraction=self.limiter.budget_used_fraction,
+                               in_flight=lambda name: self.pool.states[name].in_flight)
+        # Finalize: the record goes to the log and the ledger, then limits settle and routing learns.
+        self.finalizer = Finalizer(config, self.metrics, RequestLog(config.server.request_log))
         self.finalizer.record_sinks.append(self.ledger.append)
-        self.finalizer.observers.insert(0, self.limiter.settle)
-        for tenant, lim in f.tenant_limits.items():
-            for period, budget in (("day", lim.budget_day), ("month", lim.budget_month)):
-                if budget:
-                    self.metrics.tenant_budget.labels(tenant, period).set(budget)
-        self._redis_logged: dict[str, float] = {}
-        self.max_body = config.server.max_body_bytes
-        self.body_timeout = config.server.body_timeout
-        for name, m in config.models.items():
+        self.finalizer.observers += [self.limiter.settle, self._observe_latency]
+        self._set_static_gauges()
+
+    def _set_static_gauges(self) -> None:
+        for name, m in self.config.models.items():
             self.metrics.model_info.labels(name, m.tier).set(1)
         for name in self.breakers:
             self.metrics.breaker_state.labels(name).set(0)
+        for tenant, lim in self.config.features.tenant_limits.items():
+            for period, budget in (("day", lim.budget_day), ("month", lim.budget_month)):
+                if budget:
+                    self.metrics.tenant_budget.labels(tenant, period).set(budget)
 
     def _redis_error(self, operation: str, exc: BaseException) -> None:
         self.metrics.redis_errors.labels(operation).inc()
