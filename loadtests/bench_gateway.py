@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,28 +29,10 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from loadtests.bench_policy import policy_figures  # noqa: E402
+from loadtests.netutil import free_port, wait_http  # noqa: E402
 
 GATEWAY_CORE, OTHER_CORE = "0", "1"
 CHAT = {"model": "m1", "messages": [{"role": "user", "content": "say something short"}], "max_tokens": 16}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait(url: str, timeout: float = 30) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=1).read()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(url)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -161,7 +142,7 @@ tenants:
                 "--log-level", "warning"], GATEWAY_CORE)
     out: dict[str, Any] = {}
     try:
-        wait(f"http://127.0.0.1:{g_port}/healthz")
+        wait_http(f"http://127.0.0.1:{g_port}/healthz")
         limited = f"http://127.0.0.1:{g_port}/v1/chat/completions"
         body = orjson.dumps(CHAT)  # no temperature: not cacheable, so only the limits differ
         hit_body = orjson.dumps({**CHAT, "temperature": 0})
@@ -236,8 +217,8 @@ models:
                      "--log-level", "warning"], GATEWAY_CORE)
     results: dict[str, Any] = {"rates": {}}
     try:
-        wait(f"http://127.0.0.1:{up_port}/health")
-        wait(f"http://127.0.0.1:{gw_port}/healthz")
+        wait_http(f"http://127.0.0.1:{up_port}/health")
+        wait_http(f"http://127.0.0.1:{gw_port}/healthz")
         direct = f"http://127.0.0.1:{up_port}/v1/chat/completions"
         via = f"http://127.0.0.1:{gw_port}/v1/chat/completions"
         body = orjson.dumps(CHAT)

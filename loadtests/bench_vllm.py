@@ -23,7 +23,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from loadtests.run import ROOT, free_port, wait_http
+from loadtests.netutil import free_port, wait_http
+from loadtests.run import ROOT
 
 
 async def closed_loop(url: str, concurrency: int, duration: float, max_tokens: int,

@@ -23,7 +23,8 @@ from typing import Any
 
 import orjson
 
-from loadtests.bench_gateway import CHAT, GATEWAY_CORE, OTHER_CORE, free_port, open_loop, start, wait
+from loadtests.bench_gateway import CHAT, GATEWAY_CORE, OTHER_CORE, open_loop, start
+from loadtests.netutil import free_port, wait_http
 from loadtests.run import peak_rss_mib
 
 ADDED_P99_LIMIT_MS = 5.0
@@ -77,8 +78,8 @@ models:
                      "--log-level", "warning"], GATEWAY_CORE)
     out: dict[str, Any] = {}
     try:
-        wait(f"http://127.0.0.1:{up_port}/health")
-        wait(f"http://127.0.0.1:{gw_port}/healthz")
+        wait_http(f"http://127.0.0.1:{up_port}/health")
+        wait_http(f"http://127.0.0.1:{gw_port}/healthz")
         direct = f"http://127.0.0.1:{up_port}/v1/chat/completions"
         via = f"http://127.0.0.1:{gw_port}/v1/chat/completions"
         rates = [float(r) for r in a.rates.split(",")]

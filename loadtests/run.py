@@ -29,13 +29,13 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from loadtests.netutil import free_port, wait_http
 from loadtests.report import write_report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,27 +66,6 @@ SCENARIOS: dict[str, Scenario] = {
     "replicas": Scenario(8, ["ChatUser", "StreamingChatUser"], {"LOADTEST_MIX": "short=4,repeat=6"}, redis=True,
                          replicas=2),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status < 500:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
 def peak_rss_mib(pid: int) -> float | None:

@@ -31,7 +31,7 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from loadtests.bench_gateway import free_port, wait  # noqa: E402
+from loadtests.netutil import free_port, wait_http  # noqa: E402
 
 
 def sample(text: str) -> dict[str, float]:
@@ -113,8 +113,8 @@ models:
     samples: list[dict[str, float]] = []
     counts = {k: 0 for k in ("ok", "bad_ok", "disconnected", "unexpected", "client_errors")}
     try:
-        wait(f"http://127.0.0.1:{up_port}/health")
-        wait(f"{url}/healthz")
+        wait_http(f"http://127.0.0.1:{up_port}/health")
+        wait_http(f"{url}/healthz")
         t0 = time.monotonic()
         stop_at = t0 + a.minutes * 60
         load = asyncio.create_task(drive(url, stop_at, a.concurrency, a.seed, counts))
