@@ -201,3 +201,4 @@ def reset_upstream(upstream: FakeUpstream) -> Iterator[FakeUpstream]:
 
 
 from tests.redis_fixtures import own_redis, redis_prefix, redis_server  # noqa: E402,F401  (Redis fixtures)
+from tests.vllm_fixtures import vllm  # noqa: E402,F401  (the shared real vLLM engines)

@@ -5,35 +5,23 @@ gateway, scraped by a real Prometheus. An engine already running is reused when 
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import free_port, start_gateway, stop
+from tests.conftest import start_gateway, stop
 from tests.test_dashboards import VLLM_ONLY, Target, all_targets, dashboards, hostport, start_prometheus, substitute
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "deploy" / "local"))
-import engines  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 VLLM_TARGETS = [t for t in all_targets() if VLLM_ONLY.search(t.expr)]
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, list]]:
+def results(vllm: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, list]]:
     tmp = tmp_path_factory.mktemp("dash-vllm")
-    chat_url, proc = os.environ.get("VLLM_CHAT_URL"), None
-    if not (chat_url and engines.is_healthy(chat_url)):
-        engines.ensure_ready()
-        port = free_port()
-        proc = engines.start_chat_engine(port)
-        chat_url = f"http://127.0.0.1:{port}"
-        engines.wait_healthy(chat_url, timeout=900, proc=proc)
+    chat_url = vllm["chat"]  # the session's shared engine (tests/vllm_fixtures.py)
     gw = start_gateway(tmp, {"models": {
         "smollm2": {"tier": "small", "prices": {"prompt_per_1m": 0.1, "completion_per_1m": 0.2},
                     "deployments": [{"name": "smollm2-a", "url": chat_url, "model": "smollm2"}]}}})
@@ -63,8 +51,6 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, list
     finally:
         stop(prom.proc)
         stop(gw.proc)
-        if proc is not None:
-            engines.stop(proc)
 
 
 @pytest.mark.parametrize("target", VLLM_TARGETS, ids=lambda t: t.id)

@@ -7,63 +7,17 @@ the engines once; engines already running are reused when VLLM_CHAT_URL / VLLM_E
 from __future__ import annotations
 
 import concurrent.futures
-import os
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 from openai import OpenAI
 
 from tests.conftest import GatewayProcess, free_port, metric_value, start_gateway, stop
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "deploy" / "local"))
-import engines  # noqa: E402
+from tests.vllm_fixtures import engines, stack_config, vllm_counter
 
 pytestmark = pytest.mark.vllm
-
-
-@pytest.fixture(scope="session")
-def vllm() -> Iterator[dict[str, str]]:
-    chat_url, embed_url = os.environ.get("VLLM_CHAT_URL"), os.environ.get("VLLM_EMBED_URL")
-    started = []
-    if not (chat_url and engines.is_healthy(chat_url)):
-        engines.ensure_ready()
-        port = free_port()
-        proc = engines.start_chat_engine(port)
-        started.append(proc)
-        chat_url = f"http://127.0.0.1:{port}"
-        engines.wait_healthy(chat_url, timeout=900, proc=proc)
-    if not (embed_url and engines.is_healthy(embed_url)):
-        port = free_port()
-        proc = engines.start_embedding_engine(port)
-        started.append(proc)
-        embed_url = f"http://127.0.0.1:{port}"
-        engines.wait_healthy(embed_url, timeout=900, proc=proc)
-    yield {"chat": chat_url, "embed": embed_url}
-    for p in started:
-        engines.stop(p)
-
-
-def stack_config(chat_url: str, embed_url: str, extra_chat: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    return {
-        "models": {
-            "smollm2": {"tier": "small", "prices": {"prompt_per_1m": 0.1, "completion_per_1m": 0.2},
-                        "deployments": [*(extra_chat or []),
-                                        {"name": "smollm2-a", "url": chat_url, "model": "smollm2",
-                                         "timeouts": {"connect": 2, "first_token": 60, "total": 120}}]},
-            "sentiment": {"tier": "adapter", "prices": {"prompt_per_1m": 0.05, "completion_per_1m": 0.1},
-                          "deployments": [{"name": "sentiment-a", "url": chat_url, "model": "sentiment"}]},
-            "minilm": {"tier": "small", "prices": {"prompt_per_1m": 0.01},
-                       "deployments": [{"name": "minilm-a", "url": embed_url, "model": "minilm"}]},
-        },
-        "routes": {"assistant": {"candidates": ["smollm2", "sentiment"],
-                                 "tasks": {"classification": "sentiment"}}},
-    }
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +29,6 @@ def gw(vllm: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 def client(g: GatewayProcess) -> OpenAI:
     return OpenAI(base_url=f"{g.url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def vllm_counter(url: str, name: str) -> float:
-    return metric_value(httpx.get(f"{url}/metrics", timeout=10).text, name)
 
 
 def test_chat_and_completion_stream_and_not(gw: GatewayProcess) -> None:

@@ -159,7 +159,8 @@ def start_chat_engine(port: int, served_model_name: str = "smollm2", lora: bool 
     ``sentiment`` LoRA adapter (model id "sentiment", parent = served_model_name)."""
     m = manifest()
     args = ["--model", m["chat_model"], "--served-model-name", served_model_name,
-            "--dtype", "bfloat16", "--max-model-len", "2048", "--max-num-seqs", "16"]
+            "--dtype", "bfloat16", "--max-model-len", "2048", "--max-num-seqs", "16",
+            "--enable-prefix-caching", "--enable-prompt-tokens-details"]
     if lora:
         mods = [f"{k}={v}" for k, v in m["lora_modules"].items()]
         args += ["--enable-lora", "--lora-modules", *mods, "--max-lora-rank", str(m.get("lora_max_rank", 8)),
