@@ -29,7 +29,7 @@ from gateway.config import GatewayConfig, load_config
 from gateway.errors import GatewayError
 from gateway.execute import Executor
 from gateway.finalize import Finalizer, RequestLog, early_headers, final_headers, stream_trailer
-from gateway.ledger import Ledger, parse_time
+from gateway.ledger import Ledger, build_ledger_backend, parse_time
 from gateway.limits import build_limiter
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.openapi import install_openapi
@@ -64,8 +64,9 @@ class Gateway:
         self.store = build_store(config, self._redis_error)
         self.cache = build_cache(config, self.store)
         self.limiter = build_limiter(config, self.store, self._spend_seen)
-        self.ledger = Ledger(self.store, f.redis.ledger_buffer, f.redis.ledger_flush_interval_s,
-                             self.metrics.ledger_buffered.set, self.metrics.ledger_dropped.inc)
+        self.ledger = Ledger(build_ledger_backend(config, self.store), f.redis.ledger_buffer,
+                             f.redis.ledger_flush_interval_s, self.metrics.ledger_buffered.set,
+                             self.metrics.ledger_dropped.inc, f.ledger.buffer_bytes)
         # Upstreams, their breakers and live figures, and the routing rules over them.
         self.pool = UpstreamPool(config, on_checked=self._health_checked)
         self.breakers = {name: CircuitBreaker(name, config.circuit_breaker, self._breaker_changed)
@@ -348,6 +349,8 @@ def create_app(config: GatewayConfig | None = None) -> FastPath:
         await gw.pool.start()
         gw.live.start(gw.pool.session)
         await gw.store.start()
+        if gw.ledger.backend is not gw.store:
+            await gw.ledger.backend.start()  # the embedded SQLite file (or this process's memory)
         await gw.ledger.start()
         try:
             yield
@@ -357,6 +360,8 @@ def create_app(config: GatewayConfig | None = None) -> FastPath:
             await gw.limiter.close()
             await gw.cache.close()
             await gw.ledger.close()  # writes what is still buffered, if the store answers
+            if gw.ledger.backend is not gw.store:
+                await gw.ledger.backend.close()
             await gw.store.close()
             gw.finalizer.request_log.close()
 
