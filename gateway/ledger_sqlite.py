@@ -113,6 +113,7 @@ class SqliteLedger:
             db.execute("ROLLBACK")
             raise
         db.execute("PRAGMA incremental_vacuum(4096)")  # give back up to 16 MB of freed pages per trim
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # and empty the WAL (skipped while a reader holds it)
 
     async def ledger_write(self, writer: str, seq: int, entries: Sequence[bytes], groups: usage.Groups) -> None:
         # One process, one transaction: it committed or it raised; no lost reply to re-send.
