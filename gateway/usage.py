@@ -45,33 +45,47 @@ def day_hour(ts: float) -> tuple[int, int]:
     return t.tm_year * 10000 + t.tm_mon * 100 + t.tm_mday, t.tm_hour
 
 
+_DAY_HOUR: dict[int, tuple[int, int]] = {}  # hours since epoch -> (yyyymmdd, hour); a batch spans one or two
+
+
 def key_of(r: Mapping[str, Any]) -> Key:
     ts = r.get("ts")
-    day, hour = day_hour(ts if isinstance(ts, int | float) and math.isfinite(ts) else time.time())
+    h = int((ts if isinstance(ts, int | float) and math.isfinite(ts) else time.time()) // 3600)
+    dh = _DAY_HOUR.get(h)
+    if dh is None:
+        if len(_DAY_HOUR) > 1000:
+            _DAY_HOUR.clear()
+        dh = _DAY_HOUR[h] = day_hour(h * 3600)
     model = r.get("served_model") or r.get("requested_model") or "_unknown"
-    return str(r.get("tenant") or "unauthenticated"), day, hour, str(model)
+    return str(r.get("tenant") or "unauthenticated"), dh[0], dh[1], str(model)
+
+
+def add(g: dict[str, int], r: Mapping[str, Any]) -> None:
+    """Add one record to its group's counters. Tokens served from the gateway's cache are counted apart:
+    prompt/completion tokens are what vLLM processed (they match its own counters)."""
+    g["requests"] += 1
+    status = r.get("status")
+    if isinstance(status, int) and status >= 400:
+        g["errors"] += 1
+    if r.get("cache") == "hit":
+        g["cache_hits"] += 1
+        g["cache_hit_prompt_tokens"] += _int(r, "prompt_tokens")
+        g["cache_hit_completion_tokens"] += _int(r, "completion_tokens")
+    else:
+        g["prompt_tokens"] += _int(r, "prompt_tokens")
+        g["completion_tokens"] += _int(r, "completion_tokens")
+        g["cached_prompt_tokens"] += _int(r, "cached_tokens")
+    g["cost_pico_usd"] += _pico(r, "cost_pico_usd")
+    g["saved_pico_usd"] += _pico(r, "saved_pico_usd")
+    for f in _PASSED_THROUGH:
+        if f in r:
+            g[f] += _int(r, f)
 
 
 def deltas(r: Mapping[str, Any]) -> dict[str, int]:
-    """What one record adds. Tokens served from the gateway's cache are counted apart: prompt/completion
-    tokens are what vLLM processed (they match its own counters)."""
+    """What one record adds."""
     d = dict.fromkeys(COUNTERS, 0)
-    d["requests"] = 1
-    status = r.get("status")
-    if isinstance(status, int) and status >= 400:
-        d["errors"] = 1
-    if r.get("cache") == "hit":
-        d["cache_hits"] = 1
-        d["cache_hit_prompt_tokens"] = _int(r, "prompt_tokens")
-        d["cache_hit_completion_tokens"] = _int(r, "completion_tokens")
-    else:
-        d["prompt_tokens"] = _int(r, "prompt_tokens")
-        d["completion_tokens"] = _int(r, "completion_tokens")
-        d["cached_prompt_tokens"] = _int(r, "cached_tokens")
-    d["cost_pico_usd"] = _pico(r, "cost_pico_usd")
-    d["saved_pico_usd"] = _pico(r, "saved_pico_usd")
-    for f in _PASSED_THROUGH:
-        d[f] = _int(r, f)
+    add(d, r)
     return d
 
 
@@ -81,12 +95,9 @@ def fold(records: Iterable[Mapping[str, Any]], into: Groups | None = None) -> Gr
     for r in records:
         k = key_of(r)
         g = groups.get(k)
-        d = deltas(r)
         if g is None:
-            groups[k] = d
-        else:
-            for c, v in d.items():
-                g[c] += v
+            g = groups[k] = dict.fromkeys(COUNTERS, 0)
+        add(g, r)
     return groups
 
 
