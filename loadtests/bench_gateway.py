@@ -25,6 +25,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -207,6 +208,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=100_000, help="RSS after this many requests (0: skip)")
     ap.add_argument("--out", help="write the figures as JSON here")
     a = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops what this started
     a.rate_list = [int(r) for r in a.rates.split(",") if r]
     names = list(TARGETS) if a.targets == "all" else a.targets.split(",")
     if not shutil.which("wrk"):
