@@ -35,6 +35,7 @@ log = logging.getLogger("gateway.ledger")
 
 BATCH = 500
 READ_BATCH = 2000
+SEEN_WINDOW = 100_000
 # Records reach the ledger after they finished (buffered while the backend was away): a time-range
 # read also looks at entries written up to this much before its start, then filters on the record's ts.
 LATE_MARGIN_S = 6 * 3600
@@ -166,7 +167,10 @@ class Ledger:
     async def records(self, start_ts: float | None = None, end_ts: float | None = None,
                       tenant: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """Ledger records with start_ts <= ts < end_ts (unix seconds), optionally of one tenant."""
-        seen: set[tuple[str, float]] = set()  # a batch re-sent after a lost reply is in the stream twice
+        # A batch re-sent after a lost reply is in the stream twice, a few batches apart: remembering the
+        # last SEEN_WINDOW records finds the repeats without growing with the ledger.
+        seen: set[tuple[str, float]] = set()
+        order: deque[tuple[str, float]] = deque()
         cursor: str | None = None
         while True:
             rows, cursor = await self.backend.ledger_read(cursor, start_ts, READ_BATCH)
@@ -181,6 +185,9 @@ class Ledger:
                 if ident in seen:
                     continue
                 seen.add(ident)
+                order.append(ident)
+                if len(order) > SEEN_WINDOW:
+                    seen.discard(order.popleft())
                 yield r
             if cursor is None:
                 return
