@@ -38,7 +38,7 @@ from gateway.record import RequestRecord
 from gateway.routing.breaker import BreakerState, CircuitBreaker
 from gateway.routing.live import LiveStats
 from gateway.routing.policy import Plan, Planner
-from gateway.store import StoreUnavailable, build_store
+from gateway.store import StoreCommandError, StoreUnavailable, build_store
 from gateway.streaming import StreamAccountant
 from gateway.upstream import UpstreamPool
 
@@ -63,7 +63,8 @@ class Gateway:
         self._redis_logged: dict[str, float] = {}
         self.store = build_store(config, self._redis_error)
         self.cache = build_cache(config, self.store)
-        self.limiter = build_limiter(config, self.store, self._spend_seen)
+        self.limiter = build_limiter(config, self.store, self._spend_seen, self.metrics,
+                                     window=lambda m: self.planner.window(m))  # planner: built below
         self.ledger = Ledger(self.store, f.redis.ledger_buffer, f.redis.ledger_flush_interval_s,
                              self.metrics.ledger_buffered.set, self.metrics.ledger_dropped.inc)
         # Upstreams, their breakers and live figures, and the routing rules over them.
@@ -276,6 +277,23 @@ class Gateway:
             for name, r in self.config.routes.items()]}
 
 
+USAGE_TIME_MAX = 253402300799.0  # 9999-12-31T23:59:59Z: the last instant an ISO date can name
+
+
+def _usage_time(value: str | None, name: str) -> float | None:
+    """A /v1/usage bound: unix seconds or an ISO 8601 date, finite, from 1970 to 9999 (else 400 naming it)."""
+    problem = f"{name} must be unix seconds (0 to {USAGE_TIME_MAX:.0f}) or an ISO 8601 date."
+    if value is not None and len(value) > 64:
+        raise errors.bad_request(problem, param=name)
+    try:
+        ts = parse_time(value)
+    except (ValueError, OverflowError):
+        raise errors.bad_request(problem, param=name) from None
+    if ts is not None and not (0.0 <= ts <= USAGE_TIME_MAX):  # also refuses nan (every comparison is false)
+        raise errors.bad_request(problem, param=name)
+    return ts
+
+
 class ClientGone(Exception):
     """The client disconnected before its request body arrived."""
 
@@ -391,14 +409,19 @@ def create_app(config: GatewayConfig | None = None) -> FastPath:
         try:
             tenant, _ = gw.auth.authenticate(request.headers.get("authorization"))
             q = request.query_params
-            try:
-                start, end = parse_time(q.get("start")), parse_time(q.get("end"))
-            except ValueError:
-                raise errors.bad_request("start and end must be unix seconds or ISO 8601 dates.") from None
+            # Checked before anything reaches Redis: a bad value is this request's 400, never a store error.
+            start, end = _usage_time(q.get("start"), "start"), _usage_time(q.get("end"), "end")
+            if start is not None and end is not None and end < start:
+                raise errors.bad_request("end must not be before start.", param="end")
             who = q.get("tenant") if tenant.admin else tenant.name
+            if who is not None and len(who) > 256:
+                raise errors.bad_request("tenant must be at most 256 characters.", param="tenant")
             try:
                 await gw.ledger.flush()  # so that a caller sees its own latest requests
                 totals = await gw.ledger.usage(start, end, who)
+            except StoreCommandError:  # a bug (logged and counted by the store); limits stay on
+                raise GatewayError(500, "The usage ledger could not be read.", type="api_error",
+                                   code="ledger_error") from None
             except StoreUnavailable:
                 raise GatewayError(503, "The usage ledger is unavailable right now.", type="api_error",
                                    code="ledger_unavailable") from None

@@ -100,6 +100,9 @@ class LimitsDefaultsSpec(_Strict):
     default_max_tokens: int = Field(256, ge=1, description="tokens reserved when a request names no max_tokens")
     chars_per_token: float = Field(4.0, gt=0, description="prompt size estimate for the reservation")
     lease_s: float = Field(900.0, gt=0, description="a concurrency slot not released (crash) expires after this")
+    max_output_tokens: int | None = Field(None, ge=1, description="cap on any request's max_tokens (all models)")
+    media_part_tokens: int = Field(4096, ge=1, description="tokens reserved per image/audio/video part")
+    settle_retry_max: int = Field(100_000, ge=1, description="limit settles kept for retry while Redis is away")
 
 
 class RedisFailureSpec(_Strict):
@@ -127,6 +130,8 @@ class ModelSpec(_Strict):
     owned_by: str = "vllm"
     tier: Literal["large", "small", "adapter"] = Field("large", description="for routing reports and dashboards")
     context_window: int | None = Field(None, ge=1, description="tokens; default: vLLM's max_model_len")
+    default_max_tokens: int | None = Field(None, ge=1, description="max_tokens set when a request names none")
+    max_output_tokens: int | None = Field(None, ge=1, description="cap on a request's max_tokens for this model")
 
     @model_validator(mode="after")
     def _one_cost_source(self) -> ModelSpec:
@@ -266,6 +271,8 @@ class Model:
     owned_by: str
     tier: str = "large"
     context_window: int | None = None
+    default_max_tokens: int | None = None  # None: limits.default_max_tokens
+    max_output_tokens: int | None = None  # None: limits.max_output_tokens (if any)
 
     def unit_price(self) -> float:
         """A comparable price per token (prompt + completion), for 'cheaper candidate' decisions."""
@@ -454,7 +461,8 @@ def compile_config(spec: GatewaySpec, source: str) -> GatewayConfig:
             pricing = Pricing(gpu_usd_per_second=m.cost_basis.gpu_usd_per_hour * m.cost_basis.gpu_count / 3600.0)
         else:
             pricing = Pricing()
-        models[name] = Model(name, tuple(deps), pricing, m.owned_by, m.tier, m.context_window)
+        models[name] = Model(name, tuple(deps), pricing, m.owned_by, m.tier, m.context_window,
+                              m.default_max_tokens, m.max_output_tokens)
     routes = {name: Route(name, tuple(models[c] for c in r.candidates), r,
                           {task: models[c] for task, c in r.tasks.items()})
               for name, r in spec.routes.items()}
