@@ -155,11 +155,14 @@ class StoreLimiter:
             return
         p = model.pricing
         cost = 0 if p.gpu_usd_per_second is not None else min(
-            MAX_PICO, prompt * to_pico(max(p.prompt, p.cached_prompt)) + completion * to_pico(p.completion))
+            MAX_PICO, prompt * max(p.prompt_pico, p.cached_prompt_pico) + completion * p.completion_pico)
         tokens = prompt + completion
         res = Reservation(scopes, uuid.uuid4().hex, tokens, cost)  # a lease of our own: never the client's id
         try:
             r = await self.store.admit(scopes, Admission(res.lease, tokens, cost, self.lease_ms))
+        except asyncio.CancelledError:
+            self._release(res)  # the client left mid-admit: Redis may have run it, so undo it either way
+            raise
         except StoreCommandError as e:
             # Redis refused this command: a bug to fix, never a reason to stop enforcing limits
             self._release(res)
@@ -195,8 +198,7 @@ class StoreLimiter:
         rec.reservation = None
         hit = rec.cache == "hit"  # a cache hit used no vLLM tokens and costs nothing
         tokens = 0 if hit else min(MAX_PICO, max(0, rec.prompt_tokens) + max(0, rec.completion_tokens))
-        pico = getattr(rec, "cost_pico_usd", None)
-        cost = 0 if hit else min(MAX_PICO, max(0, pico if isinstance(pico, int) else to_pico(rec.cost_usd)))
+        cost = 0 if hit else min(MAX_PICO, max(0, rec.cost_pico_usd))  # what the tenant is billed
         self._submit(res, Settlement(res.lease, res.tokens, res.cost, tokens, cost, True, self.lease_ms + 120_000))
 
     def _release(self, res: Reservation) -> None:

@@ -5,6 +5,7 @@ Real Redis (private servers where a test stalls one), the gateway process and th
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import threading
 import time
@@ -17,9 +18,11 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from gateway.config import Limits
+from gateway.config import Limits, parse_config
 from gateway.errors import GatewayError
 from gateway.limit_store import Admission, MemoryLimits, Scope, Settlement
+from gateway.limits import StoreLimiter
+from gateway.record import RequestRecord
 from gateway.reservation import OutputBounds, reserve
 from gateway.store import RedisStore, StoreCommandError, StoreUnavailable
 from tests.conftest import API_KEY, OTHER_KEY, FakeUpstream, GatewayProcess, simple_config, start_fake_upstream
@@ -384,3 +387,37 @@ def test_full_concurrency_is_back_within_1s_of_a_redis_stall(
     assert codes == [200, 200, 200, 429, 429]  # the tenant's full concurrency, and no more
     markers = [k for k in client.scan_iter(f"{redis_prefix}{{t:team-a}}:rl:q:*") if client.hget(k, "s") == b"a"]
     assert markers == []  # no admission is left unsettled
+
+
+
+class ReplyLostStore(RedisStore):
+    """Redis runs the admit, the reply never arrives (a fault real Redis cannot produce on demand)."""
+
+    async def admit(self, scopes: Any, a: Admission) -> Any:
+        await super().admit(scopes, a)
+        await asyncio.sleep(3600)
+
+
+async def test_a_request_cancelled_mid_admit_leaves_no_lease(redis_server: RedisServer, redis_prefix: str) -> None:
+    """The client leaving cancels the request inside admit, after Redis ran it: the lease is given back."""
+    cfg = parse_config(f"""
+models: {{m1: {{deployments: [{{url: "http://127.0.0.1:1", model: m1}}], prices: {{completion_per_1m: 1}}}}}}
+redis: {{url: "{redis_server.url}", key_prefix: "{redis_prefix}"}}
+tenants: {{anonymous: {{limits: {{concurrency: 2, budget_day_usd: 1}}}}}}
+""", "test")
+    store = ReplyLostStore(redis_server.url, redis_prefix, 2.0, 1.0, "ledger", None, lambda op, e: None)
+    lim = StoreLimiter(cfg, store, lambda t, p, v: None)
+    rec = RequestRecord("r1", "chat", tenant="anonymous")
+    body = {"model": "m1", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3}
+    task = asyncio.create_task(lim.admit(rec, cfg.models["m1"], body))
+    leases = f"{redis_prefix}{{t:anonymous}}:rl:t:c"
+    c = redis_server.client()
+    while c.zcard(leases) == 0:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await lim.close()
+    await store.close()
+    assert c.zcard(leases) == 0
+    assert [int(c.get(k)) for k in c.scan_iter(f"{redis_prefix}{{t:anonymous}}:rl:t:d:*")] == [0]
