@@ -27,6 +27,7 @@ from gateway.reservation import OutputBounds, reserve
 from gateway.store import RedisStore, StoreCommandError, StoreUnavailable
 from tests.conftest import API_KEY, OTHER_KEY, FakeUpstream, GatewayProcess, simple_config, start_fake_upstream
 from tests.redis_fixtures import RedisServer, start_redis, with_redis
+from tests.vllm_fixtures import stack_config
 
 A = {"Authorization": f"Bearer {API_KEY}"}
 B = {"Authorization": f"Bearer {OTHER_KEY}"}
@@ -421,3 +422,25 @@ tenants: {{anonymous: {{limits: {{concurrency: 2, budget_day_usd: 1}}}}}}
     await store.close()
     assert c.zcard(leases) == 0
     assert [int(c.get(k)) for k in c.scan_iter(f"{redis_prefix}{{t:anonymous}}:rl:t:d:*")] == [0]
+
+
+@pytest.mark.vllm
+def test_real_vllm_honours_the_bound_the_gateway_sets(vllm: dict[str, str],
+                                                      gateway_factory: Callable[..., GatewayProcess]) -> None:
+    """vLLM itself stops at the bound written into the body: chat (max_tokens / max_completion_tokens) and
+    completions with n and a list of prompts, none of which named a bound the gateway did not cap."""
+    cfg = stack_config(vllm["chat"], vllm["embed"])
+    cfg["limits"] = {"default_max_tokens": 4, "max_output_tokens": 6}
+    gw = gateway_factory(cfg)
+    story = [{"role": "user", "content": "Write a very long story about a dragon, at least 500 words."}]
+    r = post(gw, {"model": "smollm2", "messages": story, "temperature": 0}, {})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 4 and r.json()["choices"][0]["finish_reason"] == "length"
+    r = post(gw, {"model": "smollm2", "messages": story, "temperature": 0, "max_completion_tokens": 500}, {})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6  # capped, and vLLM obeyed
+    r = post(gw, {"model": "smollm2", "prompt": ["Once upon a time", "The dragon said"], "n": 2,
+                  "temperature": 0.8, "seed": 1}, {}, path="/v1/completions")
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert len(choices) == 4 and all(c["finish_reason"] == "length" for c in choices)
+    assert r.json()["usage"]["completion_tokens"] == 4 * 2 * 2  # each of 2 prompts x n=2 stopped at 4
