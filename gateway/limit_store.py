@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from gateway.config import Limits
 
 WINDOW_MS = 60_000
+MARKER_EXTRA_MS = 86_400_000  # an admission's marker outlives its lease by a day: no request runs longer
+TOMBSTONE_MS = 60_000  # a late admit runs within moments of Redis answering again; the settle's mark outlives it
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +213,7 @@ for i = 2, #KEYS do
   end
 end
 redis.call('HSET', mk, 's', 'a', 'tk', ARGV[2], 'ts', now, 'd', day, 'm', month)
-redis.call('PEXPIRE', mk, lease_ms + 120000)
+redis.call('PEXPIRE', mk, lease_ms + 86400000)  -- outlives any request: settle must find it
 return out
 """
 
@@ -377,7 +379,7 @@ class MemoryLimits:
                 st.spend_month = self._charge(f"{s.base}:m:{month}", a.cost)
             if s.limits.concurrency:
                 log.leases[a.lease] = now + a.lease_ms
-        self.markers[a.lease] = (a.tokens, now, day, month, now + a.lease_ms)
+        self.markers[a.lease] = (a.tokens, now, day, month, now + a.lease_ms + MARKER_EXTRA_MS)
         return AdmitResult(True, states)
 
     def _charge(self, key: str, pico: int) -> int:

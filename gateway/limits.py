@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from gateway.config import GatewayConfig, Limits, Model
 from gateway.errors import GatewayError
-from gateway.limit_store import Admission, AdmitResult, Scope, ScopeState, Settlement
+from gateway.limit_store import TOMBSTONE_MS, Admission, AdmitResult, Scope, ScopeState, Settlement
 from gateway.metrics import GatewayMetrics
 from gateway.money import to_pico, usd, usd_text
 from gateway.record import RequestRecord
@@ -199,11 +199,11 @@ class StoreLimiter:
         hit = rec.cache == "hit"  # a cache hit used no vLLM tokens and costs nothing
         tokens = 0 if hit else min(MAX_PICO, max(0, rec.prompt_tokens) + max(0, rec.completion_tokens))
         cost = 0 if hit else min(MAX_PICO, max(0, rec.cost_pico_usd))  # what the tenant is billed
-        self._submit(res, Settlement(res.lease, res.tokens, res.cost, tokens, cost, True, self.lease_ms + 120_000))
+        self._submit(res, Settlement(res.lease, res.tokens, res.cost, tokens, cost, True, TOMBSTONE_MS))
 
     def _release(self, res: Reservation) -> None:
         """Give back everything an admission took (if it ran at all, now or later) and count nothing."""
-        self._submit(res, Settlement(res.lease, res.tokens, res.cost, 0, 0, False, self.lease_ms + 120_000))
+        self._submit(res, Settlement(res.lease, res.tokens, res.cost, 0, 0, False, TOMBSTONE_MS))
 
     def _submit(self, res: Reservation, st: Settlement) -> None:
         task = asyncio.get_running_loop().create_task(self._settle(res.scopes, st))
