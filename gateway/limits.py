@@ -26,7 +26,7 @@ from gateway.limit_store import TOMBSTONE_MS, Admission, AdmitResult, Scope, Sco
 from gateway.metrics import GatewayMetrics
 from gateway.money import to_pico, usd, usd_text
 from gateway.record import RequestRecord
-from gateway.reservation import OutputBounds, bound_output, reserve
+from gateway.reservation import OutputBounds, bound_output, estimate_prompt_tokens, reserve
 from gateway.store import Store, StoreCommandError, StoreUnavailable, month_end_s
 
 log = logging.getLogger("gateway.limits")
@@ -81,7 +81,9 @@ class NullLimiter:
         self.bounds = bounds
 
     async def admit(self, rec: RequestRecord, model: Model, body: dict[str, Any]) -> None:
-        bound_output(body, rec.endpoint, self.bounds.of(model))
+        b = self.bounds.of(model)
+        # the prompt estimate only matters to keep a default bound inside a known context window
+        bound_output(body, rec.endpoint, b, estimate_prompt_tokens(body, rec.endpoint, b) if b.context_window else None)
 
     def settle(self, rec: RequestRecord) -> None:
         return None
