@@ -7,6 +7,7 @@ chunk) moves the request to the next deployment in the plan; once a stream has s
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -26,7 +27,14 @@ from gateway.streaming import DONE, MalformedStream, StreamAccountant, chunk_has
 from gateway.upstream import DeploymentState, UpstreamPool
 
 T = TypeVar("T")
+log = logging.getLogger("gateway.execute")
 JSON = "application/json"
+
+
+def _connect_error(state: DeploymentState, e: aiohttp.ClientConnectorError) -> _Retryable:
+    """The client hears the deployment's name only; its address and the OS error go to our own log."""
+    log.warning("cannot connect to deployment %s: %s", state.name, e.os_error.strerror or e)
+    return _Retryable("connect_error", errors.upstream_unavailable(f"cannot connect to deployment {state.name}"))
 
 
 class _Retryable(Exception):
@@ -158,8 +166,7 @@ class Executor:
                 data = await resp.read()
                 status = resp.status
         except aiohttp.ClientConnectorError as e:
-            raise _Retryable("connect_error", errors.upstream_unavailable(
-                f"cannot connect to deployment {state.name}: {e.os_error.strerror or e}")) from None
+            raise _connect_error(state, e) from None
         except (TimeoutError, aiohttp.ServerTimeoutError):
             # The whole request took longer than the deployment's total timeout: vLLM did the work, so
             # repeating it elsewhere could double the cost; give an honest 504 instead.
@@ -231,8 +238,7 @@ class Executor:
                 reader = SSEReader(resp)
                 primed = await _read_until_first_token(reader)
         except aiohttp.ClientConnectorError as e:
-            raise _Retryable("connect_error", errors.upstream_unavailable(
-                f"cannot connect to deployment {state.name}: {e.os_error.strerror or e}")) from None
+            raise _connect_error(state, e) from None
         except TimeoutError:
             if resp is not None:
                 resp.close()

@@ -93,6 +93,8 @@ class GatewayMetrics:
                                           ["tenant", "limit"], registry=r)
         self.redis_errors = Counter("gateway_redis_errors", "Redis commands that failed", ["operation"], registry=r)
         self.ledger_dropped = Counter("gateway_ledger_dropped", "Ledger records lost to a full buffer", registry=r)
+        self.cache_corrupt = Counter("gateway_cache_corrupt_entries",
+                                     "Cache entries that could not be decoded (answered as a miss)", registry=r)
         self.ledger_buffered = Gauge("gateway_ledger_buffered", "Ledger records waiting to be written",
                                      multiprocess_mode="livesum", registry=r)
         self.tenant_spend = Gauge("gateway_tenant_spend_usd", "Spend in the current budget period, as last seen",
