@@ -56,7 +56,12 @@ class Entry:
     def decode(cls, raw: bytes) -> Entry:
         meta, _, body = raw.partition(b"\n")
         m = orjson.loads(meta)
-        return cls(m["k"], body, m["p"], m["c"], m["ct"], m["usd"], m["s"], m["u"])
+        entry = cls(m["k"], body, m["p"], m["c"], m["ct"], m["usd"], m["s"], m["u"])
+        if (entry.kind not in ("json", "sse") or not all(isinstance(t, int) for t in (
+                entry.prompt_tokens, entry.completion_tokens, entry.cached_tokens))
+                or not isinstance(entry.cost_usd, int | float) or not isinstance(entry.served_model, str)):
+            raise ValueError("cache entry fields have the wrong types")
+        return entry
 
     def payloads(self) -> list[bytes]:
         return self.body.split(b"\n")
