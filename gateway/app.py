@@ -124,7 +124,7 @@ class Gateway:
     async def read_json(self, headers: dict[bytes, bytes], receive: Receive) -> Any:
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
-            raise errors.payload_too_large(self.max_body, close=True)
+            raise errors.payload_too_large(self.max_body)
         chunks: list[bytes] = []
         size = 0
         try:
@@ -138,13 +138,13 @@ class Gateway:
                     chunk = message.get("body", b"")
                     size += len(chunk)
                     if size > self.max_body:
-                        raise errors.payload_too_large(self.max_body, close=True)
+                        raise errors.payload_too_large(self.max_body)
                     chunks.append(chunk)
                     if not message.get("more_body", False):
                         break
         except TimeoutError:
             raise GatewayError(408, f"The request body did not arrive within {self.body_timeout:g}s.",
-                               code="request_timeout", headers=CLOSE) from None
+                               code="request_timeout") from None
         raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if not raw:
             raise errors.bad_request("Request body is empty; expected a JSON object.")
@@ -302,9 +302,6 @@ async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[Any]) -> No
 _WANTED = frozenset({b"authorization", b"x-request-id", b"content-length", b"x-gateway-task",
                      b"x-gateway-deadline-ms", b"cache-control"})
 JSON_CT = (b"content-type", b"application/json")
-# After refusing a body it did not read whole, the server must not wait on the same connection for the rest
-# (a trickle of the unread body would keep it open past every timeout): uvicorn closes on this header.
-CLOSE = {"connection": "close"}
 SSE = (b"content-type", b"text/event-stream; charset=utf-8")
 
 

@@ -53,9 +53,8 @@ def model_not_found(model: str) -> GatewayError:
                         param="model", code="model_not_found")
 
 
-def payload_too_large(limit: int, close: bool = False) -> GatewayError:
-    return GatewayError(413, f"Request body exceeds the limit of {limit} bytes.", code="request_too_large",
-                        headers={"connection": "close"} if close else None)
+def payload_too_large(limit: int) -> GatewayError:
+    return GatewayError(413, f"Request body exceeds the limit of {limit} bytes.", code="request_too_large")
 
 
 def upstream_unavailable(message: str) -> GatewayError:

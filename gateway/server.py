@@ -4,6 +4,7 @@ uvicorn times out idle keep-alive connections and (in app.py) the gateway times 
 nothing cuts off a client that sends its headers one byte a second (header slowloris): each such
 connection is held for ever. This protocol arms a timer when a connection opens and when a request
 begins, disarms it when the headers are complete, and on expiry answers 408 and closes the connection.
+The same deadline bounds the unread rest of a body the app answered early (408/413/401).
 `gateway serve` selects it with `http="gateway.server:HeaderDeadlineProtocol"`; the deadline comes from
 server.header_timeout through the environment, so every worker process reads the same value.
 """
@@ -60,23 +61,33 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self._disarm()
         super().on_headers_complete()
 
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.cycle is not None and self.cycle.more_body and not self.transport.is_closing():
+            # Answered (408, 413, 401...) before the body arrived whole: uvicorn discards the rest as it
+            # comes, and each byte cancels its keep-alive timer, so a trickle would hold the connection
+            # for ever. Give the rest one header_timeout; no close right away (that would reset the
+            # connection under a client still sending, and it might never read the answer).
+            self._disarm()
+            self._arm(answer=False)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
 
-    def _arm(self) -> None:
-        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_too_slow)
+    def _arm(self, answer: bool = True) -> None:
+        self._header_timer = self.loop.call_later(self.header_timeout, self._too_slow, answer)
 
     def _disarm(self) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
 
-    def _headers_too_slow(self) -> None:
+    def _too_slow(self, answer: bool) -> None:
         self._header_timer = None
         if self.transport.is_closing():
             return
-        if self.cycle is None or self.cycle.response_complete:  # never in the middle of another response
+        if answer and (self.cycle is None or self.cycle.response_complete):  # never inside another response
             self.transport.write(RESPONSE_408)
         self.transport.close()
         now = time.monotonic()
