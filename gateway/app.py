@@ -26,6 +26,7 @@ from gateway import errors
 from gateway.auth import Authenticator
 from gateway.cache import NO_LOOKUP, Lookup, RecordingAccountant, build_cache, replay
 from gateway.config import GatewayConfig, Model, Pricing, load_config
+from gateway.deadline import Watchdog
 from gateway.errors import GatewayError
 from gateway.execute import Executor
 from gateway.finalize import Finalizer, RequestLog, early_headers, final_headers, stream_trailer
@@ -58,6 +59,7 @@ class Gateway:
         self.config = config
         self.max_body = config.server.max_body_bytes
         self.body_timeout = config.server.body_timeout
+        self.body_watchdog = Watchdog(self.body_timeout)
         self.max_depth = config.server.max_json_depth
         self.auth = Authenticator(config)
         deployments = {d.name for m in config.models.values() for d in m.deployments}
@@ -127,24 +129,31 @@ class Gateway:
             raise errors.payload_too_large(self.max_body)
         chunks: list[bytes] = []
         size = 0
+        # One deadline for the whole body, first message included: a client that sends its headers
+        # (say Content-Length: 100) and then nothing, or trickles the body (slowloris), is cut off.
+        task = asyncio.current_task()
+        assert task is not None
+        self.body_watchdog.watch(task)
         try:
-            # One deadline for the whole body, first message included: a client that sends its headers
-            # (say Content-Length: 100) and then nothing, or trickles the body (slowloris), is cut off.
-            async with asyncio.timeout(self.body_timeout):
-                while True:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        raise ClientGone()
-                    chunk = message.get("body", b"")
-                    size += len(chunk)
-                    if size > self.max_body:
-                        raise errors.payload_too_large(self.max_body)
-                    chunks.append(chunk)
-                    if not message.get("more_body", False):
-                        break
-        except TimeoutError:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientGone()
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_body:
+                    raise errors.payload_too_large(self.max_body)
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+        except asyncio.CancelledError:
+            if not self.body_watchdog.done(task):
+                raise  # cancelled from outside (shutdown), not by the body deadline
+            task.uncancel()
             raise GatewayError(408, f"The request body did not arrive within {self.body_timeout:g}s.",
                                code="request_timeout") from None
+        finally:
+            self.body_watchdog.done(task)
         raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if not raw:
             raise errors.bad_request("Request body is empty; expected a JSON object.")
