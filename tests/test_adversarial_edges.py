@@ -7,6 +7,7 @@ entries, repeated Authorization headers, trailing-slash redirects, upstream addr
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -344,3 +345,41 @@ def test_a_redis_url_without_scheme_fails_check_config_by_name(tmp_path: Path) -
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
 
+
+
+def test_prometheus_scrapes_metrics_with_the_key(gateway_factory: Callable[..., GatewayProcess],
+                                                 upstream: FakeUpstream, tmp_path: Path) -> None:
+    """A real Prometheus with `authorization: {credentials_file}` scrapes a keyed /metrics; without it, 401."""
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        pytest.skip("prometheus is not installed (scripts/test.sh installs Debian's prometheus)")
+    g = gateway_factory({**simple_config(upstream.url, keys=KEYS), "server": {"metrics_key": "scrape-secret"}})
+    assert post(g, CHAT).status_code == 200
+    (tmp_path / "key").write_text("scrape-secret\n")
+    target = {"static_configs": [{"targets": [g.url.removeprefix("http://")]}]}
+    cfg = {"global": {"scrape_interval": "1s", "scrape_timeout": "1s"}, "scrape_configs": [
+        {"job_name": "keyed", **target,
+         "authorization": {"type": "Bearer", "credentials_file": str(tmp_path / "key")}},
+        {"job_name": "keyless", **target}]}
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+    port = free_port()
+    proc = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/api/v1/query"
+        deadline = time.monotonic() + 60
+        got: dict[str, str] = {}
+        while time.monotonic() < deadline and len(got) < 3:
+            time.sleep(1)
+            try:
+                for expr in ("up", 'gateway_requests_total{job="keyed"}'):
+                    for s in httpx.get(url, params={"query": expr}, timeout=5).json()["data"]["result"]:
+                        got[s["metric"]["__name__"] + "/" + s["metric"]["job"]] = s["value"][1]
+            except (httpx.HTTPError, KeyError):
+                continue
+        assert got.get("up/keyed") == "1" and got.get("up/keyless") == "0", got
+        assert float(got["gateway_requests_total/keyed"]) >= 1, got
+    finally:
+        proc.terminate()
+        proc.wait(10)
