@@ -35,7 +35,7 @@ from gateway.ledger import Ledger, parse_time
 from gateway.limits import build_limiter
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.openapi import install_openapi
-from gateway.protocol import Endpoint, validate_request
+from gateway.protocol import MAX_MODEL_NAME, Endpoint, validate_request
 from gateway.record import RequestRecord
 from gateway.routing.breaker import BreakerState, CircuitBreaker
 from gateway.routing.live import LiveStats
@@ -220,6 +220,9 @@ class Gateway:
         metadata = body.get("metadata")
         task = task_raw.decode("latin-1").strip().lower() if task_raw else (
             str(metadata["task"]).lower() if isinstance(metadata, dict) and metadata.get("task") else None)
+        if task is not None and len(task) > MAX_MODEL_NAME:  # it goes to the log and the ledger: keep it short
+            raise errors.bad_request(f"The task name is longer than {MAX_MODEL_NAME} characters.",
+                                     param="x-gateway-task" if task_raw else "metadata.task")
         deadline_ms = None
         if (raw := headers.get(b"x-gateway-deadline-ms")) is not None:
             try:

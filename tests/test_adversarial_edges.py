@@ -190,6 +190,10 @@ def test_a_huge_model_name_is_refused_short_and_stored_nowhere(
     r = post(g, {**CHAT, "model": name})
     assert r.status_code == 400 and len(r.content) < 1000, r.content[:300]
     assert r.json()["error"]["param"] == "model" and "256" in r.json()["error"]["message"]
+    r = post(g, {**CHAT, "metadata": {"task": name}})  # the task name goes to the log and the ledger too
+    assert r.status_code == 400 and r.json()["error"]["param"] == "metadata.task" and len(r.content) < 1000
+    r = post(g, CHAT, headers={**A, "X-Gateway-Task": "q" * 60_000})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "x-gateway-task" and len(r.content) < 1000
     r = post(g, {**CHAT, "model": "q" * 256})  # at the cap: an ordinary unknown model
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     time.sleep(0.5)  # the ledger flushes every 50 ms
