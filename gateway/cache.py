@@ -42,13 +42,13 @@ class Entry:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
-    cost_usd: float
+    cost_pico_usd: int
     served_model: str
     upstream_model: str | None
 
     def encode(self) -> bytes:
         meta = orjson.dumps({"k": self.kind, "p": self.prompt_tokens, "c": self.completion_tokens,
-                             "ct": self.cached_tokens, "usd": self.cost_usd, "s": self.served_model,
+                             "ct": self.cached_tokens, "pusd": self.cost_pico_usd, "s": self.served_model,
                              "u": self.upstream_model})
         return meta + b"\n" + self.body
 
@@ -56,10 +56,10 @@ class Entry:
     def decode(cls, raw: bytes) -> Entry:
         meta, _, body = raw.partition(b"\n")
         m = orjson.loads(meta)
-        entry = cls(m["k"], body, m["p"], m["c"], m["ct"], m["usd"], m["s"], m["u"])
+        entry = cls(m["k"], body, m["p"], m["c"], m["ct"], m["pusd"], m["s"], m["u"])
         if (entry.kind not in ("json", "sse") or not all(isinstance(t, int) for t in (
-                entry.prompt_tokens, entry.completion_tokens, entry.cached_tokens))
-                or not isinstance(entry.cost_usd, int | float) or not isinstance(entry.served_model, str)):
+                entry.prompt_tokens, entry.completion_tokens, entry.cached_tokens, entry.cost_pico_usd))
+                or not isinstance(entry.served_model, str)):
             raise ValueError("cache entry fields have the wrong types")
         return entry
 
@@ -72,7 +72,7 @@ class Entry:
         rec.served_model, rec.upstream_model = self.served_model, self.upstream_model
         rec.prompt_tokens, rec.completion_tokens = self.prompt_tokens, self.completion_tokens
         rec.cached_tokens, rec.usage_reported = self.cached_tokens, True
-        rec.saved_usd = self.cost_usd
+        rec.saved_pico_usd = self.cost_pico_usd
 
 
 @dataclass(slots=True, eq=False)
@@ -241,7 +241,7 @@ class StoreCache:
         if (lk.key is None or not lk.may_store or lk.done or rec.status != 200 or rec.outcome != "ok"
                 or rec.served_model != lk.model or len(body) > self.max_entry):
             return
-        entry = Entry(kind, body, rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens, rec.cost_usd,
+        entry = Entry(kind, body, rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens, rec.cost_pico_usd,
                       rec.served_model or "", rec.upstream_model)
         self._resolve(lk, entry)
         lk.done = True
@@ -294,9 +294,9 @@ class RecordingAccountant(StreamAccountant):
 
     __slots__ = ("payloads", "_left")
 
-    def __init__(self, rec: RequestRecord, want_usage: bool, want_continuous: bool,
+    def __init__(self, rec: RequestRecord, want_usage: bool, want_continuous: bool, n: int = 1,
                  max_bytes: int = 1 << 62) -> None:
-        super().__init__(rec, want_usage, want_continuous)
+        super().__init__(rec, want_usage, want_continuous, n)
         self.payloads: list[bytes] | None = []
         self._left = max_bytes
 
