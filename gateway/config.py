@@ -187,6 +187,8 @@ class ServerSpec(_Strict):
     metrics_key: str | None = Field(None, description="bearer token /metrics requires; unset: /metrics is open")
     docs: bool = Field(False, description="serve /docs and /redoc (Swagger UI / ReDoc load from a CDN)")
     openapi: bool = Field(True, description="serve /openapi.json (names the public models; no secrets)")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, requests still running after this long "
+                                    "are cut (outcome gateway_shutdown, accounted)")
 
     @field_validator("request_log", mode="before")
     @classmethod
