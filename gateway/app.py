@@ -25,15 +25,17 @@ from starlette.types import Receive, Scope, Send
 from gateway import errors
 from gateway.auth import Authenticator
 from gateway.cache import Lookup, RecordingAccountant, build_cache, replay
-from gateway.config import GatewayConfig, load_config
+from gateway.config import GatewayConfig, Model, Pricing, load_config
+from gateway.deadline import Watchdog
 from gateway.errors import GatewayError
 from gateway.execute import Executor
 from gateway.finalize import Finalizer, RequestLog, early_headers, final_headers, stream_trailer
+from gateway.guards import SINGLE_HEADERS, bearer_matches, check_depth, duplicate_header, duplicated
 from gateway.ledger import Ledger, parse_time
 from gateway.limits import build_limiter
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.openapi import install_openapi
-from gateway.protocol import Endpoint, validate_request
+from gateway.protocol import MAX_MODEL_NAME, Endpoint, validate_request
 from gateway.record import RequestRecord
 from gateway.relay import DRAIN_S, Relay
 from gateway.routing.breaker import BreakerState, CircuitBreaker
@@ -45,6 +47,8 @@ from gateway.upstream import UpstreamPool
 
 log = logging.getLogger("gateway")
 
+# What an unknown-model request is charged as: one request against rpm/concurrency, no tokens, no cost.
+NO_MODEL = Model("_unknown", (), Pricing(), "none")
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 JSON = "application/json"
 
@@ -56,6 +60,8 @@ class Gateway:
         self.config = config
         self.max_body = config.server.max_body_bytes
         self.body_timeout = config.server.body_timeout
+        self.body_watchdog = Watchdog(self.body_timeout)
+        self.max_depth = config.server.max_json_depth
         self.auth = Authenticator(config)
         deployments = {d.name for m in config.models.values() for d in m.deployments}
         self.metrics = GatewayMetrics(set(config.models), deployments)
@@ -63,7 +69,7 @@ class Gateway:
         f = config.features
         self._redis_logged: dict[str, float] = {}
         self.store = build_store(config, self._redis_error)
-        self.cache = build_cache(config, self.store)
+        self.cache = build_cache(config, self.store, self.metrics.cache_corrupt.inc)
         self.limiter = build_limiter(config, self.store, self._spend_seen, self.metrics,
                                      window=lambda m: self.planner.window(m))  # planner: built below
         self.ledger = Ledger(self.store, f.redis.ledger_buffer, f.redis.ledger_flush_interval_s,
@@ -126,35 +132,40 @@ class Gateway:
             raise errors.payload_too_large(self.max_body)
         chunks: list[bytes] = []
         size = 0
-        deadline: float | None = None
-        while True:
-            if deadline is None:
-                message = await receive()  # usually the whole body: no timer needed
-            else:
-                try:
-                    async with asyncio.timeout_at(deadline):  # a slow sender (slowloris) is cut off
-                        message = await receive()
-                except TimeoutError:
-                    raise GatewayError(408, f"The request body did not arrive within {self.body_timeout:g}s.",
-                                       code="request_timeout") from None
-            if message["type"] == "http.disconnect":
-                raise ClientGone()
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                raise errors.payload_too_large(self.max_body)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-            if deadline is None:
-                deadline = asyncio.get_running_loop().time() + self.body_timeout
+        # One deadline for the whole body, first message included: a client that sends its headers
+        # (say Content-Length: 100) and then nothing, or trickles the body (slowloris), is cut off.
+        task = asyncio.current_task()
+        assert task is not None
+        self.body_watchdog.watch(task)
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientGone()
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_body:
+                    raise errors.payload_too_large(self.max_body)
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+        except asyncio.CancelledError:
+            if not self.body_watchdog.done(task):
+                raise  # cancelled from outside (shutdown), not by the body deadline
+            task.uncancel()
+            raise GatewayError(408, f"The request body did not arrive within {self.body_timeout:g}s.",
+                               code="request_timeout") from None
+        finally:
+            self.body_watchdog.done(task)
         raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if not raw:
             raise errors.bad_request("Request body is empty; expected a JSON object.")
         try:
-            return orjson.loads(raw)
+            body = orjson.loads(raw)
         except orjson.JSONDecodeError as e:
             raise errors.bad_request(f"Request body is not valid JSON: {e.msg}", code="invalid_json") from None
+        check_depth(raw, body, self.max_depth)  # before anything (orjson.dumps included) walks the body
+        return body
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, endpoint: Endpoint) -> None:
         """The request's path through the stages; answers through raw ASGI (no framework on the hot path)."""
@@ -166,6 +177,8 @@ class Gateway:
         self.active.add(task)
         watcher: asyncio.Task[None] | None = None
         try:
+            if _DUPLICATE in headers:
+                raise duplicate_header(headers[_DUPLICATE])
             auth = headers.get(b"authorization")
             tenant, key_hash = self.auth.authenticate(auth.decode("latin-1") if auth else None)
             rec.tenant, rec.api_key_hash = tenant.name, key_hash
@@ -174,7 +187,12 @@ class Gateway:
             watcher = asyncio.create_task(_cancel_on_disconnect(receive, task))
             req = validate_request(endpoint, body)
             rec.requested_model = req.model
-            plan = await self._plan(rec, req.model, body, headers)
+            try:
+                plan = await self._plan(rec, req.model, body, headers)
+            except GatewayError as e:
+                if e.code == "model_not_found":  # a probe for names still counts: one request, no tokens
+                    await self.limiter.admit(rec, NO_MODEL, {})
+                raise
             self.finalizer.begin(rec)
             model = plan.candidates[0]
             await self.limiter.admit(rec, model, body)  # 429 (or 503 when failing closed) refuses here
@@ -235,6 +253,9 @@ class Gateway:
         metadata = body.get("metadata")
         task = task_raw.decode("latin-1").strip().lower() if task_raw else (
             str(metadata["task"]).lower() if isinstance(metadata, dict) and metadata.get("task") else None)
+        if task is not None and len(task) > MAX_MODEL_NAME:  # it goes to the log and the ledger: keep it short
+            raise errors.bad_request(f"The task name is longer than {MAX_MODEL_NAME} characters.",
+                                     param="x-gateway-task" if task_raw else "metadata.task")
         deadline_ms = None
         if (raw := headers.get(b"x-gateway-deadline-ms")) is not None:
             try:
@@ -261,16 +282,18 @@ class Gateway:
         if not isinstance(asked, dict):
             raise errors.bad_request("'stream_options' must be an object.", param="stream_options")
         # A miss that may be stored keeps the upstream payloads (RecordingAccountant); a hit replays them.
-        acct_type = RecordingAccountant if lk.may_store else StreamAccountant
-        acct = acct_type(rec, asked.get("include_usage") is True, asked.get("continuous_usage_stats") is True, n)
+        usage, continuous = asked.get("include_usage") is True, asked.get("continuous_usage_stats") is True
+        acct = RecordingAccountant(rec, usage, continuous, n, lk.max_bytes) if lk.may_store else \
+            StreamAccountant(rec, usage, continuous, n)
         body["stream_options"] = {**asked, "include_usage": True, "continuous_usage_stats": True}
         stream = None if lk.entry is not None else await self.executor.open_stream(rec, plan, endpoint, body, n)
         rec.status = 200
 
         def on_done() -> bytes:
             line = self.finalizer.finalize(rec)
-            if isinstance(acct, RecordingAccountant):  # only called for a stream that completed
-                self.cache.store(lk, rec, "sse", b"\n".join(acct.payloads))
+            # Only called for a stream that completed; one that outgrew max_entry_bytes was not kept.
+            if isinstance(acct, RecordingAccountant) and (recorded := acct.recorded()) is not None:
+                self.cache.store(lk, rec, "sse", recorded)
             return stream_trailer(line)
 
         relay = None if stream is None else Relay(stream, rec, acct, on_done)
@@ -347,8 +370,17 @@ JSON_CT = (b"content-type", b"application/json")
 SSE = (b"content-type", b"text/event-stream; charset=utf-8")
 
 
+_DUPLICATE = b":duplicate"  # names a must-be-single header that came twice (answered with a 400)
+
+
 def _wanted_headers(raw: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
-    return {k: v for k, v in raw if k in _WANTED}
+    headers: dict[bytes, bytes] = {}
+    for k, v in raw:
+        if k in _WANTED:
+            if k in headers and k in SINGLE_HEADERS:
+                headers[_DUPLICATE] = k
+            headers[k] = v
+    return headers
 
 
 def _encode_headers(headers: dict[str, str], content_type: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
@@ -360,6 +392,13 @@ async def _respond(send: Send, status: int, body: bytes, headers: dict[str, str]
     h.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": h})
     await send({"type": "http.response.body", "body": body})
+
+
+def _authorization(request: Request) -> str | None:
+    """A FastAPI route's Authorization header, refused when sent twice (as on the proxy routes)."""
+    if (dup := duplicated(request.scope["headers"])) is not None:
+        raise duplicate_header(dup)
+    return request.headers.get("authorization")
 
 
 class _Handled(Response):
@@ -415,7 +454,13 @@ def create_app(config: GatewayConfig | None = None) -> FastPath:
             await gw.store.close()
             gw.finalizer.request_log.close()
 
-    app = FastAPI(title="vLLM gateway", version="0.1.0", lifespan=lifespan)
+    srv = config.server
+    # No redirect on a trailing slash (its Location would come from the client's Host header): a 404.
+    # /docs and /redoc load Swagger UI / ReDoc from a CDN, so they are off unless server.docs is set.
+    app = FastAPI(title="vLLM gateway", version="0.1.0", lifespan=lifespan, redirect_slashes=False,
+                  openapi_url="/openapi.json" if srv.openapi else None,
+                  docs_url="/docs" if srv.docs and srv.openapi else None,
+                  redoc_url="/redoc" if srv.docs and srv.openapi else None)
     install_openapi(app, [*config.models, *config.routes])
     app.state.gateway = gw
 
@@ -435,7 +480,7 @@ def create_app(config: GatewayConfig | None = None) -> FastPath:
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         try:
-            gw.auth.authenticate(request.headers.get("authorization"))
+            gw.auth.authenticate(_authorization(request))
         except GatewayError as e:
             return Response(e.to_json(), status_code=e.status, media_type=JSON)
         return Response(orjson.dumps(gw.list_models()), media_type=JSON)
@@ -444,7 +489,7 @@ def create_app(config: GatewayConfig | None = None) -> FastPath:
     async def usage(request: Request) -> Response:
         """Totals by tenant, model and day from the ledger; a tenant sees its own, an admin key all."""
         try:
-            tenant, _ = gw.auth.authenticate(request.headers.get("authorization"))
+            tenant, _ = gw.auth.authenticate(_authorization(request))
             q = request.query_params
             # Checked before anything reaches Redis: a bad value is this request's 400, never a store error.
             start, end = _usage_time(q.get("start"), "start"), _usage_time(q.get("end"), "end")
@@ -477,8 +522,18 @@ def create_app(config: GatewayConfig | None = None) -> FastPath:
         return Response(orjson.dumps({"ready": ok, "models": ready}), status_code=200 if ok else 503,
                         media_type=JSON)
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
+    metrics_key = srv.metrics_key or None
+
+    @app.get("/metrics", responses={401: {"description": "server.metrics_key is set and was not sent"}})
+    async def metrics(request: Request) -> Response:
+        """Prometheus exposition; names tenants, spend and budgets, so server.metrics_key can guard it."""
+        if metrics_key is not None:
+            try:
+                if not bearer_matches(_authorization(request), metrics_key):
+                    raise errors.unauthorized("/metrics needs the metrics key: 'Authorization: Bearer <key>'.")
+            except GatewayError as e:
+                return Response(e.to_json(), status_code=e.status, media_type=JSON,
+                                headers={"www-authenticate": "Bearer"} if e.status == 401 else None)
         return Response(gw.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.exception_handler(StarletteHTTPException)

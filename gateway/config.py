@@ -122,6 +122,15 @@ class RedisFailureSpec(_Strict):
 
 class RedisSpec(_Strict):
     url: str | None = Field(None, description="redis://host:port/db; unset or empty: in-process backend")
+
+    @field_validator("url")
+    @classmethod
+    def _redis_scheme(cls, v: str | None) -> str | None:
+        # redis-py would only fail at start-up (a traceback in `serve`); name the problem here instead.
+        if v and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"must start with redis://, rediss:// or unix:// (got {v[:64]!r})")
+        return v
+
     key_prefix: str = "gw:"
     timeout_s: float = Field(0.25, gt=0, description="socket timeout of each Redis command")
     down_for_s: float = Field(1.0, ge=0, description="after an error, skip Redis this long (the ledger probes)")
@@ -177,6 +186,12 @@ class ServerSpec(_Strict):
     request_log: str = Field("stderr", description="stderr, stdout, off, or a file path")
     body_timeout: float = Field(30.0, gt=0, description="seconds a client may take to send its request body")
     max_connections: int | None = Field(None, ge=1, description="uvicorn limit_concurrency; beyond it: 503")
+    header_timeout: float = Field(10.0, gt=0, description="seconds a client may take to send its request "
+                                  "line and headers (slowloris); then the connection is closed with a 408")
+    max_json_depth: int = Field(64, ge=2, le=200, description="deepest nesting of arrays/objects in a body")
+    metrics_key: str | None = Field(None, description="bearer token /metrics requires; unset: /metrics is open")
+    docs: bool = Field(False, description="serve /docs and /redoc (Swagger UI / ReDoc load from a CDN)")
+    openapi: bool = Field(True, description="serve /openapi.json (names the public models; no secrets)")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, requests still running after this long "
                                     "are cut (outcome gateway_shutdown, accounted)")
 

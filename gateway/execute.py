@@ -9,6 +9,9 @@ started it cannot. Every attempt is recorded with what vLLM did for it: an aband
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -28,7 +31,15 @@ from gateway.streaming import UsageTally, tally_body
 from gateway.upstream import DeploymentState, UpstreamPool
 
 T = TypeVar("T")
+log = logging.getLogger("gateway.execute")
 JSON = "application/json"
+
+
+def _connect_error(state: DeploymentState, e: aiohttp.ClientConnectorError) -> _Retryable:
+    """The client hears the deployment's name only; its address and the OS error go to our own log."""
+    log.warning("cannot connect to deployment %s: %s", state.name, e.os_error.strerror or e)
+    return _Retryable("connect_error", errors.upstream_unavailable(
+        f"cannot connect to deployment {state.name}: {_reason(e)}"))
 
 
 class _Retryable(Exception):
@@ -192,8 +203,7 @@ class Executor:
                 data = await resp.read()
                 status = resp.status
         except aiohttp.ClientConnectorError as e:
-            raise _Retryable("connect_error", errors.upstream_unavailable(
-                f"cannot connect to deployment {state.name}: {_reason(e)}")) from None
+            raise _connect_error(state, e) from None
         except aiohttp.ConnectionTimeoutError:
             raise _Retryable("connect_timeout", errors.upstream_unavailable(
                 f"cannot connect to deployment {state.name}: connect timeout")) from None
@@ -293,8 +303,7 @@ class Executor:
                 reader = SSEReader(resp)
                 primed = await read_until_first_token(reader, seen)
         except aiohttp.ClientConnectorError as e:
-            raise _Retryable("connect_error", errors.upstream_unavailable(
-                f"cannot connect to deployment {state.name}: {_reason(e)}")) from None
+            raise _connect_error(state, e) from None
         except aiohttp.ConnectionTimeoutError:
             raise _Retryable("connect_timeout", errors.upstream_unavailable(
                 f"cannot connect to deployment {state.name}: connect timeout")) from None
@@ -338,8 +347,12 @@ def _unset() -> None:
 
 
 def _reason(e: aiohttp.ClientConnectorError) -> str:
-    """Why a connection failed, without the address (clients must not learn upstream hosts and ports)."""
-    return e.os_error.strerror or type(e.os_error).__name__
+    """Why a connection failed, without the address (clients must not learn upstream hosts and ports):
+    the OS error's strerror may carry it ("Connect call failed ('10.0.0.7', 8000)"), its errno does not."""
+    err = e.os_error
+    if isinstance(err, socket.gaierror):
+        return err.strerror or "name resolution failed"  # gai messages name no host
+    return os.strerror(err.errno) if err.errno else type(err).__name__
 
 
 def _error_message(err: object) -> str:

@@ -113,6 +113,8 @@ class GatewayMetrics:
         self.limit_settles_dropped = Counter("gateway_limit_settles_dropped", "Limit settles given up (see docs)",
                                              ["reason"], registry=r)
         self.ledger_dropped = Counter("gateway_ledger_dropped", "Ledger records lost to a full buffer", registry=r)
+        self.cache_corrupt = Counter("gateway_cache_corrupt_entries",
+                                     "Cache entries that could not be decoded (answered as a miss)", registry=r)
         self.ledger_buffered = Gauge("gateway_ledger_buffered", "Ledger records waiting to be written",
                                      multiprocess_mode="livesum", registry=r)
         self.tenant_spend = Gauge("gateway_tenant_spend_usd", "Spend in the current budget period, as last seen",

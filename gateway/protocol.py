@@ -22,6 +22,10 @@ UPSTREAM_PATHS: dict[Endpoint, str] = {
 }
 
 
+# Longer names are refused before they reach a log, a metric or Redis (vLLM's own names are far shorter).
+MAX_MODEL_NAME = 256
+
+
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
@@ -29,7 +33,7 @@ class _Open(BaseModel):
 class _Request(_Open):
     """Every proxied request names its model."""
 
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=MAX_MODEL_NAME)
 
 
 class StreamOptions(_Open):

@@ -70,7 +70,8 @@ def _dummy_env(path: Path) -> dict[str, str]:
     referenced = set(_ENV_REF.findall(path.read_text()))
     env = {k: v for k, v in os.environ.items() if k not in referenced}
     for name in referenced:
-        env[name] = "http://127.0.0.1:8000" if name.endswith("URL") else f"test-{name.lower()}"
+        env[name] = "redis://127.0.0.1:6379/0" if "REDIS" in name else \
+            "http://127.0.0.1:8000" if name.endswith("URL") else f"test-{name.lower()}"
     return env
 
 
