@@ -23,6 +23,10 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from gateway import errors
+from gateway.apis import registry, retrieve
+from gateway.apis.events import EventAccountant
+from gateway.apis.registry import Apis
+from gateway.apis.stored import Location
 from gateway.auth import Authenticator
 from gateway.cache import NO_LOOKUP, Lookup, RecordingAccountant, build_cache, replay
 from gateway.config import GatewayConfig, load_config
@@ -63,6 +67,7 @@ class Gateway:
         self._redis_logged: dict[str, float] = {}
         self.store = build_store(config, self._redis_error)
         self.cache = build_cache(config, self.store)
+        self.apis = Apis(config, self.store)  # Responses / Messages / tokenizer: stored responses, upper bound
         self.limiter = build_limiter(config, self.store, self._spend_seen)
         self.ledger = Ledger(self.store, f.redis.ledger_buffer, f.redis.ledger_flush_interval_s,
                              self.metrics.ledger_buffered.set, self.metrics.ledger_dropped.inc)
@@ -160,22 +165,33 @@ class Gateway:
         rec = RequestRecord(rid.decode() if rid and _REQUEST_ID.fullmatch(rid) else uuid.uuid4().hex, endpoint)
         try:
             auth = headers.get(b"authorization")
+            if auth is None and b"x-api-key" in headers:  # how the anthropic SDK sends its key
+                auth = b"Bearer " + headers[b"x-api-key"]
             tenant, key_hash = self.auth.authenticate(auth.decode("latin-1") if auth else None)
             rec.tenant, rec.api_key_hash = tenant.name, key_hash
             body = await self.read_json(headers, receive)
             req = validate_request(endpoint, body)
             rec.requested_model = req.model
             plan = await self._plan(rec, req.model, body, headers)
+            pinned = await self.apis.pin(rec, endpoint, plan, body)  # continues a stored response: its engine
             self.finalizer.begin(rec)
             model = plan.candidates[0]
+            self.apis.prepare(endpoint, body)
             await self.limiter.admit(rec, model, body)  # 429 (or 503 when failing closed) refuses here
-            stream = endpoint != "embeddings" and bool(body.get("stream"))
+            stream = registry.streams(endpoint, body)
             lk = await self.cache.lookup(rec, model, endpoint, body, headers.get(b"cache-control"), stream)
             try:
                 if stream:
-                    await self._stream(rec, plan, endpoint, body, receive, send, lk)
+                    await self._stream(rec, plan, endpoint, body, receive, send, lk, pinned)
                     return
-                data = lk.entry.body if lk.entry is not None else await self.executor.call(rec, plan, endpoint, body)
+                if lk.entry is not None:
+                    data = lk.entry.body
+                else:
+                    try:
+                        data = await self.executor.call(rec, plan, endpoint, body)
+                    except GatewayError as e:
+                        raise self.apis.pinned_failure(body, pinned, e) from None
+                    await self.apis.served(rec, endpoint, body)
                 rec.status = 200
                 self.finalizer.finalize(rec)
                 self.cache.store(lk, rec, "json", data)
@@ -195,7 +211,7 @@ class Gateway:
     async def _error(self, rec: RequestRecord, e: GatewayError, send: Send) -> None:
         rec.status, rec.error_code, rec.outcome = e.status, e.code, "error"
         self.finalizer.finalize(rec)
-        await _respond(send, e.status, e.to_json(), {**final_headers(rec), **e.headers})
+        await _respond(send, e.status, registry.error_body(rec.endpoint, e), {**final_headers(rec), **e.headers})
 
     async def _plan(self, rec: RequestRecord, name: str, body: dict[str, Any], headers: dict[bytes, bytes]) -> Plan:
         task_raw = headers.get(b"x-gateway-task")
@@ -222,16 +238,24 @@ class Gateway:
         return plan
 
     async def _stream(self, rec: RequestRecord, plan: Plan, endpoint: Endpoint, body: dict[str, Any],
-                      receive: Receive, send: Send, lk: Lookup = NO_LOOKUP) -> None:
+                      receive: Receive, send: Send, lk: Lookup = NO_LOOKUP, pinned: Location | None = None) -> None:
         rec.stream = True
-        asked = body.get("stream_options") or {}
-        if not isinstance(asked, dict):
-            raise errors.bad_request("'stream_options' must be an object.", param="stream_options")
-        # A miss that may be stored keeps the upstream payloads (RecordingAccountant); a hit replays them.
-        acct_type = RecordingAccountant if lk.may_store else StreamAccountant
-        acct = acct_type(rec, bool(asked.get("include_usage")), bool(asked.get("continuous_usage_stats")))
-        body["stream_options"] = {**asked, "include_usage": True, "continuous_usage_stats": True}
-        stream = None if lk.entry is not None else await self.executor.open_stream(rec, plan, endpoint, body)
+        acct: StreamAccountant | EventAccountant | None = registry.accountant(endpoint, rec, lk.may_store)
+        if acct is None:
+            asked = body.get("stream_options") or {}
+            if not isinstance(asked, dict):
+                raise errors.bad_request("'stream_options' must be an object.", param="stream_options")
+            # A miss that may be stored keeps the upstream payloads (RecordingAccountant); a hit replays them.
+            acct_type = RecordingAccountant if lk.may_store else StreamAccountant
+            acct = acct_type(rec, bool(asked.get("include_usage")), bool(asked.get("continuous_usage_stats")))
+            body["stream_options"] = {**asked, "include_usage": True, "continuous_usage_stats": True}
+        stream = None
+        if lk.entry is None:
+            try:
+                stream = await self.executor.open_stream(rec, plan, endpoint, body)
+            except GatewayError as e:
+                raise self.apis.pinned_failure(body, pinned, e) from None
+            await self.apis.served(rec, endpoint, body)
         rec.status = 200
         finalized = False
 
@@ -239,8 +263,9 @@ class Gateway:
             nonlocal finalized
             line = self.finalizer.finalize(rec)
             finalized = True
-            if isinstance(acct, RecordingAccountant):  # only called for a stream that completed
-                self.cache.store(lk, rec, "sse", b"\n".join(acct.payloads))
+            payloads = getattr(acct, "payloads", None)
+            if payloads is not None:  # only called for a stream that completed
+                self.cache.store(lk, rec, "sse", b"\n".join(payloads))
             return stream_trailer(line)
 
         # The client leaving shows up as http.disconnect on receive(): cancel the relay when it does.
@@ -288,7 +313,7 @@ async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[Any]) -> No
             return
 
 
-_WANTED = frozenset({b"authorization", b"x-request-id", b"content-length", b"x-gateway-task",
+_WANTED = frozenset({b"authorization", b"x-api-key", b"x-request-id", b"content-length", b"x-gateway-task",
                      b"x-gateway-deadline-ms", b"cache-control"})
 JSON_CT = (b"content-type", b"application/json")
 SSE = (b"content-type", b"text/event-stream; charset=utf-8")
@@ -323,7 +348,8 @@ class FastPath:
     """ASGI entry: the three proxy routes go straight to Gateway.handle; everything else to FastAPI."""
 
     ROUTES: dict[str, Endpoint] = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
-                                   "/v1/embeddings": "embeddings"}
+                                   "/v1/embeddings": "embeddings", "/v1/responses": "responses",
+                                   "/v1/messages": "messages", "/tokenize": "tokenize", "/detokenize": "detokenize"}
 
     def __init__(self, gw: Gateway, app: FastAPI) -> None:
         self.gw, self.app = gw, app
@@ -334,6 +360,9 @@ class FastPath:
             if endpoint is not None:
                 await self.gw.handle(scope, receive, send, endpoint)
                 return
+        if scope["type"] == "http" and retrieve.matches(scope["path"]):  # stored responses: their engine only
+            await retrieve.handle(self.gw, scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
 

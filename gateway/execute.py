@@ -16,13 +16,15 @@ import aiohttp
 import orjson
 
 from gateway import errors
+from gateway.apis import registry
+from gateway.apis.events import EventAccountant
 from gateway.config import Model
 from gateway.errors import GatewayError
 from gateway.protocol import UPSTREAM_PATHS, Endpoint, upstream_error
 from gateway.record import Attempt, RequestRecord
 from gateway.routing.breaker import BreakerState, CircuitBreaker
 from gateway.routing.policy import Plan
-from gateway.streaming import DONE, MalformedStream, StreamAccountant, chunk_has_token, sse_data, take_usage
+from gateway.streaming import MalformedStream, StreamAccountant, chunk_has_token, take_usage
 from gateway.upstream import DeploymentState, UpstreamPool
 
 T = TypeVar("T")
@@ -143,13 +145,15 @@ class Executor:
     async def call(self, rec: RequestRecord, plan: Plan, endpoint: Endpoint, body: dict[str, Any]) -> bytes:
         """Non-streaming call; returns vLLM's response body unchanged."""
         path = UPSTREAM_PATHS[endpoint]
+        read_usage = registry.usage_reader(endpoint)
 
         async def attempt(state: DeploymentState, payload: bytes) -> bytes:
-            return await self._post_json(state, path, rec, payload)
+            return await self._post_json(state, path, rec, payload, read_usage)
 
         return await self._attempt_in_order(rec, plan, body, attempt, keep_slot=False)
 
-    async def _post_json(self, state: DeploymentState, path: str, rec: RequestRecord, payload: bytes) -> bytes:
+    async def _post_json(self, state: DeploymentState, path: str, rec: RequestRecord, payload: bytes,
+                         read_usage: Callable[[RequestRecord, Any], None] = take_usage) -> bytes:
         try:
             async with self.pool.session.post(
                 state.spec.url + path, data=payload, timeout=state.timeout,
@@ -174,7 +178,7 @@ class Executor:
                 raise _Retryable(f"upstream_{status}", err)
             raise err
         try:
-            take_usage(rec, orjson.loads(data))
+            read_usage(rec, orjson.loads(data))
         except orjson.JSONDecodeError:
             raise _Retryable("malformed_response", errors.upstream_unavailable(
                 f"deployment {state.name} returned a body that is not JSON")) from None
@@ -184,9 +188,10 @@ class Executor:
                           body: dict[str, Any]) -> UpstreamStream:
         """Start a stream on the first deployment that answers with its first token; it keeps its slot."""
         path = UPSTREAM_PATHS[endpoint]
+        started = registry.FIRST_OUTPUT.get(endpoint, _chat_started)
 
         async def attempt(state: DeploymentState, payload: bytes) -> UpstreamStream:
-            return await self._open(state, path, rec, payload)
+            return await self._open(state, path, rec, payload, started)
 
         return await self._attempt_in_order(rec, plan, body, attempt, keep_slot=True)
 
@@ -212,7 +217,8 @@ class Executor:
                 return count, window
         return None
 
-    async def _open(self, state: DeploymentState, path: str, rec: RequestRecord, payload: bytes) -> UpstreamStream:
+    async def _open(self, state: DeploymentState, path: str, rec: RequestRecord, payload: bytes,
+                    started: Callable[[Any], bool]) -> UpstreamStream:
         first_token = state.spec.timeouts.first_token
         resp: aiohttp.ClientResponse | None = None
         try:
@@ -229,7 +235,7 @@ class Executor:
                         raise _Retryable(f"upstream_{resp.status}", err)
                     raise err
                 reader = SSEReader(resp)
-                primed = await _read_until_first_token(reader)
+                primed = await _read_until_first_token(reader, started)
         except aiohttp.ClientConnectorError as e:
             raise _Retryable("connect_error", errors.upstream_unavailable(
                 f"cannot connect to deployment {state.name}: {e.os_error.strerror or e}")) from None
@@ -249,7 +255,7 @@ class Executor:
                 f"deployment {state.name} closed the stream before the first chunk"))
         return UpstreamStream(state, resp, reader, primed)
 
-    async def relay(self, stream: UpstreamStream, rec: RequestRecord, acct: StreamAccountant,
+    async def relay(self, stream: UpstreamStream, rec: RequestRecord, acct: StreamAccountant | EventAccountant,
                     on_done: Callable[[], bytes]) -> AsyncIterator[bytes]:
         """Yield the client's SSE bytes as they arrive; always end with [DONE]; account in every case.
 
@@ -269,6 +275,9 @@ class Executor:
                     chunk = acct.on_data(payload)
                     if chunk is not None:
                         out.append(chunk)
+                    if acct.finished:  # APIs without [DONE] (gateway/apis/) end with a terminal event
+                        completed = acct.upstream_error is None
+                        break
                 if out:
                     yield out[0] if len(out) == 1 else b"".join(out)
                 if completed or acct.upstream_error is not None:
@@ -281,14 +290,16 @@ class Executor:
             if completed:
                 acct.done()
                 yield on_done()
-                yield DONE
+                yield acct.end_marker
                 return
             if acct.upstream_error is not None:
+                acct.done()
                 rec.outcome, rec.status = "upstream_failed_midstream", 502
                 rec.error_code = str(acct.upstream_error.get("code") or "upstream_error")
-                yield DONE
+                if acct.end_marker:
+                    yield acct.end_marker
                 return
-            raise aiohttp.ClientPayloadError("stream ended without [DONE]")
+            raise aiohttp.ClientPayloadError("stream ended before its end marker")
         except (TimeoutError, aiohttp.ClientError, MalformedStream) as e:
             # Too late to fall back: tell the client honestly, with no fake finish_reason.
             acct.done()
@@ -296,8 +307,9 @@ class Executor:
             reason = str(e) if isinstance(e, MalformedStream) else type(e).__name__
             err = errors.GatewayError(502, f"upstream {stream.state.name} failed mid-stream: {reason}",
                                       type="api_error", code="upstream_stream_broken")
-            yield sse_data(err.body())
-            yield DONE
+            yield acct.error_event(err)
+            if acct.end_marker:
+                yield acct.end_marker
         except BaseException:
             # Client went away (task cancelled / generator closed): stop vLLM's work, keep the account.
             acct.done()
@@ -347,7 +359,15 @@ class SSEReader:
                 return lines
 
 
-async def _read_until_first_token(reader: SSEReader) -> list[bytes]:
+def _chat_started(obj: Any) -> bool:
+    """A chat/completion chunk that carries a token or a finish (or is not a chunk): stop holding back."""
+    if not isinstance(obj, dict) or "error" in obj or not obj.get("choices"):
+        return True
+    choices = obj["choices"]
+    return chunk_has_token(choices) or any(isinstance(c, dict) and c.get("finish_reason") for c in choices)
+
+
+async def _read_until_first_token(reader: SSEReader, started: Callable[[Any], bool]) -> list[bytes]:
     """Hold back the chunks before the first token (vLLM's role-only chunk), so that a deployment that
     stalls before its first token can still be left for another without the client seeing a byte."""
     lines: list[bytes] = []
@@ -364,10 +384,7 @@ async def _read_until_first_token(reader: SSEReader) -> list[bytes]:
                 obj = orjson.loads(payload)
             except orjson.JSONDecodeError:
                 return lines  # the relay reports it
-            if not isinstance(obj, dict) or "error" in obj or not obj.get("choices"):
-                return lines
-            choices = obj["choices"]
-            if chunk_has_token(choices) or any(isinstance(c, dict) and c.get("finish_reason") for c in choices):
+            if started(obj):
                 return lines
 
 

@@ -99,9 +99,9 @@ def estimate_prompt_tokens(body: dict[str, Any], chars_per_token: float) -> int:
 def reserve_tokens(body: dict[str, Any], default_max_tokens: int, chars_per_token: float) -> tuple[int, int]:
     """(prompt estimate, completion tokens reserved) for a request."""
     prompt = estimate_prompt_tokens(body, chars_per_token)
-    if "messages" not in body and "prompt" not in body:  # embeddings generate nothing
-        return prompt, 0
-    mt = body.get("max_completion_tokens") or body.get("max_tokens")
+    if "messages" not in body and "prompt" not in body and "max_output_tokens" not in body:
+        return prompt, 0  # embeddings (and tokenizer calls) generate nothing
+    mt = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
     n_raw = body.get("n")
     n = n_raw if isinstance(n_raw, int) else 1
     completion = (mt if isinstance(mt, int) and mt > 0 else default_max_tokens) * max(1, n)

@@ -47,6 +47,9 @@ class StreamAccountant:
 
     __slots__ = ("rec", "want_usage", "want_continuous", "last_token_at", "saw_usage_chunk", "upstream_error")
 
+    finished = False  # chat and completions end with `data: [DONE]`, which the relay reads itself
+    end_marker = DONE
+
     def __init__(self, rec: RequestRecord, want_usage: bool, want_continuous: bool) -> None:
         self.rec = rec
         self.want_usage = want_usage
@@ -87,6 +90,10 @@ class StreamAccountant:
     def done(self) -> None:
         if self.last_token_at is not None:
             self.rec.mark_tokens_done(self.last_token_at)
+
+    def error_event(self, err: Any) -> bytes:
+        """How a gateway-detected failure is told to the client: an OpenAI error chunk."""
+        return sse_data(err.body())
 
 
 class MalformedStream(Exception):
