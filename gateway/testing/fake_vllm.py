@@ -20,6 +20,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from gateway.testing.fake_apis import FakeApis
+
 
 @dataclass
 class Behaviour:
@@ -83,6 +85,7 @@ class FakeVLLM:
             web.get("/metrics", self.metrics),
             web.get("/control", self.get_control),
             web.post("/control", self.set_control),
+            *FakeApis(self).routes(),  # /v1/responses (+ its store), /v1/messages, /detokenize
         ])
         return app
 
