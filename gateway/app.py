@@ -406,6 +406,22 @@ def create_app(config: GatewayConfig | None = None) -> FastPath:
     async def embeddings(request: Request) -> Response:
         return _Handled(gw, "embeddings")
 
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        return _Handled(gw, "responses")
+
+    @app.post("/v1/messages")
+    async def messages(request: Request) -> Response:
+        return _Handled(gw, "messages")
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        return _Handled(gw, "tokenize")
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        return _Handled(gw, "detokenize")
+
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         try:

@@ -288,8 +288,7 @@ async def replay(entry: Entry, acct: Any, on_done: Callable[[], bytes]) -> Async
         if out is not None:
             yield out
     acct.done()
-    yield on_done()
-    yield acct.end_marker
+    yield on_done() + acct.end_marker
 
 
 def build_cache(config: GatewayConfig, store: Store) -> ResponseCache:

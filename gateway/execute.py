@@ -289,8 +289,7 @@ class Executor:
                     rec.upstream_s += time.perf_counter() - t0
             if completed:
                 acct.done()
-                yield on_done()
-                yield acct.end_marker
+                yield on_done() + acct.end_marker
                 return
             if acct.upstream_error is not None:
                 acct.done()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
 
 class _Open(BaseModel):
@@ -65,8 +65,22 @@ class MessagesRequest(_Sampling):
 class TokenizeRequest(_Open):
     """POST /tokenize: a prompt or chat messages, counted by the model's tokenizer."""
 
-    prompt: StrictStr | None = None
-    messages: list[dict[str, Any]] | None = None
+    prompt: StrictStr | None = None  # exactly one of the two, and not null
+    messages: list[dict[str, Any]] | None = Field(None, min_length=1)
+
+    @field_validator("prompt", "messages", mode="before")
+    @classmethod
+    def _not_null(cls, v: Any) -> Any:
+        if v is None:
+            raise ValueError("must not be null")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_input(cls, data: Any) -> Any:
+        if isinstance(data, dict) and ("prompt" in data) == ("messages" in data):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        return data
 
 
 class DetokenizeRequest(_Open):

@@ -104,6 +104,13 @@ class FakeApis:
         finally:
             c.running -= 1
 
+    def _too_long(self, prompt: int, n: int) -> web.Response | None:
+        if prompt + n <= self.fake.max_model_len:
+            return None
+        return _json({"error": {"message": f"This model's maximum context length is {self.fake.max_model_len} "
+                                f"tokens. However, you requested {prompt + n} tokens.", "type": "BadRequestError",
+                                "code": 400}}, status=400)
+
     # ------------------------------------------------------------------ Responses
     def _check_response(self, body: dict[str, Any]) -> web.Response | None:
         prev = body.get("previous_response_id")
@@ -121,6 +128,8 @@ class FakeApis:
         if prev is not None:
             prompt += prev["usage"]["total_tokens"]
         n = int(body.get("max_output_tokens") or self.fake.b.default_tokens)
+        if err := self._too_long(prompt, n):
+            return err
         rid = body.get("request_id") or f"resp_{uuid.uuid4().hex}"
         base = {"id": rid, "object": "response", "created_at": int(time.time()), "model": body["model"],
                 "previous_response_id": body.get("previous_response_id"), "tools": [], "tool_choice": "auto",
@@ -184,6 +193,8 @@ class FakeApis:
             return _anthropic_error(err)
         prompt = 2 + sum(4 + _words(m.get("content")) for m in body["messages"]) + _words(body.get("system") or "")
         n = int(body.get("max_tokens") or self.fake.b.default_tokens)
+        if err := self._too_long(prompt, n):
+            return _anthropic_error(err)
         mid = f"msg_{uuid.uuid4().hex}"
         base = {"id": mid, "type": "message", "role": "assistant", "model": body["model"]}
 

@@ -50,7 +50,7 @@ class Counters:
 
 
 def count_prompt_tokens(body: dict[str, Any]) -> int:
-    if "messages" in body:
+    if isinstance(body.get("messages"), list):
         n = 2
         for m in body["messages"]:
             content = m.get("content")
