@@ -313,3 +313,24 @@ def test_tokenize_and_detokenize_pass_through_unbilled(gw: GatewayProcess) -> No
     assert metric_value(after, "gateway_requests_total", model="m1", status="200") - \
         metric_value(before, "gateway_requests_total", model="m1", status="200") == 2
     assert tokens_delta(before, after, "gateway_prompt_tokens_total") == 0
+
+
+@pytest.mark.parametrize("path,body,delta", [
+    ("/v1/responses", {"input": "x", "max_output_tokens": 60}, b"event: response.output_text.delta"),
+    ("/v1/messages", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 60},
+     b"event: content_block_delta")])
+def test_client_leaving_mid_stream_is_recorded(gw: GatewayProcess, ups: tuple[FakeUpstream, FakeUpstream],
+                                               path: str, body: dict[str, Any], delta: bytes) -> None:
+    ups[0].control(itl_ms=30)
+    rid = f"leave-{path.rsplit('/', 1)[1]}"
+    seen = 0
+    with httpx.stream("POST", f"{gw.url}{path}", json={"model": "m1", "stream": True, **body},
+                      headers={"Authorization": f"Bearer {API_KEY}", "X-Request-Id": rid}, timeout=30) as r:
+        for line in r.iter_lines():
+            seen += line.encode().startswith(delta)
+            if seen == 3:
+                break
+    rec = gw.record(rid)
+    assert rec["outcome"] == "client_disconnected" and rec["status"] == 499
+    assert 3 <= rec["completion_tokens"] < 60  # the output deltas relayed before the client left
+    assert rec["ttft_ms"] is not None
