@@ -331,6 +331,6 @@ def test_client_leaving_mid_stream_is_recorded(gw: GatewayProcess, ups: tuple[Fa
             if seen == 3:
                 break
     rec = gw.record(rid)
-    assert rec["outcome"] == "client_disconnected" and rec["status"] == 499
+    assert rec["outcome"] == "client_left_midstream" and rec["status"] == 499
     assert 3 <= rec["completion_tokens"] < 60  # the output deltas relayed before the client left
     assert rec["ttft_ms"] is not None

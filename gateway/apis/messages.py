@@ -16,8 +16,6 @@ import orjson
 
 from gateway.apis.events import EventAccountant, sse_event, starts_output
 from gateway.errors import GatewayError
-from gateway.record import RequestRecord
-from gateway.streaming import apply_usage
 
 TERMINAL = frozenset({"message_stop"})
 first_output = starts_output(TERMINAL, ("content_block_delta", "message_delta"))
@@ -40,31 +38,31 @@ def error_body(err: GatewayError) -> bytes:
     return orjson.dumps(error_json(err))
 
 
-def usage_to_record(rec: RequestRecord, usage: Any) -> None:
+def to_chat_usage(usage: Any, prompt: Any = None, cached: Any = None) -> dict[str, Any] | None:
+    """Anthropic usage in the chat shape the usage tally reads. Without any input field (a message_delta
+    with output_tokens only), the prompt is what was known before (`prompt`, `cached`)."""
     if not isinstance(usage, dict):
-        return
+        return None
     parts = (usage.get("input_tokens"), usage.get("cache_read_input_tokens"), usage.get("cache_creation_input_tokens"))
-    if all(p is None for p in parts):  # e.g. a message_delta with output_tokens only: the input stays as it was
-        apply_usage(rec, {"prompt_tokens": rec.prompt_tokens, "completion_tokens": usage.get("output_tokens"),
-                          "prompt_tokens_details": {"cached_tokens": rec.cached_tokens}})
-        return
-    prompt: Any = 0
-    for p in parts:
-        if p is None:
-            continue
-        if not isinstance(p, int) or isinstance(p, bool):
-            prompt = p  # not a count: apply_usage refuses to believe it
-            break
-        prompt += p
-    read = usage.get("cache_read_input_tokens")
-    apply_usage(rec, {"prompt_tokens": prompt, "completion_tokens": usage.get("output_tokens"),
-                      "prompt_tokens_details": {"cached_tokens": read}})
+    if all(p is None for p in parts):
+        total, read = prompt, cached
+    else:
+        total = 0
+        for p in parts:
+            if p is None:
+                continue
+            if not isinstance(p, int) or isinstance(p, bool):
+                total = p  # not a count: the tally refuses to believe it
+                break
+            total += p
+        read = usage.get("cache_read_input_tokens")
+    return {"prompt_tokens": total, "completion_tokens": usage.get("output_tokens"),
+            "prompt_tokens_details": {"cached_tokens": read}}
 
 
-def take_usage(rec: RequestRecord, body: Any) -> None:
+def body_usage(body: Any) -> dict[str, Any] | None:
     """Usage of a non-streaming message."""
-    if isinstance(body, dict):
-        usage_to_record(rec, body.get("usage"))
+    return to_chat_usage(body.get("usage")) if isinstance(body, dict) else None
 
 
 class MessagesAccountant(EventAccountant):
@@ -80,11 +78,12 @@ class MessagesAccountant(EventAccountant):
     def on_event(self, kind: str, obj: dict[str, Any]) -> None:
         if kind == "message_start":
             message = obj.get("message")
-            if isinstance(message, dict):
-                usage_to_record(self.rec, message.get("usage"))
+            usage = to_chat_usage(message.get("usage")) if isinstance(message, dict) else None
+            if usage is not None:  # the input is known from here on; the output comes with message_delta
+                self.prompt = usage["prompt_tokens"]
+                self.cached = usage["prompt_tokens_details"]["cached_tokens"] or 0
         elif kind == "message_delta":
-            usage_to_record(self.rec, obj.get("usage"))
-            self.usage_seen = self.rec.usage_reported
+            self.add_usage(to_chat_usage(obj.get("usage"), self.prompt, self.cached), final=True)
         elif kind == "error":
             err = obj.get("error")
             self.upstream_error = err if isinstance(err, dict) else {"message": str(err)}

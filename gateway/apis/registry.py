@@ -7,6 +7,7 @@ only look an endpoint up.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -18,13 +19,12 @@ from gateway.errors import GatewayError
 from gateway.record import RequestRecord
 from gateway.routing.policy import Plan
 from gateway.store import Store
-from gateway.streaming import take_usage
+from gateway.streaming import AbsurdUsage, MalformedStream, UsageTally, tally_body
 
 STORED_RESPONSE_TTL_S = 7 * 86400.0  # vLLM itself never evicts a stored response; an engine restart loses them
 
-UsageReader = Callable[[RequestRecord, Any], None]
-
-USAGE_READERS: dict[str, UsageReader] = {"responses": responses.take_usage, "messages": messages.take_usage}
+BODY_USAGE: dict[str, Callable[[Any], dict[str, Any] | None]] = {"responses": responses.body_usage,
+                                                                  "messages": messages.body_usage}
 ERROR_BODIES: dict[str, Callable[[GatewayError], bytes]] = {"messages": messages.error_body}
 ACCOUNTANTS: dict[str, type[EventAccountant]] = {"responses": responses.ResponsesAccountant,
                                                  "messages": messages.MessagesAccountant}
@@ -33,8 +33,34 @@ FIRST_OUTPUT: dict[str, Callable[[Any], bool]] = {"responses": responses.first_o
 UNBILLED = frozenset({"tokenize", "detokenize"})  # pass-through: counted as requests, no tokens, never cached
 
 
-def usage_reader(endpoint: str) -> UsageReader:
-    return USAGE_READERS.get(endpoint, take_usage)
+def tally_response(endpoint: str, body: Any, n: int) -> UsageTally:
+    """The usage of a non-streaming answer, as the tally the record is written from."""
+    read = BODY_USAGE.get(endpoint)
+    if read is None:
+        return tally_body(body, n)
+    tally = UsageTally(1)
+    usage = read(body)
+    if usage is not None:
+        with contextlib.suppress(AbsurdUsage):
+            tally.add_body(usage)
+    return tally
+
+
+def tally_stream_lines(endpoint: str, lines: list[bytes]) -> UsageTally | None:
+    """What an abandoned attempt's events say vLLM did (None: the endpoint is chat-shaped, not ours)."""
+    cls = ACCOUNTANTS.get(endpoint)
+    if cls is None:
+        return None
+    acct = cls(RequestRecord("attempt", endpoint))
+    for line in lines:
+        with contextlib.suppress(MalformedStream):
+            acct.on_data(line[5:].strip())
+    return acct.tally
+
+
+def first_output(endpoint: str) -> Callable[[Any], bool] | None:
+    """For a named-event stream: the predicate that ends the hold-back before the first token."""
+    return FIRST_OUTPUT.get(endpoint)
 
 
 def error_body(endpoint: str, err: GatewayError) -> bytes:

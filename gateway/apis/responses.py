@@ -15,7 +15,6 @@ from gateway import errors
 from gateway.apis.events import EventAccountant, sse_event, starts_output
 from gateway.errors import GatewayError
 from gateway.record import RequestRecord
-from gateway.streaming import apply_usage
 
 TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 first_output = starts_output(TERMINAL, (".delta",))
@@ -41,19 +40,19 @@ def wants_store(body: dict[str, Any]) -> bool:
     return body.get("store") is not False  # vLLM's default is store=true
 
 
-def usage_to_record(rec: RequestRecord, usage: Any) -> None:
+def to_chat_usage(usage: Any) -> dict[str, Any] | None:
+    """vLLM's Responses usage in the chat shape the usage tally reads (values unchanged, checked there)."""
     if not isinstance(usage, dict):
-        return
+        return None
     details = usage.get("input_tokens_details")
-    apply_usage(rec, {"prompt_tokens": usage.get("input_tokens"), "completion_tokens": usage.get("output_tokens"),
-                      "prompt_tokens_details": {"cached_tokens": details.get("cached_tokens")}
-                      if isinstance(details, dict) else None})
+    return {"prompt_tokens": usage.get("input_tokens"), "completion_tokens": usage.get("output_tokens"),
+            "prompt_tokens_details": {"cached_tokens": details.get("cached_tokens")}
+            if isinstance(details, dict) else None}
 
 
-def take_usage(rec: RequestRecord, body: Any) -> None:
+def body_usage(body: Any) -> dict[str, Any] | None:
     """Usage of a non-streaming response object."""
-    if isinstance(body, dict):
-        usage_to_record(rec, body.get("usage"))
+    return to_chat_usage(body.get("usage")) if isinstance(body, dict) else None
 
 
 class ResponsesAccountant(EventAccountant):
@@ -80,9 +79,7 @@ class ResponsesAccountant(EventAccountant):
         elif kind in TERMINAL:
             response = obj.get("response")
             if isinstance(response, dict):
-                if response.get("usage") is not None:
-                    usage_to_record(self.rec, response["usage"])
-                    self.usage_seen = self.rec.usage_reported
+                self.add_usage(to_chat_usage(response.get("usage")), final=True)
                 if kind == "response.failed":
                     err = response.get("error")
                     self.upstream_error = err if isinstance(err, dict) else {"message": "response failed"}
