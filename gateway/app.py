@@ -316,6 +316,8 @@ class Gateway:
             await chunks.aclose()  # type: ignore[attr-defined]
             if relay is not None:
                 await relay.abandon()  # no-op when the upstream side already ended
+                if not relay.completed:
+                    await self.apis.unfinished_stream(rec, endpoint, body, acct, self.pool)
 
     def list_models(self) -> dict[str, Any]:
         return {"object": "list", "data": [

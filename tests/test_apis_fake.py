@@ -82,14 +82,14 @@ def test_responses_non_stream_usage_headers_log_metrics_agree(gw: GatewayProcess
                                                      extra_headers={"X-Request-Id": "resp-ns-1"})
     r = raw.parse()
     assert r.output_text == TEXT and r.usage is not None
-    assert (r.usage.input_tokens, r.usage.output_tokens) == (4, 5)
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (9, 5)
     assert r.id.startswith("resp_") and r.id == ups[0].counters()["last_request"]["request_id"]
     h = raw.headers
-    assert (h["x-gateway-prompt-tokens"], h["x-gateway-completion-tokens"]) == ("4", "5")
-    assert float(h["x-gateway-cost-usd"]) == pytest.approx((4 * 1.0 + 5 * 2.0) / 1e6)
+    assert (h["x-gateway-prompt-tokens"], h["x-gateway-completion-tokens"]) == ("9", "5")
+    assert float(h["x-gateway-cost-usd"]) == pytest.approx((9 * 1.0 + 5 * 2.0) / 1e6)
     rec = gw.record("resp-ns-1")
     assert rec["endpoint"] == "responses" and rec["outcome"] == "ok" and rec["status"] == 200
-    assert (rec["prompt_tokens"], rec["completion_tokens"]) == (4, 5)
+    assert (rec["prompt_tokens"], rec["completion_tokens"]) == (9, 5)
     after, up1 = gw.metrics(), ups[0].counters()
     assert tokens_delta(before, after, "gateway_prompt_tokens_total") == up1["prompt_tokens"] - up0["prompt_tokens"]
     assert tokens_delta(before, after, "gateway_completion_tokens_total") == \
@@ -108,7 +108,7 @@ def test_responses_stream_events_and_accounting(gw: GatewayProcess) -> None:
     assert done.type == "response.completed" and done.response.usage is not None
     assert done.response.usage.output_tokens == 4
     rec = gw.record("resp-st-1")
-    assert rec["stream"] and rec["outcome"] == "ok" and (rec["prompt_tokens"], rec["completion_tokens"]) == (3, 4)
+    assert rec["stream"] and rec["outcome"] == "ok" and (rec["prompt_tokens"], rec["completion_tokens"]) == (8, 4)
     assert rec["ttft_ms"] is not None
 
 
@@ -155,6 +155,7 @@ def test_responses_upstream_dies_mid_stream(gw: GatewayProcess, ups: tuple[FakeU
     rec = gw.record("resp-die-1")
     assert rec["outcome"] == "upstream_failed_midstream" and rec["status"] == 502
     assert rec["completion_tokens"] == 3  # the deltas vLLM sent before it died
+    assert rec["prompt_tokens"] == 8  # no usage came: counted by the engine's /tokenize
 
 
 def test_responses_engine_error_event_passes_through(gw: GatewayProcess,
@@ -333,4 +334,5 @@ def test_client_leaving_mid_stream_is_recorded(gw: GatewayProcess, ups: tuple[Fa
     rec = gw.record(rid)
     assert rec["outcome"] == "client_left_midstream" and rec["status"] == 499
     assert 3 <= rec["completion_tokens"] < 60  # the output deltas relayed before the client left
+    assert rec["prompt_tokens"] == 7  # Messages: from message_start; Responses: counted by the engine
     assert rec["ttft_ms"] is not None

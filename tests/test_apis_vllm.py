@@ -160,3 +160,36 @@ def test_both_apis_on_real_vllm_with_exact_accounting(replicas: tuple[GatewayPro
     after_g = vllm_counter(engine, "vllm:generation_tokens_total")
     assert after_gw[0] - before_gw[0] == after_p - before_p
     assert after_gw[1] - before_gw[1] == after_g - before_g
+
+
+@pytest.mark.parametrize("path,body,delta", [
+    ("/v1/messages", {"messages": [{"role": "user", "content": "Write a long story about a cat."}],
+                      "max_tokens": 200}, "event: content_block_delta"),
+    ("/v1/responses", {"input": "Write a long story about a cat.", "instructions": "Use simple words.",
+                       "max_output_tokens": 200}, "event: response.output_text.delta")])
+def test_client_leaving_mid_stream_still_matches_vllms_counters(
+        replicas: tuple[GatewayProcess, GatewayProcess], engine: str, decoy: FakeUpstream,
+        path: str, body: dict[str, Any], delta: str) -> None:
+    """Neither API carries usage on each event: the gateway drains what vLLM wrote before it saw the
+    client leave, counts the output deltas, and (Responses) counts the prompt with the engine's /tokenize."""
+    g1, _ = replicas
+    before_gw = gateway_tokens(replicas)
+    before = (vllm_counter(engine, "vllm:prompt_tokens_total"), vllm_counter(engine, "vllm:generation_tokens_total"))
+    decoy.control(fail_status=503)
+    try:
+        seen = 0
+        with httpx.stream("POST", f"{g1.url}{path}", json={"model": "smollm2", "stream": True, **body},
+                          headers={"X-Request-Id": f"vllm-leave-{path[4:]}"}, timeout=120) as r:
+            assert r.headers["x-gateway-deployment"] == REAL
+            for line in r.iter_lines():
+                seen += line.startswith(delta)
+                if seen == 5:
+                    break
+    finally:
+        decoy.control(fail_status=0)
+    rec = g1.record(f"vllm-leave-{path[4:]}", timeout=15)
+    assert rec["outcome"] == "client_left_midstream" and 5 <= rec["completion_tokens"] < 200
+    after_gw = gateway_tokens(replicas)
+    after = (vllm_counter(engine, "vllm:prompt_tokens_total"), vllm_counter(engine, "vllm:generation_tokens_total"))
+    assert after_gw[0] - before_gw[0] == after[0] - before[0] > 0
+    assert after_gw[1] - before_gw[1] == after[1] - before[1]

@@ -20,6 +20,7 @@ from gateway.record import RequestRecord
 from gateway.routing.policy import Plan
 from gateway.store import Store
 from gateway.streaming import AbsurdUsage, MalformedStream, UsageTally, tally_body
+from gateway.upstream import UpstreamPool
 
 STORED_RESPONSE_TTL_S = 7 * 86400.0  # vLLM itself never evicts a stored response; an engine restart loses them
 
@@ -107,6 +108,19 @@ class Apis:
         if loc is None or err.status < 500:
             return err
         return unavailable(str(body.get("previous_response_id")), loc, err)
+
+    async def unfinished_stream(self, rec: RequestRecord, endpoint: str, body: dict[str, Any], acct: Any,
+                                pool: UpstreamPool) -> None:
+        """A Responses stream that ended before its usage (client gone, upstream dead): vLLM prefilled the
+        prompt, but no event said how long it was. Count it, so that leaving early never makes it free."""
+        if (endpoint != "responses" or not isinstance(acct, responses.ResponsesAccountant) or acct.tally.final
+                or acct.deltas == 0 or rec.deployment is None):
+            return
+        prompt = await responses.count_prompt(pool.session, pool.states[rec.deployment], body)
+        if prompt is not None:
+            acct.prompt = prompt
+            acct.add_usage({"prompt_tokens": prompt, "completion_tokens": acct.deltas}, final=False)
+            acct.tally.write(rec)
 
     async def served(self, rec: RequestRecord, endpoint: str, body: dict[str, Any]) -> None:
         """After an engine accepted the request: remember where a stored response lives."""

@@ -124,7 +124,9 @@ class FakeApis:
         if err is not None:
             return err
         prev = self.stored.get(body.get("previous_response_id") or "")
-        prompt = 1 + _words(body.get("input")) + _words(body.get("instructions") or "")
+        # rendered as chat messages (instructions as a system message), counted like the chat endpoint
+        prompt = 2 + 4 + _words(body.get("input")) + (4 + _words(body["instructions"]) if body.get("instructions")
+                                                       else 0)
         if prev is not None:
             prompt += prev["usage"]["total_tokens"]
         n = int(body.get("max_output_tokens") or self.fake.b.default_tokens)
