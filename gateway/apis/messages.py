@@ -79,9 +79,10 @@ class MessagesAccountant(EventAccountant):
         if kind == "message_start":
             message = obj.get("message")
             usage = to_chat_usage(message.get("usage")) if isinstance(message, dict) else None
-            if usage is not None:  # the input is known from here on; the output comes with message_delta
+            if usage is not None:  # vLLM sends it after the prefill, when it counts the prompt
                 self.prompt = usage["prompt_tokens"]
                 self.cached = usage["prompt_tokens_details"]["cached_tokens"] or 0
+                self.add_usage({**usage, "completion_tokens": 0}, final=False)
         elif kind == "message_delta":
             self.add_usage(to_chat_usage(obj.get("usage"), self.prompt, self.cached), final=True)
         elif kind == "error":
