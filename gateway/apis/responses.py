@@ -140,6 +140,7 @@ async def count_prompt(session: aiohttp.ClientSession, state: DeploymentState, b
     that response's own input and output. None when it cannot be counted."""
     messages = as_chat_messages(body)
     if messages is None:
+        log.warning("the prompt of an unfinished Responses stream has items other than text messages: not counted")
         return None
     base = 0
     url = state.spec.url
