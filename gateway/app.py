@@ -23,6 +23,10 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from gateway import errors
+from gateway.apis import registry, retrieve
+from gateway.apis.events import EventAccountant
+from gateway.apis.registry import Apis
+from gateway.apis.stored import Location
 from gateway.auth import Authenticator
 from gateway.cache import Lookup, RecordingAccountant, build_cache, replay
 from gateway.config import GatewayConfig, Model, Pricing, load_config
@@ -70,6 +74,7 @@ class Gateway:
         self._redis_logged: dict[str, float] = {}
         self.store = build_store(config, self._redis_error)
         self.cache = build_cache(config, self.store, self.metrics.cache_corrupt.inc)
+        self.apis = Apis(config, self.store)  # Responses / Messages / tokenizer: stored responses, upper bound
         self.limiter = build_limiter(config, self.store, self._spend_seen, self.metrics,
                                      window=lambda m: self.planner.window(m))  # planner: built below
         self.ledger = Ledger(self.store, f.redis.ledger_buffer, f.redis.ledger_flush_interval_s,
@@ -180,6 +185,8 @@ class Gateway:
             if _DUPLICATE in headers:
                 raise duplicate_header(headers[_DUPLICATE])
             auth = headers.get(b"authorization")
+            if auth is None and b"x-api-key" in headers:  # how the anthropic SDK sends its key
+                auth = b"Bearer " + headers[b"x-api-key"]
             tenant, key_hash = self.auth.authenticate(auth.decode("latin-1") if auth else None)
             rec.tenant, rec.api_key_hash = tenant.name, key_hash
             body = await self.read_json(headers, receive)
@@ -193,22 +200,28 @@ class Gateway:
                 if e.code == "model_not_found":  # a probe for names still counts: one request, no tokens
                     await self.limiter.admit(rec, NO_MODEL, {})
                 raise
+            pinned = await self.apis.pin(rec, endpoint, plan, body)  # continues a stored response: its engine
             self.finalizer.begin(rec)
             model = plan.candidates[0]
+            self.apis.prepare(endpoint, body)  # gateway/apis/: the output upper bound, the response id
             await self.limiter.admit(rec, model, body)  # 429 (or 503 when failing closed) refuses here
-            stream = endpoint != "embeddings" and body.get("stream") is True
-            n = body.get("n", 1) if endpoint != "embeddings" else 1
+            stream = registry.streams(endpoint, body)
+            n = body.get("n", 1) if endpoint in ("chat", "completions") else 1
             lk = await self.cache.lookup(rec, model, endpoint, body, headers.get(b"cache-control"), stream)
             try:
                 if stream:
-                    await self._stream(rec, plan, endpoint, body, send, lk, n, watcher.cancel)
+                    await self._stream(rec, plan, endpoint, body, send, lk, n, watcher.cancel, pinned)
                     self.finalizer.finalize(rec)  # a stream that failed mid-way (a complete one already is)
                     return
                 if lk.entry is not None:
                     data = lk.entry.body
                 else:
-                    data, tally = await self.executor.call(rec, plan, endpoint, body, n)
+                    try:
+                        data, tally = await self.executor.call(rec, plan, endpoint, body, n)
+                    except GatewayError as e:
+                        raise self.apis.pinned_failure(body, pinned, e) from None
                     tally.write(rec)
+                    await self.apis.served(rec, endpoint, body)
                 watcher.cancel()  # the answer is here: a client leaving now changes nothing
                 rec.status = 200
                 self.finalizer.finalize(rec)
@@ -246,7 +259,7 @@ class Gateway:
         rec.status, rec.error_code = e.status, e.code
         rec.outcome = "timeout" if e.code == "upstream_timeout" else "error"
         self.finalizer.finalize(rec)
-        await _respond(send, e.status, e.to_json(), {**final_headers(rec), **e.headers})
+        await _respond(send, e.status, registry.error_body(rec.endpoint, e), {**final_headers(rec), **e.headers})
 
     async def _plan(self, rec: RequestRecord, name: str, body: dict[str, Any], headers: dict[bytes, bytes]) -> Plan:
         task_raw = headers.get(b"x-gateway-task")
@@ -276,24 +289,37 @@ class Gateway:
         return plan
 
     async def _stream(self, rec: RequestRecord, plan: Plan, endpoint: Endpoint, body: dict[str, Any],
-                      send: Send, lk: Lookup, n: int, stop_watching: Callable[[], object]) -> None:
+                      send: Send, lk: Lookup, n: int, stop_watching: Callable[[], object],
+                      pinned: Location | None = None) -> None:
         rec.stream = True
-        asked = body.get("stream_options") or {}
-        if not isinstance(asked, dict):
-            raise errors.bad_request("'stream_options' must be an object.", param="stream_options")
-        # A miss that may be stored keeps the upstream payloads (RecordingAccountant); a hit replays them.
-        usage, continuous = asked.get("include_usage") is True, asked.get("continuous_usage_stats") is True
-        acct = RecordingAccountant(rec, usage, continuous, n, lk.max_bytes) if lk.may_store else \
-            StreamAccountant(rec, usage, continuous, n)
-        body["stream_options"] = {**asked, "include_usage": True, "continuous_usage_stats": True}
-        stream = None if lk.entry is not None else await self.executor.open_stream(rec, plan, endpoint, body, n)
+        # Responses / Messages: their own named-event accountant (gateway/apis/); chat and completions below.
+        acct: StreamAccountant | EventAccountant | None = registry.accountant(endpoint, rec, lk.may_store)
+        if acct is None:
+            asked = body.get("stream_options") or {}
+            if not isinstance(asked, dict):
+                raise errors.bad_request("'stream_options' must be an object.", param="stream_options")
+            # A miss that may be stored keeps the upstream payloads (RecordingAccountant); a hit replays them.
+            usage, continuous = asked.get("include_usage") is True, asked.get("continuous_usage_stats") is True
+            acct = RecordingAccountant(rec, usage, continuous, n, lk.max_bytes) if lk.may_store else \
+                StreamAccountant(rec, usage, continuous, n)
+            body["stream_options"] = {**asked, "include_usage": True, "continuous_usage_stats": True}
+        stream = None
+        if lk.entry is None:
+            try:
+                stream = await self.executor.open_stream(rec, plan, endpoint, body, n)
+            except GatewayError as e:
+                raise self.apis.pinned_failure(body, pinned, e) from None
+            await self.apis.served(rec, endpoint, body)
         rec.status = 200
 
         def on_done() -> bytes:
             line = self.finalizer.finalize(rec)
             # Only called for a stream that completed; one that outgrew max_entry_bytes was not kept.
-            if isinstance(acct, RecordingAccountant) and (recorded := acct.recorded()) is not None:
-                self.cache.store(lk, rec, "sse", recorded)
+            if isinstance(acct, RecordingAccountant):
+                if (recorded := acct.recorded()) is not None:
+                    self.cache.store(lk, rec, "sse", recorded)
+            elif (payloads := getattr(acct, "payloads", None)) is not None:  # Responses / Messages events
+                self.cache.store(lk, rec, "sse", b"\n".join(payloads))
             return stream_trailer(line)
 
         relay = None if stream is None else Relay(stream, rec, acct, on_done)
@@ -321,6 +347,8 @@ class Gateway:
             await chunks.aclose()  # type: ignore[attr-defined]
             if relay is not None:
                 await relay.abandon()  # no-op when the upstream side already ended
+                if not relay.completed:
+                    await self.apis.unfinished_stream(rec, endpoint, body, acct, self.pool)
 
     def list_models(self) -> dict[str, Any]:
         return {"object": "list", "data": [
@@ -364,7 +392,7 @@ async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[Any]) -> No
 _BLOCKED_S = 0.002  # a send that took longer waited for the client's socket to drain
 _SLOW_READER_S = 0.05  # a client that held the stream back this long in all reads slowly
 
-_WANTED = frozenset({b"authorization", b"x-request-id", b"content-length", b"x-gateway-task",
+_WANTED = frozenset({b"authorization", b"x-api-key", b"x-request-id", b"content-length", b"x-gateway-task",
                      b"x-gateway-deadline-ms", b"cache-control"})
 JSON_CT = (b"content-type", b"application/json")
 SSE = (b"content-type", b"text/event-stream; charset=utf-8")
@@ -415,7 +443,8 @@ class FastPath:
     """ASGI entry: the three proxy routes go straight to Gateway.handle; everything else to FastAPI."""
 
     ROUTES: dict[str, Endpoint] = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
-                                   "/v1/embeddings": "embeddings"}
+                                   "/v1/embeddings": "embeddings", "/v1/responses": "responses",
+                                   "/v1/messages": "messages", "/tokenize": "tokenize", "/detokenize": "detokenize"}
 
     def __init__(self, gw: Gateway, app: FastAPI) -> None:
         self.gw, self.app = gw, app
@@ -426,6 +455,9 @@ class FastPath:
             if endpoint is not None:
                 await self.gw.handle(scope, receive, send, endpoint)
                 return
+        if scope["type"] == "http" and retrieve.matches(scope["path"]):  # stored responses: their engine only
+            await retrieve.handle(self.gw, scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
 
@@ -476,6 +508,22 @@ def create_app(config: GatewayConfig | None = None) -> FastPath:
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
         return _Handled(gw, "embeddings")
+
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        return _Handled(gw, "responses")
+
+    @app.post("/v1/messages")
+    async def messages(request: Request) -> Response:
+        return _Handled(gw, "messages")
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        return _Handled(gw, "tokenize")
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        return _Handled(gw, "detokenize")
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:

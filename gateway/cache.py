@@ -121,6 +121,8 @@ class NullCache:
 
 
 def cacheable(mode: str, endpoint: str, body: dict[str, Any]) -> bool:
+    if endpoint in ("tokenize", "detokenize") or (endpoint == "responses" and body.get("store") is not False):
+        return False  # a stored response has an identity (its id): never hand it to another request
     if mode == "all":
         return True
     if mode == "off":
@@ -314,17 +316,14 @@ class RecordingAccountant(StreamAccountant):
         return None if self.payloads is None else b"\n".join(self.payloads)
 
 
-async def replay(entry: Entry, acct: StreamAccountant, on_done: Callable[[], bytes]) -> AsyncIterator[bytes]:
-    """A hit answered as the original stream: the same chunks through the accountant, trailer, [DONE]."""
-    from gateway.streaming import DONE
-
+async def replay(entry: Entry, acct: Any, on_done: Callable[[], bytes]) -> AsyncIterator[bytes]:
+    """A hit answered as the original stream: the same chunks through the accountant, trailer, end marker."""
     for payload in entry.payloads():
         out = acct.on_data(payload)
         if out is not None:
             yield out
     acct.done()
-    yield on_done()
-    yield DONE
+    yield on_done() + acct.end_marker
 
 
 def build_cache(config: GatewayConfig, store: Store, on_corrupt: Callable[[], None] = lambda: None) -> ResponseCache:

@@ -20,6 +20,7 @@ import aiohttp
 import orjson
 
 from gateway import errors
+from gateway.apis import registry
 from gateway.config import Model
 from gateway.errors import GatewayError
 from gateway.protocol import UPSTREAM_PATHS, Endpoint, upstream_error
@@ -27,7 +28,7 @@ from gateway.record import Attempt, RequestRecord
 from gateway.relay import FirstChunkError, SSEReader, UpstreamStream, drain, read_until_first_token, tally_lines
 from gateway.routing.breaker import BreakerState, CircuitBreaker
 from gateway.routing.policy import Plan
-from gateway.streaming import UsageTally, tally_body
+from gateway.streaming import UsageTally
 from gateway.upstream import DeploymentState, UpstreamPool
 
 T = TypeVar("T")
@@ -189,12 +190,12 @@ class Executor:
         path = UPSTREAM_PATHS[endpoint]
 
         async def attempt(state: DeploymentState, payload: bytes, att: Attempt) -> tuple[bytes, UsageTally]:
-            return await self._post_json(state, path, rec, payload, att, n)
+            return await self._post_json(state, path, rec, payload, att, n, endpoint)
 
         return await self._attempt_in_order(rec, plan, body, attempt, stream=False)
 
     async def _post_json(self, state: DeploymentState, path: str, rec: RequestRecord, payload: bytes,
-                         att: Attempt, n: int) -> tuple[bytes, UsageTally]:
+                         att: Attempt, n: int, endpoint: Endpoint = "chat") -> tuple[bytes, UsageTally]:
         try:
             async with self.pool.session.post(
                 state.spec.url + path, data=payload, timeout=state.timeout,
@@ -230,7 +231,7 @@ class Executor:
         except orjson.JSONDecodeError:
             raise _Retryable("malformed_response", errors.upstream_unavailable(
                 f"deployment {state.name} returned a body that is not JSON")) from None
-        return data, tally_body(parsed, n)
+        return data, registry.tally_response(endpoint, parsed, n)
 
     async def open_stream(self, rec: RequestRecord, plan: Plan, endpoint: Endpoint,
                           body: dict[str, Any], n: int = 1) -> UpstreamStream:
@@ -238,7 +239,7 @@ class Executor:
         path = UPSTREAM_PATHS[endpoint]
 
         async def attempt(state: DeploymentState, payload: bytes, att: Attempt) -> UpstreamStream:
-            return await self._open(state, path, rec, payload, att, n)
+            return await self._open(state, path, rec, payload, att, n, endpoint)
 
         return await self._attempt_in_order(rec, plan, body, attempt, stream=True)
 
@@ -265,7 +266,7 @@ class Executor:
         return None
 
     async def _open(self, state: DeploymentState, path: str, rec: RequestRecord, payload: bytes, att: Attempt,
-                    n: int) -> UpstreamStream:
+                    n: int, endpoint: Endpoint = "chat") -> UpstreamStream:
         first_token = state.spec.timeouts.first_token
         resp: aiohttp.ClientResponse | None = None
         reader: SSEReader | None = None
@@ -280,7 +281,7 @@ class Executor:
                 await drain(resp, reader, seen.append)
             else:
                 resp.close()
-            tally = tally_lines(seen, n)
+            tally = registry.tally_stream_lines(endpoint, seen) or tally_lines(seen, n)
             if tally.reported:
                 att.usage = "reported"
                 att.prompt_tokens, att.fanout_prompt_tokens = tally.prompt, tally.fanout_prompt
@@ -301,7 +302,7 @@ class Executor:
                         raise _Retryable(f"upstream_{status}", err)
                     raise err
                 reader = SSEReader(resp)
-                primed = await read_until_first_token(reader, seen)
+                primed = await read_until_first_token(reader, seen, registry.first_output(endpoint))
         except aiohttp.ClientConnectorError as e:
             raise _connect_error(state, e) from None
         except aiohttp.ConnectionTimeoutError:

@@ -19,10 +19,13 @@ from typing import Any
 from gateway import errors
 
 OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens")  # vLLM chat: max_completion_tokens wins when both set
+# The field that bounds the output, per API (Responses: max_output_tokens; Anthropic Messages: max_tokens).
+OUTPUT_FIELDS_BY_ENDPOINT = {"responses": ("max_output_tokens",), "messages": ("max_tokens",)}
+NO_OUTPUT = frozenset({"embeddings", "tokenize", "detokenize"})
 # Request fields the chat template or the guided decoder turns into prompt tokens, besides messages/prompt.
 PROMPT_JSON_FIELDS = ("tools", "functions", "tool_choice", "function_call", "response_format", "guided_json",
                       "guided_regex", "guided_choice", "guided_grammar", "structured_outputs", "suffix",
-                      "chat_template", "chat_template_kwargs", "documents")
+                      "chat_template", "chat_template_kwargs", "documents", "system", "instructions")
 MEDIA_TYPES = frozenset({"image_url", "input_image", "image", "image_pil", "image_embeds", "input_audio",
                          "audio_url", "audio", "video_url", "video", "file", "input_file"})
 TEXT_TYPES = frozenset({"text", "input_text", "output_text", "refusal"})
@@ -54,9 +57,10 @@ def _json_int(body: dict[str, Any], name: str, minimum: int) -> int | None:
 
 def bound_output(body: dict[str, Any], endpoint: str, b: OutputBounds, prompt_estimate: int | None = None) -> int:
     """Cap or set the body's output bound (mutates `body`); return max tokens per generated sequence (0: none)."""
-    if endpoint == "embeddings":
+    if endpoint in NO_OUTPUT:
         return 0
-    asked = [(f, v) for f in OUTPUT_FIELDS if (v := _json_int(body, f, 1)) is not None]
+    fields = OUTPUT_FIELDS_BY_ENDPOINT.get(endpoint, OUTPUT_FIELDS)
+    asked = [(f, v) for f in fields if (v := _json_int(body, f, 1)) is not None]
     cap = b.max_output_tokens
     if asked:
         bound = asked[0][1]  # vLLM's precedence; every field sent is then set to the same value anyway
@@ -71,7 +75,7 @@ def bound_output(body: dict[str, Any], endpoint: str, b: OutputBounds, prompt_es
     if b.context_window is not None and prompt_estimate is not None:
         # the estimate is above the real prompt, so this never asks vLLM for more than the window holds
         bound = max(1, min(bound, b.context_window - prompt_estimate))
-    body["max_tokens"] = bound
+    body[fields[-1]] = bound
     return bound
 
 
