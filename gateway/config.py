@@ -108,7 +108,9 @@ class RedisFailureSpec(_Strict):
 
 
 class RedisSpec(_Strict):
-    url: str | None = Field(None, description="redis://host:port/db; unset or empty: in-process backend")
+    url: str | None = Field(None, description="redis://[user:pw@]host:port/db, rediss:// (TLS), unix://, or "
+                            "redis+sentinel://host:port,host:port/MASTER[/db] (docs/redis.md); unset or empty: "
+                            "in-process backend")
     key_prefix: str = "gw:"
     timeout_s: float = Field(0.25, gt=0, description="socket timeout of each Redis command")
     down_for_s: float = Field(1.0, ge=0, description="after an error, skip Redis this long (the ledger probes)")
@@ -117,6 +119,13 @@ class RedisSpec(_Strict):
     ledger_maxlen: int | None = Field(None, ge=1000, description="approximate trim; unset: keep everything")
     ledger_buffer: int = Field(10000, ge=1, description="records kept in memory while Redis is away")
     ledger_flush_interval_s: float = Field(0.2, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        from gateway.redis_client import check_url
+
+        return check_url(v) if v else v
 
 
 class ModelSpec(_Strict):
