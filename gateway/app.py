@@ -30,6 +30,7 @@ from gateway.errors import GatewayError
 from gateway.execute import Executor
 from gateway.finalize import Finalizer, RequestLog, early_headers, final_headers, stream_trailer
 from gateway.ledger import Ledger, parse_time
+from gateway.ledger_gate import LedgerGate
 from gateway.limits import build_limiter
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.openapi import install_openapi
@@ -66,6 +67,9 @@ class Gateway:
         self.limiter = build_limiter(config, self.store, self._spend_seen)
         self.ledger = Ledger(self.store, f.redis.ledger_buffer, f.redis.ledger_flush_interval_s,
                              self.metrics.ledger_buffered.set, self.metrics.ledger_dropped.inc)
+        # A response ends only once its ledger record is in Redis (a killed replica loses no finished request).
+        self.ledger_gate = LedgerGate(self.ledger, f.redis.timeout_s * 2, max(f.redis.down_for_s, 0.5)) \
+            if self.store.name == "redis" and f.redis.ledger_before_response else None
         # Upstreams, their breakers and live figures, and the routing rules over them.
         self.pool = UpstreamPool(config, on_checked=self._health_checked)
         self.breakers = {name: CircuitBreaker(name, config.circuit_breaker, self._breaker_changed)
@@ -181,6 +185,8 @@ class Gateway:
                 self.cache.store(lk, rec, "json", data)
             finally:
                 self.cache.release(lk)
+            if self.ledger_gate is not None:
+                await self.ledger_gate.wait()
             await _respond(send, 200, data, final_headers(rec))
         except GatewayError as e:
             await self._error(rec, e, send)
@@ -253,6 +259,8 @@ class Gateway:
             chunks = replay(lk.entry, acct, on_done) if stream is None and lk.entry is not None else \
                 self.executor.relay(stream, rec, acct, on_done)  # type: ignore[arg-type]
             async for chunk in chunks:
+                if finalized and self.ledger_gate is not None:  # the trailer and [DONE] wait for the ledger
+                    await self.ledger_gate.wait()
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             watcher.cancel()
             await send({"type": "http.response.body", "body": b"", "more_body": False})

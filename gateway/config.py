@@ -119,6 +119,9 @@ class RedisSpec(_Strict):
     ledger_maxlen: int | None = Field(None, ge=1000, description="approximate trim; unset: keep everything")
     ledger_buffer: int = Field(10000, ge=1, description="records kept in memory while Redis is away")
     ledger_flush_interval_s: float = Field(0.2, gt=0)
+    ledger_before_response: bool = Field(True, description="a response's last bytes wait until its ledger record "
+                                         "is in Redis (gateway/ledger_gate.py); off: up to one flush interval "
+                                         "of finished requests is lost if a replica is killed")
 
     @field_validator("url")
     @classmethod

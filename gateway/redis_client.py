@@ -65,10 +65,16 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     query = parse_qs(parts.query, keep_blank_values=True)
     unknown = sorted(set(query) - _SENTINEL_QUERY)
     if unknown:
-        raise ValueError(f"unknown query parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(_SENTINEL_QUERY))}")
+        known = ", ".join(sorted(_SENTINEL_QUERY))
+        raise ValueError(f"unknown query parameter(s) {', '.join(unknown)}; known: {known}")
     return SentinelTarget(tuple(sentinels), unquote(path[0]), int(path[1]) if len(path) == 2 else 0, username,
-                          password, (query.get("sentinel_username") or [None])[0],
-                          (query.get("sentinel_password") or [None])[0], parts.scheme == "rediss+sentinel")
+                          password, _first(query, "sentinel_username"),
+                          _first(query, "sentinel_password"), parts.scheme == "rediss+sentinel")
+
+
+def _first(query: dict[str, list[str]], name: str) -> str | None:
+    values = query.get(name)
+    return values[0] if values else None
 
 
 def check_url(url: str) -> str:
@@ -102,16 +108,16 @@ def connect(url: str, **options: Any) -> Any:
     sentinel = Sentinel(list(t.sentinels), sentinel_kwargs=sentinel_kwargs)
     client = sentinel.master_for(t.master, redis_class=SentinelMaster, db=t.db, username=t.username,
                                  password=t.password, ssl=t.tls, **options)
-    client.sentinel = sentinel
+    client.sentinels = sentinel
     return client
 
 
 class SentinelMaster(aioredis.Redis):
     """The master's client; closing it also closes the connections to the sentinels."""
 
-    sentinel: Sentinel | None = None
+    sentinels: Sentinel | None = None
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
         await super().aclose(close_connection_pool)
-        if self.sentinel is not None:
-            await self.sentinel.aclose()
+        if self.sentinels is not None:
+            await self.sentinels.aclose()

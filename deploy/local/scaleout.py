@@ -206,10 +206,10 @@ frontend stats
                "server": {**self.gateway_config.get("server", {}),
                           "request_log": str(self.workdir / f"gateway-{i}-requests.jsonl")}}
         path = self.workdir / f"gateway-{i}.yaml"
-        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False).replace("${UPSTREAM_URL}", self.upstream_url))
         cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", str(port),
                "--workers", str(self.gateway_workers), "--log-level", "warning"]
-        proc = self._spawn(f"gateway-{i}", cmd, port, {"UPSTREAM_URL": self.upstream_url})
+        proc = self._spawn(f"gateway-{i}", cmd, port)
         wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/healthz"), f"gateway-{i}", 60, proc.proc)
         return proc
 
