@@ -165,6 +165,7 @@ defaults
     mode http
     log global
     option dontlognull
+    option http-no-delay  # stream chunks (SSE tokens) go out at once, not coalesced
     timeout connect 1s
     timeout client 600s
     timeout server 600s
