@@ -188,12 +188,14 @@ def up_scaleout(a: argparse.Namespace) -> int:
     upstream_url = ""
     started: list[subprocess.Popen[bytes]] = []
     if a.upstream == "vllm":
-        engines.ensure_ready()
         chat_url, embed_url = f"http://127.0.0.1:{a.chat_port}", f"http://127.0.0.1:{a.embed_port}"
-        for url, start in ((chat_url, engines.start_chat_engine), (embed_url, engines.start_embedding_engine)):
-            if not port_open(int(url.rsplit(":", 1)[1])):
-                started.append(start(int(url.rsplit(":", 1)[1])))
-            wait_url(f"{url}/health", f"vLLM {url}", 900)
+        for port, start in ((a.chat_port, engines.start_chat_engine), (a.embed_port, engines.start_embedding_engine)):
+            if port_open(port):
+                say(f"vLLM: using the engine already on 127.0.0.1:{port}")
+            else:
+                engines.ensure_ready()
+                started.append(start(port))
+            wait_url(f"http://127.0.0.1:{port}/health", f"vLLM on port {port}", 900)
         text = text.replace("${CHAT_URL}", chat_url).replace("${EMBED_URL}", embed_url)
         upstream_url = chat_url
     else:
