@@ -29,7 +29,7 @@ from scaleout import ScaleOut, missing_tools  # noqa: E402
 if missing := missing_tools():
     pytest.skip(f"needs Debian packages {' '.join(missing)} (scripts/test.sh installs them)", allow_module_level=True)
 
-KEYS = {name: f"sk-scaleout-{name}" for name in ("rpm", "tpm", "conc", "budget", "load", "failover", "admin")}
+KEYS = {name: f"sk-scaleout-{name}" for name in ("rpm", "tpm", "conc", "budget", "usage", "load", "failover", "admin")}
 LIMITS = {"rpm": {"rpm": 7}, "tpm": {"tpm": 73}, "conc": {"concurrency": 2}, "budget": {"budget_day_usd": 9}}
 ADMIN = {"Authorization": f"Bearer {KEYS['admin']}"}
 
@@ -119,15 +119,15 @@ def test_limits_hold_exactly_across_three_replicas(stack: ScaleOut) -> None:
 
 def test_usage_is_the_same_from_every_replica(stack: ScaleOut) -> None:
     body = {"model": "m1", "messages": [{"role": "user", "content": "count me"}], "max_tokens": 3}
-    results = burst(stack.url, body, 30, auth("load"))
+    results = burst(stack.url, body, 30, auth("usage"))
     assert all(r.status_code == 200 for r in results)
-    time.sleep(0.3)  # each replica writes its finished records to the shared stream every 50 ms
-    answers = [httpx.get(u + "/v1/usage", headers=auth("load"), timeout=10).json() for u in stack.replica_urls]
-    assert answers[0]["totals"]["requests"] >= 30
+    # no waiting: a response ends only once its ledger record is in Redis (redis.ledger_before_response)
+    answers = [httpx.get(u + "/v1/usage", headers=auth("usage"), timeout=10).json() for u in stack.replica_urls]
+    assert answers[0]["totals"]["requests"] == 30
     assert answers[0]["data"] and all(a == answers[0] for a in answers)
     everyone = [httpx.get(u + "/v1/usage", headers=ADMIN, timeout=10).json() for u in stack.replica_urls]
     assert all(a == everyone[0] for a in everyone)
-    assert {g["tenant"] for g in everyone[0]["data"]} >= {"rpm", "tpm", "conc", "budget", "load"}
+    assert {g["tenant"] for g in everyone[0]["data"]} >= {"rpm", "tpm", "conc", "budget", "usage"}
 
 
 class Load:
