@@ -36,7 +36,7 @@ from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.openapi import install_openapi
 from gateway.protocol import Endpoint, validate_request
 from gateway.record import RequestRecord
-from gateway.relay import Relay
+from gateway.relay import DRAIN_S, Relay
 from gateway.routing.breaker import BreakerState, CircuitBreaker
 from gateway.routing.live import LiveStats
 from gateway.routing.policy import Plan, Planner
@@ -83,6 +83,7 @@ class Gateway:
         self.finalizer = Finalizer(config, self.metrics, RequestLog(config.server.request_log))
         self.finalizer.record_sinks.append(self.ledger.append)
         self.finalizer.observers += [self.limiter.settle, self._observe_latency]
+        self.active: set[asyncio.Task[Any]] = set()  # requests being served (shutdown waits for their accounts)
         self._set_static_gauges()
 
     def _set_static_gauges(self) -> None:
@@ -165,6 +166,7 @@ class Gateway:
         rec = RequestRecord(rid.decode() if rid and _REQUEST_ID.fullmatch(rid) else uuid.uuid4().hex, endpoint)
         task = asyncio.current_task()
         assert task is not None
+        self.active.add(task)
         watcher: asyncio.Task[None] | None = None
         try:
             auth = headers.get(b"authorization")
@@ -223,11 +225,13 @@ class Gateway:
             await self._error(rec, GatewayError(500, f"Internal gateway error (request id {rec.request_id}).",
                                                 type="api_error", code="internal_error"), send)
         finally:
+            self.active.discard(task)
             if watcher is not None:
                 watcher.cancel()
 
     async def _error(self, rec: RequestRecord, e: GatewayError, send: Send) -> None:
-        rec.status, rec.error_code, rec.outcome = e.status, e.code, "error"
+        rec.status, rec.error_code = e.status, e.code
+        rec.outcome = "timeout" if e.code == "upstream_timeout" else "error"
         self.finalizer.finalize(rec)
         await _respond(send, e.status, e.to_json(), {**final_headers(rec), **e.headers})
 
@@ -280,7 +284,7 @@ class Gateway:
 
         relay = None if stream is None else Relay(stream, rec, acct, on_done)
         chunks = relay.chunks() if relay is not None else replay(lk.entry, acct, on_done)  # type: ignore[arg-type]
-        sending = False
+        sending, t0 = False, 0.0
         try:
             await send({"type": "http.response.start", "status": 200,
                         "headers": _encode_headers({**early_headers(rec), "cache-control": "no-cache"}, SSE)})
@@ -296,6 +300,8 @@ class Gateway:
             stop_watching()  # the response is complete: the client closing now is not leaving early
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
+            if sending:  # left while a write to it was blocked
+                rec.client_wait_s += time.perf_counter() - t0
             slow = sending or rec.client_wait_s >= _SLOW_READER_S
             rec.outcome = "client_left_slow_reader" if slow else "client_left_midstream"
             raise
@@ -393,6 +399,8 @@ def create_app(config: GatewayConfig | None = None) -> FastPath:
         try:
             yield
         finally:
+            if gw.active:  # requests cut by shutdown are still draining vLLM and writing their records
+                await asyncio.wait(list(gw.active), timeout=DRAIN_S + 1.0)
             await gw.live.close()
             await gw.pool.close()
             await gw.limiter.close()

@@ -184,6 +184,8 @@ class ServerSpec(_Strict):
     request_log: str = Field("stderr", description="stderr, stdout, off, or a file path")
     body_timeout: float = Field(30.0, gt=0, description="seconds a client may take to send its request body")
     max_connections: int | None = Field(None, ge=1, description="uvicorn limit_concurrency; beyond it: 503")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, requests still running after this long "
+                                    "are cut (outcome gateway_shutdown, accounted)")
 
     @field_validator("request_log", mode="before")
     @classmethod

@@ -25,7 +25,7 @@ from gateway.upstream import DeploymentState
 
 log = logging.getLogger("gateway.relay")
 
-DRAIN_S = 2.0  # how long a left stream may take to deliver what vLLM wrote before it saw the EOF
+DRAIN_S = 0.5  # how long a left stream may take to deliver what vLLM wrote before it saw the EOF
 
 
 class SSEReader:

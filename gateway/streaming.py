@@ -67,8 +67,8 @@ class UsageTally:
     """What vLLM did for one upstream request, from its usage: totals when the final chunk came, else per choice.
 
     `n` is the number of choices per prompt (choice index i belongs to prompt i // n, as vLLM numbers them).
-    A choice counts toward vLLM's prefill work once it produced a token (vLLM counts a prompt when its
-    request yields output).
+    A choice counts toward vLLM's prefill work once a chunk of it arrived (vLLM sends a choice's first
+    chunk after its prefill, and counts the prompt then).
     """
 
     __slots__ = ("n", "_completion", "_prompt", "_cached", "_completion_sum", "final", "invalid")
@@ -146,17 +146,14 @@ class UsageTally:
             return (self.n - 1) * self.final[0]
         extra = 0
         for p in self._started_prompts():
-            choices = sum(1 for i, c in self._completion.items() if i // self.n == p and c > 0)
-            if self.final is not None:
-                choices = self.n  # the request completed: every choice of every prompt ran
+            choices = self.n if self.final is not None else sum(1 for i in self._completion if i // self.n == p)
             extra += max(0, choices - 1) * self._prompt[p]
         return extra
 
     def _started_prompts(self) -> list[int]:
-        """Prompts that vLLM prefilled: one of their choices produced a token (or the stream completed)."""
-        if self.final is not None:
-            return list(self._prompt)
-        return sorted({i // self.n for i, c in self._completion.items() if c > 0})
+        """Prompts vLLM prefilled. vLLM streams a choice's first chunk (with its usage) only once that
+        choice produced output, which is when vLLM counts its prompt."""
+        return list(self._prompt)
 
     def write(self, rec: RequestRecord) -> None:
         """Copy the figures into the record (the request's own, billed usage)."""
