@@ -36,6 +36,7 @@ from gateway.execute import Executor
 from gateway.finalize import Finalizer, RequestLog, early_headers, final_headers, stream_trailer
 from gateway.guards import SINGLE_HEADERS, bearer_matches, check_depth, duplicate_header, duplicated
 from gateway.ledger import Ledger, parse_time
+from gateway.ledger_gate import LedgerGate
 from gateway.limits import build_limiter
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.openapi import install_openapi
@@ -79,6 +80,9 @@ class Gateway:
                                      window=lambda m: self.planner.window(m))  # planner: built below
         self.ledger = Ledger(self.store, f.redis.ledger_buffer, f.redis.ledger_flush_interval_s,
                              self.metrics.ledger_buffered.set, self.metrics.ledger_dropped.inc)
+        # A response ends only once its ledger record is in Redis (a killed replica loses no finished request).
+        self.ledger_gate = LedgerGate(self.ledger, f.redis.timeout_s * 2, max(f.redis.down_for_s, 0.5)) \
+            if self.store.name == "redis" and f.redis.ledger_before_response else None
         # Upstreams, their breakers and live figures, and the routing rules over them.
         self.pool = UpstreamPool(config, on_checked=self._health_checked)
         self.breakers = {name: CircuitBreaker(name, config.circuit_breaker, self._breaker_changed)
@@ -228,6 +232,8 @@ class Gateway:
                 self.cache.store(lk, rec, "json", data)
             finally:
                 self.cache.release(lk)
+            if self.ledger_gate is not None:
+                await self.ledger_gate.wait()
             await _respond(send, 200, data, final_headers(rec))
         except GatewayError as e:
             if watcher is not None:
@@ -312,7 +318,11 @@ class Gateway:
             await self.apis.served(rec, endpoint, body)
         rec.status = 200
 
+        ended = False
+
         def on_done() -> bytes:
+            nonlocal ended
+            ended = True
             line = self.finalizer.finalize(rec)
             # Only called for a stream that completed; one that outgrew max_entry_bytes was not kept.
             if isinstance(acct, RecordingAccountant):
@@ -329,6 +339,8 @@ class Gateway:
             await send({"type": "http.response.start", "status": 200,
                         "headers": _encode_headers({**early_headers(rec), "cache-control": "no-cache"}, SSE)})
             async for chunk in chunks:
+                if ended and self.ledger_gate is not None:  # the trailer and [DONE] wait for the ledger
+                    await self.ledger_gate.wait()
                 sending, t0 = True, time.perf_counter()
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 waited = time.perf_counter() - t0

@@ -121,16 +121,9 @@ class RedisFailureSpec(_Strict):
 
 
 class RedisSpec(_Strict):
-    url: str | None = Field(None, description="redis://host:port/db; unset or empty: in-process backend")
-
-    @field_validator("url")
-    @classmethod
-    def _redis_scheme(cls, v: str | None) -> str | None:
-        # redis-py would only fail at start-up (a traceback in `serve`); name the problem here instead.
-        if v and not v.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"must start with redis://, rediss:// or unix:// (got {v[:64]!r})")
-        return v
-
+    url: str | None = Field(None, description="redis://[user:pw@]host:port/db, rediss:// (TLS), unix://, or "
+                            "redis+sentinel://host:port,host:port/MASTER[/db] (docs/redis.md); unset or empty: "
+                            "in-process backend")
     key_prefix: str = "gw:"
     timeout_s: float = Field(0.25, gt=0, description="socket timeout of each Redis command")
     down_for_s: float = Field(1.0, ge=0, description="after an error, skip Redis this long (the ledger probes)")
@@ -139,6 +132,16 @@ class RedisSpec(_Strict):
     ledger_maxlen: int | None = Field(None, ge=1000, description="approximate trim; unset: keep everything")
     ledger_buffer: int = Field(10000, ge=1, description="records kept in memory while Redis is away")
     ledger_flush_interval_s: float = Field(0.2, gt=0)
+    ledger_before_response: bool = Field(True, description="a response's last bytes wait until its ledger record "
+                                         "is in Redis (gateway/ledger_gate.py); off: up to one flush interval "
+                                         "of finished requests is lost if a replica is killed")
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        from gateway.redis_client import check_url
+
+        return check_url(v) if v else v
 
 
 class ModelSpec(_Strict):

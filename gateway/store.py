@@ -104,9 +104,10 @@ class RedisStore:
 
     def __init__(self, url: str, prefix: str, timeout_s: float, down_for_s: float, ledger_stream: str,
                  ledger_maxlen: int | None, on_error: Callable[[str, BaseException], None]) -> None:
-        import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
+
+        from gateway.redis_client import connect
 
         self.prefix = prefix
         self.stream = prefix + ledger_stream
@@ -115,9 +116,9 @@ class RedisStore:
         self.down_until = 0.0
         self._on_error = on_error
         # One retry: the first command on a pooled connection that died with a Redis restart reconnects.
-        self.client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                              retry=Retry(NoBackoff(), 1), health_check_interval=0,
-                                              max_connections=None)
+        # (a redis+sentinel:// URL asks the sentinels for the master on each new connection: gateway/redis_client.py)
+        self.client = connect(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                              retry=Retry(NoBackoff(), 1), health_check_interval=0, max_connections=None)
         self._admit = self.client.register_script(ADMIT_LUA)
         self._settle = self.client.register_script(SETTLE_LUA)
         self._lookup = self.client.register_script(LOOKUP_LUA)
