@@ -42,8 +42,10 @@ LATE_MARGIN_S = 6 * 3600
 
 CSV_FIELDS = ("ts", "request_id", "tenant", "api_key", "endpoint", "requested_model", "served_model",
               "upstream_model", "deployment", "stream", "status", "outcome", "error_code", "cache",
-              "limited_by", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd", "saved_usd",
-              "cost_pico_usd", "saved_pico_usd", "e2e_ms", "ttft_ms", "tpot_ms", "overhead_ms")
+              "limited_by", "prompt_tokens", "completion_tokens", "cached_tokens", "fanout_prompt_tokens",
+              "wasted_prompt_tokens", "wasted_completion_tokens", "cost_usd", "cost_pico_usd", "saved_usd",
+              "saved_pico_usd", "wasted_cost_pico_usd",
+              "e2e_ms", "ttft_ms", "tpot_ms", "overhead_ms")
 
 
 class LedgerBackend(Protocol):
