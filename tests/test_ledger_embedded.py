@@ -186,16 +186,16 @@ async def test_ledger_buffer_is_bounded_by_bytes() -> None:
     assert len(ledger) == n and ledger._pending is not None and len(ledger._pending.lines) == min(BATCH, n)
 
 
-async def test_in_process_cache_and_counters_are_bounded() -> None:
+async def test_in_process_cache_and_locks_are_bounded() -> None:
     store = InMemoryStore(max_cache_entries=100_000, max_cache_bytes=1024 * 1024)
     for i in range(2000):
         await store.cache_put(f"k{i}", b"x" * 4000, 60)
     assert store.cache_bytes <= 1024 * 1024 and len(store.cache) < 260
     assert await store.cache_get("k1999") is not None and await store.cache_get("k0") is None
-    store.kv["gw:rl:t:a:r:1"] = (5, time.time() - 1)  # a past minute's counter
+    store.locks["abandoned"] = time.time() - 1  # a miss that neither stored nor unlocked
     store._next_sweep = 0.0
-    store._add("gw:rl:t:a:r:2", 1, 120)
-    assert "gw:rl:t:a:r:1" not in store.kv
+    await store.cache_lookup("another", 1000)
+    assert "abandoned" not in store.locks and "another" in store.locks
 
 
 def test_memory_ledger_keeps_a_byte_budget() -> None:
