@@ -35,7 +35,7 @@ from gateway.errors import GatewayError
 from gateway.execute import Executor
 from gateway.finalize import Finalizer, RequestLog, early_headers, final_headers, stream_trailer
 from gateway.guards import SINGLE_HEADERS, bearer_matches, check_depth, duplicate_header, duplicated
-from gateway.ledger import Ledger, parse_time
+from gateway.ledger import Ledger, build_ledger_backend, parse_time
 from gateway.ledger_gate import LedgerGate
 from gateway.limits import build_limiter
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
@@ -78,8 +78,9 @@ class Gateway:
         self.apis = Apis(config, self.store)  # Responses / Messages / tokenizer: stored responses, upper bound
         self.limiter = build_limiter(config, self.store, self._spend_seen, self.metrics,
                                      window=lambda m: self.planner.window(m))  # planner: built below
-        self.ledger = Ledger(self.store, f.redis.ledger_buffer, f.redis.ledger_flush_interval_s,
-                             self.metrics.ledger_buffered.set, self.metrics.ledger_dropped.inc)
+        self.ledger = Ledger(build_ledger_backend(config, self.store), f.redis.ledger_buffer,
+                             f.redis.ledger_flush_interval_s, self.metrics.ledger_buffered.set,
+                             self.metrics.ledger_dropped.inc, f.ledger.buffer_bytes)
         # A response ends only once its ledger record is in Redis (a killed replica loses no finished request).
         self.ledger_gate = LedgerGate(self.ledger, f.redis.timeout_s * 2, max(f.redis.down_for_s, 0.5)) \
             if self.store.name == "redis" and f.redis.ledger_before_response else None
@@ -484,6 +485,8 @@ def create_app(config: GatewayConfig | None = None) -> FastPath:
         await gw.pool.start()
         gw.live.start(gw.pool.session)
         await gw.store.start()
+        if gw.ledger.backend is not gw.store:
+            await gw.ledger.backend.start()  # the embedded SQLite file (or this process's memory)
         await gw.ledger.start()
         try:
             yield
@@ -495,6 +498,8 @@ def create_app(config: GatewayConfig | None = None) -> FastPath:
             await gw.limiter.close()
             await gw.cache.close()
             await gw.ledger.close()  # writes what is still buffered, if the store answers
+            if gw.ledger.backend is not gw.store:
+                await gw.ledger.backend.close()
             await gw.store.close()
             gw.finalizer.request_log.close()
 
