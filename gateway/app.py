@@ -35,6 +35,7 @@ from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.openapi import install_openapi
 from gateway.protocol import Endpoint, validate_request
 from gateway.record import RequestRecord
+from gateway.routing.balance import Balancing
 from gateway.routing.breaker import BreakerState, CircuitBreaker
 from gateway.routing.live import LiveStats
 from gateway.routing.policy import Plan, Planner
@@ -70,8 +71,8 @@ class Gateway:
         self.pool = UpstreamPool(config, on_checked=self._health_checked)
         self.breakers = {name: CircuitBreaker(name, config.circuit_breaker, self._breaker_changed)
                          for name in self.pool.states}
-        self.executor = Executor(self.pool, self.breakers)
         self.live = LiveStats(config)
+        self.executor = Executor(self.pool, self.breakers, Balancing(config, self.live))
         self.planner = Planner(config, self.live, self.breakers, budget_fraction=self.limiter.budget_used_fraction,
                                in_flight=lambda name: self.pool.states[name].in_flight)
         # Finalize: the record goes to the log and the ledger, then limits settle and routing learns.

@@ -11,7 +11,7 @@ import orjson
 
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
-from gateway.pricing import request_cost
+from gateway.pricing import PICO, prefix_cache_saving_pico, request_cost
 from gateway.record import RequestRecord
 
 log = logging.getLogger("gateway.finalize")
@@ -59,6 +59,8 @@ class Finalizer:
         if model is not None:
             rec.cost_usd = request_cost(model.pricing, rec.prompt_tokens, rec.completion_tokens,
                                         rec.cached_tokens, rec.upstream_s, rec.concurrency)
+            rec.prefix_saved_pico_usd = prefix_cache_saving_pico(model.pricing, rec.cached_tokens)
+            rec.prefix_saved_usd = rec.prefix_saved_pico_usd / PICO
             primary = models.get(rec.primary_model or "", model)
             rec.counterfactual_cost_usd = rec.cost_usd if primary is model else request_cost(
                 primary.pricing, rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens, rec.upstream_s,
@@ -97,6 +99,8 @@ def early_headers(rec: RequestRecord) -> dict[str, str]:
         h["x-gateway-deployment"] = rec.deployment or ""
         h["x-gateway-attempts"] = str(len(rec.attempts))
         h["x-gateway-queue-ms"] = f"{rec.queue_s * 1e3:.3f}"
+        if rec.balance is not None:
+            h["x-gateway-balance"] = rec.balance
         if rec.route is not None:
             h["x-gateway-route"] = f"{rec.route} -> {rec.served_model}"
         if rec.rule is not None:
@@ -123,6 +127,8 @@ def final_headers(rec: RequestRecord) -> dict[str, str]:
         h["x-gateway-prompt-tokens"] = str(rec.prompt_tokens)
         h["x-gateway-completion-tokens"] = str(rec.completion_tokens)
         h["x-gateway-cached-tokens"] = str(rec.cached_tokens)
+        if rec.prefix_saved_pico_usd:
+            h["x-gateway-prefix-saved-usd"] = f"{rec.prefix_saved_usd:.10f}"
         h["x-gateway-cost-usd"] = f"{rec.cost_usd:.10f}"
         if rec.primary_model is not None and rec.primary_model != rec.served_model:
             h["x-gateway-counterfactual-cost-usd"] = f"{rec.counterfactual_cost_usd:.10f}"

@@ -32,6 +32,7 @@ LATE_MARGIN_MS = 6 * 3600 * 1000
 CSV_FIELDS = ("ts", "request_id", "tenant", "api_key", "endpoint", "requested_model", "served_model",
               "upstream_model", "deployment", "stream", "status", "outcome", "error_code", "cache",
               "limited_by", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd", "saved_usd",
+              "prefix_saved_pico_usd",
               "e2e_ms", "ttft_ms", "tpot_ms", "overhead_ms")
 
 
@@ -155,7 +156,7 @@ class Ledger:
 def _zero() -> dict[str, Any]:
     return {"requests": 0, "errors": 0, "cache_hits": 0, "prompt_tokens": 0, "completion_tokens": 0,
             "cached_prompt_tokens": 0, "cache_hit_prompt_tokens": 0, "cache_hit_completion_tokens": 0,
-            "cost_usd": 0.0, "saved_usd": 0.0}
+            "cost_usd": 0.0, "saved_usd": 0.0, "prefix_saved_pico_usd": 0}
 
 
 def _add(g: dict[str, Any], r: dict[str, Any]) -> None:
@@ -172,6 +173,7 @@ def _add(g: dict[str, Any], r: dict[str, Any]) -> None:
         g["cached_prompt_tokens"] += r.get("cached_tokens", 0)
     g["cost_usd"] += r.get("cost_usd", 0.0)
     g["saved_usd"] += r.get("saved_usd", 0.0)
+    g["prefix_saved_pico_usd"] += r.get("prefix_saved_pico_usd", 0)
 
 
 def parse_time(value: str | None) -> float | None:

@@ -23,3 +23,15 @@ def request_cost(
         return upstream_seconds * pricing.gpu_usd_per_second / max(1, concurrency)
     uncached = max(0, prompt_tokens - cached_tokens)
     return uncached * pricing.prompt + cached_tokens * pricing.cached_prompt + completion_tokens * pricing.completion
+
+
+PICO = 10**12
+
+
+def prefix_cache_saving_pico(pricing: Pricing, cached_tokens: int) -> int:
+    """What vLLM's prefix cache saved a request, in pico-USD: its cached prompt tokens at the uncached prompt
+    price minus what they were billed (0 under a GPU cost basis: the saving is already in the shorter time)."""
+    if pricing.gpu_usd_per_second is not None or cached_tokens <= 0:
+        return 0
+    per_token = round(pricing.prompt * PICO) - round(pricing.cached_prompt * PICO)
+    return cached_tokens * max(0, per_token)

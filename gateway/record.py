@@ -44,6 +44,8 @@ class RequestRecord:
     deadline_ms: float | None = None
     predicted_ms: float | None = None
     counterfactual_cost_usd: float = 0.0
+    balance: str | None = None  # how the deployment was chosen (routing/balance.py): least_outstanding, affinity, ...
+    prefix_blocks_matched: int = 0  # prompt blocks the chosen deployment was sent before (balance: prefix)
     # durations in seconds (None when not applicable, e.g. no token ever arrived)
     queue_s: float = 0.0
     upstream_s: float = 0.0  # time spent waiting on vLLM (connect, headers, every chunk read)
@@ -58,6 +60,9 @@ class RequestRecord:
     usage_reported: bool = False
     usage_invalid: bool = False  # vLLM sent usage that could not be true (negative, absurd): not billed
     cost_usd: float = 0.0
+    # what vLLM's prefix cache saved: cached tokens at the prompt price minus what they were billed
+    prefix_saved_pico_usd: int = 0
+    prefix_saved_usd: float = 0.0
     # response cache, rate limits and budgets (gateway/cache.py, gateway/limits.py)
     cache: str | None = None  # hit | miss | bypass (None: the request never reached the cache stage)
     saved_usd: float = 0.0  # on a hit: what the answer cost when it was made (the hit itself costs 0)
@@ -106,6 +111,8 @@ class RequestRecord:
             "task": self.task,
             "deadline_ms": self.deadline_ms,
             "predicted_ms": self.predicted_ms,
+            "balance": self.balance,
+            "prefix_blocks_matched": self.prefix_blocks_matched,
             "counterfactual_cost_usd": self.counterfactual_cost_usd,
             "queue_ms": _ms(self.queue_s),
             "ttft_ms": _ms(self.ttft_s),
@@ -119,6 +126,8 @@ class RequestRecord:
             "usage_reported": self.usage_reported,
             "usage_invalid": self.usage_invalid,
             "cost_usd": self.cost_usd,
+            "prefix_saved_pico_usd": self.prefix_saved_pico_usd,
+            "prefix_saved_usd": self.prefix_saved_usd,
             "cache": self.cache,
             "saved_usd": self.saved_usd,
             "limited_by": self.limited_by,

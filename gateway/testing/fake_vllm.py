@@ -35,6 +35,8 @@ class Behaviour:
     error_event_after_chunks: int = -1  # send a vLLM-style error event mid-stream
     num_waiting: float = 0.0  # reported as vllm:num_requests_waiting
     kv_cache_usage: float = 0.0  # reported as vllm:kv_cache_usage_perc
+    prefix_cache_hits: float = 0.0  # reported as vllm:prefix_cache_hits_total (a restart: set them lower)
+    prefix_cache_queries: float = 0.0  # reported as vllm:prefix_cache_queries_total
     healthy: bool = True
 
 
@@ -115,6 +117,10 @@ class FakeVLLM:
             f'vllm:kv_cache_usage_perc{{model_name="{name}"}} {self.b.kv_cache_usage}',
             f'vllm:prompt_tokens_total{{model_name="{name}"}} {float(self.c.prompt_tokens)}',
             f'vllm:generation_tokens_total{{model_name="{name}"}} {float(self.c.generation_tokens)}',
+            "# TYPE vllm:prefix_cache_hits_total counter",
+            f'vllm:prefix_cache_hits_total{{model_name="{name}"}} {self.b.prefix_cache_hits}',
+            "# TYPE vllm:prefix_cache_queries_total counter",
+            f'vllm:prefix_cache_queries_total{{model_name="{name}"}} {self.b.prefix_cache_queries}',
         ]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 

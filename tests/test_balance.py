@@ -1,0 +1,203 @@
+"""Balance policies within one model: prefix affinity, its load bound and engine feedback, against test upstreams."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from gateway.config import ConfigError, PrefixRoutingSpec, parse_config
+from gateway.routing.balance import prefix_blocks
+from gateway.routing.live import parse_vllm_metrics
+from tests.conftest import FakeUpstream, GatewayProcess, metric_value, start_fake_upstream
+
+BLOCK = 64
+
+
+@pytest.fixture(scope="module")
+def replicas() -> Iterator[list[FakeUpstream]]:
+    fakes = [start_fake_upstream(["chat-base"]) for _ in range(3)]
+    yield fakes
+    for f in fakes:
+        f.kill()
+
+
+@pytest.fixture(autouse=True)
+def normal(replicas: list[FakeUpstream]) -> Iterator[None]:
+    for f in replicas:
+        f.control(ttft_ms=0, kv_cache_usage=0, prefix_cache_hits=0, prefix_cache_queries=0, reset_counters=True)
+    yield
+
+
+def config(replicas: list[FakeUpstream], balance: str = "prefix", **prefix: Any) -> dict[str, Any]:
+    model: dict[str, Any] = {
+        "prices": {"prompt_per_1m": 1.0, "completion_per_1m": 2.0, "cached_prompt_per_1m": 0.25},
+        "balance": balance,
+        "deployments": [{"name": f"r{i}", "url": f.url, "model": "chat-base"} for i, f in enumerate(replicas)]}
+    if balance == "prefix":
+        model["prefix_routing"] = {"block_chars": BLOCK, **prefix}
+    return {"models": {"chat": model}, "metrics_scrape_interval": 0.2}
+
+
+def system_prompt(app: int) -> str:
+    return " ".join(f"app{app}-rule{i}" for i in range(80))  # ~900 characters: 14 blocks of 64
+
+
+def ask(gw: GatewayProcess, system: str, user: str, **body: Any) -> httpx.Response:
+    payload = {"model": "chat", "max_tokens": 2, **body,
+               "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]}
+    r = httpx.post(gw.url + "/v1/chat/completions", content=orjson.dumps(payload), timeout=30,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
+    return r
+
+
+def test_prefix_blocks_are_chained_and_whole() -> None:
+    a = {"messages": [{"role": "system", "content": "x" * 300}, {"role": "user", "content": "hi"}]}
+    b = {"messages": [{"role": "system", "content": "x" * 300}, {"role": "user", "content": "bye"}]}
+    c = {"messages": [{"role": "system", "content": "y" + "x" * 299}, {"role": "user", "content": "hi"}]}
+    ha, hb, hc = (prefix_blocks(x, BLOCK, 64) for x in (a, b, c))
+    assert len(ha) == len("<|system|>\x1e" + "x" * 300 + "\x1e<|user|>\x1ehi") // BLOCK  # whole blocks only
+    assert ha[:4] == hb[:4]  # the shared system prompt
+    assert not set(ha) & set(hc)  # a change in the first block changes every block after it
+    assert len(prefix_blocks(a, BLOCK, 2)) == 2  # bounded work per request
+    assert prefix_blocks({"messages": [{"role": "user", "content": "short"}]}, BLOCK, 64) == []
+    # an image part counts as content: two requests differing only in their image share no block after it
+    img = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 200}}]
+    img2 = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + "B" * 200}}]
+    assert prefix_blocks({"messages": [{"role": "user", "content": img}]}, BLOCK, 64)[-1] != prefix_blocks(
+        {"messages": [{"role": "user", "content": img2}]}, BLOCK, 64)[-1]
+
+
+def test_balance_config_is_checked(replicas: list[FakeUpstream]) -> None:
+    cfg = parse_config(orjson.dumps(config(replicas)).decode(), "t")
+    assert cfg.models["chat"].balance == "prefix" and cfg.models["chat"].prefix_routing == PrefixRoutingSpec(
+        block_chars=BLOCK)
+    default = parse_config(orjson.dumps(config(replicas, "least_outstanding")).decode(), "t")
+    assert default.models["chat"].prefix_routing is None
+    bad = config(replicas, "least_outstanding")
+    bad["models"]["chat"]["prefix_routing"] = {"load_factor": 2}
+    with pytest.raises(ConfigError, match="prefix_routing applies only with balance: prefix"):
+        parse_config(orjson.dumps(bad).decode(), "t")
+    bad["models"]["chat"]["balance"] = "random"
+    with pytest.raises(ConfigError, match="models.chat.balance"):
+        parse_config(orjson.dumps(bad).decode(), "t")
+
+
+def test_a_shared_system_prompt_stays_on_one_replica(gateway_factory: Callable[..., GatewayProcess],
+                                                     replicas: list[FakeUpstream]) -> None:
+    gw = gateway_factory(config(replicas))
+    answers = [ask(gw, system_prompt(1), f"question {i}?") for i in range(12)]
+    used = {r.headers["x-gateway-deployment"] for r in answers}
+    assert len(used) == 1
+    assert [r.headers["x-gateway-balance"] for r in answers] == ["new"] + ["affinity"] * 11
+    served = [f.counters()["requests"] for f in replicas]
+    assert sorted(served) == [0, 0, 12]
+    # a multi-turn conversation that starts with the same system prompt joins it there
+    turn = httpx.post(gw.url + "/v1/chat/completions", timeout=30, json={
+        "model": "chat", "max_tokens": 2, "messages": [
+            {"role": "system", "content": system_prompt(1)}, {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "a " * 100}, {"role": "user", "content": "and then?"}]})
+    assert turn.headers["x-gateway-deployment"] in used and turn.headers["x-gateway-balance"] == "affinity"
+    m = gw.metrics()
+    assert metric_value(m, "gateway_balance_decisions_total", model="chat", decision="affinity") == 12
+    rec = gw.records()[-1]
+    assert rec["balance"] == "affinity" and rec["prefix_blocks_matched"] >= 14
+
+
+def test_different_prefixes_spread_evenly(gateway_factory: Callable[..., GatewayProcess],
+                                          replicas: list[FakeUpstream]) -> None:
+    gw = gateway_factory(config(replicas))
+    for app in range(12):
+        for q in range(2):
+            ask(gw, system_prompt(app), f"q{q}")
+    served = [f.counters()["requests"] for f in replicas]
+    assert served == [8, 8, 8]  # four applications each, both requests of an application together
+    records = gw.records()
+    assert [r["balance"] for r in records] == ["new", "affinity"] * 12
+    assert all(a["deployment"] == b["deployment"] for a, b in zip(records[::2], records[1::2], strict=True))
+
+
+def test_a_hot_prefix_spills_at_the_load_bound(gateway_factory: Callable[..., GatewayProcess],
+                                               replicas: list[FakeUpstream]) -> None:
+    """Nine concurrent requests of one prefix: no replica holds more than its bounded share in flight."""
+    gw = gateway_factory(config(replicas, load_factor=1.25))
+    for f in replicas:
+        f.control(ttft_ms=1500)
+    n = 9
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        answers = list(pool.map(lambda i: ask(gw, system_prompt(7), f"hot {i}"), range(n)))
+    per_replica = Counter(r.headers["x-gateway-deployment"] for r in answers)
+    bound = math.ceil(1.25 * n / 3)
+    assert max(per_replica.values()) <= bound, per_replica
+    assert len(per_replica) >= 2
+    decisions = Counter(r.headers["x-gateway-balance"] for r in answers)
+    assert decisions["spill"] >= 1 and decisions["affinity"] >= 1, decisions
+    # once spilled, the prefix is served by both replicas that hold it: a quiet follow-up goes to one of them
+    for f in replicas:
+        f.control(ttft_ms=0)
+    follow = ask(gw, system_prompt(7), "after the rush")
+    assert follow.headers["x-gateway-balance"] == "affinity"
+
+
+def test_least_outstanding_scatters_a_shared_prefix(gateway_factory: Callable[..., GatewayProcess],
+                                                    replicas: list[FakeUpstream]) -> None:
+    """The baseline: with concurrent requests, one system prompt reaches every replica (each prefills it)."""
+    gw = gateway_factory(config(replicas, "least_outstanding"))
+    for f in replicas:
+        f.control(ttft_ms=300)
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda i: ask(gw, system_prompt(3), f"q {i}"), range(6)))
+    assert len({r.headers["x-gateway-deployment"] for r in answers}) == 3
+    assert {r.headers["x-gateway-balance"] for r in answers} == {"least_outstanding"}
+
+
+def wait_scraped() -> None:
+    time.sleep(0.7)  # more than three scrape intervals
+
+
+def test_a_full_kv_cache_takes_no_affinity_traffic(gateway_factory: Callable[..., GatewayProcess],
+                                                   replicas: list[FakeUpstream]) -> None:
+    gw = gateway_factory(config(replicas))
+    home = ask(gw, system_prompt(5), "first").headers["x-gateway-deployment"]
+    fake = replicas[int(home[1:])]
+    fake.control(kv_cache_usage=0.97)  # vLLM's kv_cache_usage_perc above max_kv_cache (0.9)
+    wait_scraped()
+    r = ask(gw, system_prompt(5), "second")
+    assert r.headers["x-gateway-deployment"] != home and r.headers["x-gateway-balance"] == "spill"
+    fake.control(kv_cache_usage=0.1)
+    wait_scraped()
+    assert ask(gw, system_prompt(5), "third").headers["x-gateway-balance"] == "affinity"
+
+
+def test_an_engine_restart_forgets_its_prefixes(gateway_factory: Callable[..., GatewayProcess],
+                                                replicas: list[FakeUpstream]) -> None:
+    gw = gateway_factory(config(replicas))
+    home = ask(gw, system_prompt(4), "first").headers["x-gateway-deployment"]
+    assert ask(gw, system_prompt(4), "again").headers["x-gateway-balance"] == "affinity"
+    fake = replicas[int(home[1:])]
+    fake.control(prefix_cache_hits=5000, prefix_cache_queries=9000)
+    wait_scraped()
+    fake.control(prefix_cache_hits=0, prefix_cache_queries=10)  # counters went down: the engine restarted
+    wait_scraped()
+    assert ask(gw, system_prompt(4), "after the restart").headers["x-gateway-balance"] == "new"
+
+
+def test_vllm_prefix_counters_are_parsed() -> None:
+    text = ("# TYPE vllm:prefix_cache_hits_total counter\n"
+            'vllm:prefix_cache_hits_total{engine="0",model_name="m"} 512.0\n'
+            "# TYPE vllm:prefix_cache_queries_total counter\n"
+            'vllm:prefix_cache_queries_total{engine="0",model_name="m"} 1118.0\n'
+            "# TYPE vllm:cache_config_info gauge\n"
+            'vllm:cache_config_info{block_size="16",num_gpu_blocks="2912",enable_prefix_caching="True"} 1.0\n'
+            'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25\n')
+    got = parse_vllm_metrics(text)
+    assert got == {"prefix_hits": 512.0, "prefix_queries": 1118.0, "kv_capacity_tokens": 2912 * 16,
+                   "kv_cache": 0.25}
