@@ -32,7 +32,8 @@ def replicas() -> Iterator[list[FakeUpstream]]:
 @pytest.fixture(autouse=True)
 def normal(replicas: list[FakeUpstream]) -> Iterator[None]:
     for f in replicas:
-        f.control(ttft_ms=0, kv_cache_usage=0, prefix_cache_hits=0, prefix_cache_queries=0, reset_counters=True)
+        f.control(ttft_ms=0, kv_cache_usage=0, prefix_cache_hits=None, prefix_cache_queries=None, cached_tokens=0,
+                  reset_counters=True)
     yield
 
 
@@ -201,3 +202,37 @@ def test_vllm_prefix_counters_are_parsed() -> None:
     got = parse_vllm_metrics(text)
     assert got == {"prefix_hits": 512.0, "prefix_queries": 1118.0, "kv_capacity_tokens": 2912 * 16,
                    "kv_cache": 0.25}
+
+
+def test_cached_prompt_tokens_are_billed_cheaper_and_the_saving_is_recorded(
+        gateway_factory: Callable[..., GatewayProcess], replicas: list[FakeUpstream]) -> None:
+    """Prices per 1M: prompt 1.0, cached prompt 0.25, completion 2.0; the upstream reports 40 cached tokens."""
+    gw = gateway_factory(config(replicas))
+    for f in replicas:
+        f.control(cached_tokens=40)
+    r = ask(gw, system_prompt(2), "how much?")
+    h = r.headers
+    prompt, completion, cached = (int(h[f"x-gateway-{k}-tokens"]) for k in ("prompt", "completion", "cached"))
+    assert cached == 40 and prompt > cached
+    assert float(h["x-gateway-cost-usd"]) == pytest.approx(((prompt - 40) * 1.0 + 40 * 0.25 + completion * 2.0) / 1e6)
+    assert float(h["x-gateway-prefix-saved-usd"]) == pytest.approx(40 * 0.75 / 1e6)
+    # a stream is accounted the same way (its usage arrives in the last chunk)
+    payload = {"model": "chat", "max_tokens": 3, "stream": True, "messages": [
+        {"role": "system", "content": system_prompt(2)}, {"role": "user", "content": "streamed"}]}
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", json=payload, timeout=30) as s:
+        assert s.status_code == 200 and "[DONE]" in s.read().decode()
+    recs = gw.records()
+    assert len(recs) == 2
+    for rec in recs:
+        assert rec["cached_tokens"] == 40
+        assert rec["prefix_saved_pico_usd"] == 40 * 750_000  # exact: 0.75 USD / 1M tokens = 750,000 pico-USD each
+        assert rec["prefix_saved_usd"] == pytest.approx(40 * 0.75e-6)
+    m = gw.metrics()
+    assert metric_value(m, "gateway_cached_prompt_tokens_total", model="chat") == 80
+    assert metric_value(m, "gateway_prefix_saved_usd_total", model="chat") == pytest.approx(80 * 0.75e-6)
+    # no cached-prompt price configured (it defaults to the prompt price): nothing is saved in money
+    plain = config(replicas)
+    del plain["models"]["chat"]["prices"]["cached_prompt_per_1m"]
+    gw2 = gateway_factory(plain)
+    r2 = ask(gw2, system_prompt(2), "and now?")
+    assert r2.headers["x-gateway-cached-tokens"] == "40" and "x-gateway-prefix-saved-usd" not in r2.headers

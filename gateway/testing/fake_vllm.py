@@ -35,8 +35,10 @@ class Behaviour:
     error_event_after_chunks: int = -1  # send a vLLM-style error event mid-stream
     num_waiting: float = 0.0  # reported as vllm:num_requests_waiting
     kv_cache_usage: float = 0.0  # reported as vllm:kv_cache_usage_perc
-    prefix_cache_hits: float = 0.0  # reported as vllm:prefix_cache_hits_total (a restart: set them lower)
-    prefix_cache_queries: float = 0.0  # reported as vllm:prefix_cache_queries_total
+    # reported as vllm:prefix_cache_hits_total / _queries_total when set (a restart: set them lower)
+    prefix_cache_hits: float | None = None
+    prefix_cache_queries: float | None = None
+    cached_tokens: int = 0  # report this many prompt tokens (at most all) as prompt_tokens_details.cached_tokens
     healthy: bool = True
 
 
@@ -117,11 +119,12 @@ class FakeVLLM:
             f'vllm:kv_cache_usage_perc{{model_name="{name}"}} {self.b.kv_cache_usage}',
             f'vllm:prompt_tokens_total{{model_name="{name}"}} {float(self.c.prompt_tokens)}',
             f'vllm:generation_tokens_total{{model_name="{name}"}} {float(self.c.generation_tokens)}',
-            "# TYPE vllm:prefix_cache_hits_total counter",
-            f'vllm:prefix_cache_hits_total{{model_name="{name}"}} {self.b.prefix_cache_hits}',
-            "# TYPE vllm:prefix_cache_queries_total counter",
-            f'vllm:prefix_cache_queries_total{{model_name="{name}"}} {self.b.prefix_cache_queries}',
         ]
+        if self.b.prefix_cache_hits is not None and self.b.prefix_cache_queries is not None:
+            lines += ["# TYPE vllm:prefix_cache_hits_total counter",
+                      f'vllm:prefix_cache_hits_total{{model_name="{name}"}} {self.b.prefix_cache_hits}',
+                      "# TYPE vllm:prefix_cache_queries_total counter",
+                      f'vllm:prefix_cache_queries_total{{model_name="{name}"}} {self.b.prefix_cache_queries}']
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
     async def tokenize(self, request: web.Request) -> web.Response:
@@ -202,11 +205,17 @@ class FakeVLLM:
             if self.b.absurd_usage:
                 out["usage"] = {"prompt_tokens": -3, "completion_tokens": 10**15, "total_tokens": 0}
             elif not self.b.omit_usage:
-                out["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": n,
-                                "total_tokens": prompt_tokens + n}
+                out["usage"] = self._usage(prompt_tokens, n)
             return _json(out)
         finally:
             self.c.running -= 1
+
+    def _usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                               "total_tokens": prompt_tokens + completion_tokens}
+        if self.b.cached_tokens:
+            out["prompt_tokens_details"] = {"cached_tokens": min(self.b.cached_tokens, prompt_tokens)}
+        return out
 
     async def _stream(self, request: web.Request, body: dict[str, Any], chat: bool, prompt_tokens: int,
                       n: int) -> web.StreamResponse:
@@ -219,8 +228,8 @@ class FakeVLLM:
         base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": body["model"]}
 
-        def usage(done: int) -> dict[str, int]:
-            return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
+        def usage(done: int) -> dict[str, Any]:
+            return self._usage(prompt_tokens, done)
 
         async def send(obj: dict[str, Any]) -> None:
             await resp.write(b"data: " + orjson.dumps(obj) + b"\n\n")
