@@ -72,7 +72,7 @@ class Gateway:
         self.breakers = {name: CircuitBreaker(name, config.circuit_breaker, self._breaker_changed)
                          for name in self.pool.states}
         self.live = LiveStats(config)
-        self.executor = Executor(self.pool, self.breakers, Balancing(config, self.live))
+        self.executor = Executor(self.pool, self.breakers, Balancing(config, self.live, self.breakers))
         self.planner = Planner(config, self.live, self.breakers, budget_fraction=self.limiter.budget_used_fraction,
                                in_flight=lambda name: self.pool.states[name].in_flight)
         # Finalize: the record goes to the log and the ledger, then limits settle and routing learns.

@@ -32,8 +32,8 @@ def replicas() -> Iterator[list[FakeUpstream]]:
 @pytest.fixture(autouse=True)
 def normal(replicas: list[FakeUpstream]) -> Iterator[None]:
     for f in replicas:
-        f.control(ttft_ms=0, kv_cache_usage=0, prefix_cache_hits=None, prefix_cache_queries=None, cached_tokens=0,
-                  reset_counters=True)
+        f.control(ttft_ms=0, fail_status=0, kv_cache_usage=0, prefix_cache_hits=None, prefix_cache_queries=None,
+                  cached_tokens=0, reset_counters=True)
     yield
 
 
@@ -236,3 +236,19 @@ def test_cached_prompt_tokens_are_billed_cheaper_and_the_saving_is_recorded(
     gw2 = gateway_factory(plain)
     r2 = ask(gw2, system_prompt(2), "and now?")
     assert r2.headers["x-gateway-cached-tokens"] == "40" and "x-gateway-prefix-saved-usd" not in r2.headers
+
+
+def test_an_open_circuit_breaker_takes_no_affinity_traffic(gateway_factory: Callable[..., GatewayProcess],
+                                                           replicas: list[FakeUpstream]) -> None:
+    cfg = config(replicas)
+    cfg["circuit_breaker"] = {"failures": 2, "cooldown_s": 30}
+    gw = gateway_factory(cfg)
+    home = ask(gw, system_prompt(8), "first").headers["x-gateway-deployment"]
+    fake = replicas[int(home[1:])]
+    fake.control(fail_status=503)
+    for i in range(2):  # two failures open home's breaker; each request is served by the next deployment
+        assert ask(gw, system_prompt(8), f"fails {i}").headers["x-gateway-fallback-reason"] == "upstream_503"
+    fake.control(fail_status=0)
+    r = ask(gw, system_prompt(8), "breaker open")
+    assert r.headers["x-gateway-deployment"] != home and "x-gateway-fallback-reason" not in r.headers
+    assert [a["outcome"] for a in gw.records()[-1]["attempts"]] == ["ok"]  # home was not even tried

@@ -12,12 +12,13 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
 from gateway.config import GatewayConfig, Model, PrefixRoutingSpec
+from gateway.routing.breaker import BreakerState, CircuitBreaker
 
 if TYPE_CHECKING:
     from gateway.record import RequestRecord
@@ -48,43 +49,41 @@ class LeastOutstanding:
         return states
 
 
-def prompt_text_parts(body: dict[str, Any]) -> list[str]:
+def prompt_text_parts(body: dict[str, Any]) -> Iterator[str]:
     """The parts of a request that make up the start of vLLM's prompt, in prompt order.
 
     The chat template renders tools (if any), then every message's role and content in order, so a
     request that repeats an earlier one's first messages repeats its rendered prefix. Non-text content
     (an image URL) is kept as its JSON, so two requests differing only in an image never look alike.
+    A generator: the caller stops reading once it has the characters it hashes.
     """
-    parts: list[str] = []
     tools = body.get("tools")
     if tools:
-        parts.append(orjson.dumps(tools).decode())
+        yield orjson.dumps(tools).decode()
     messages = body.get("messages")
     if isinstance(messages, list):
         for m in messages:
             if not isinstance(m, dict):
                 continue
-            parts.append(f"<|{m.get('role')}|>")
+            yield f"<|{m.get('role')}|>"
             content = m.get("content")
             if isinstance(content, str):
-                parts.append(content)
+                yield content
             elif isinstance(content, list):
                 for p in content:
                     if isinstance(p, dict) and isinstance(p.get("text"), str):
-                        parts.append(p["text"])
+                        yield p["text"]
                     else:
-                        parts.append(orjson.dumps(p).decode())
+                        yield orjson.dumps(p).decode()
             elif content is not None:
-                parts.append(orjson.dumps(content).decode())
-        return parts
+                yield orjson.dumps(content).decode()
+        return
     prompt = body.get("prompt")
     if isinstance(prompt, str):
-        parts.append(prompt)
+        yield prompt
     elif isinstance(prompt, list) and prompt:
         first = prompt[0]  # a batch of prompts: the first one's prefix (they are usually alike)
-        parts.append(first if isinstance(first, str) else orjson.dumps(prompt if isinstance(first, int)
-                                                                       else first).decode())
-    return parts
+        yield first if isinstance(first, str) else orjson.dumps(prompt if isinstance(first, int) else first).decode()
 
 
 def prefix_blocks(body: dict[str, Any], block_chars: int, max_blocks: int) -> list[int]:
@@ -153,6 +152,9 @@ class DeploymentIndex:
             self.blocks.popitem(last=False)
 
 
+LEAST_OUTSTANDING = LeastOutstanding()
+
+
 class PrefixAffinity:
     """Send a prompt where its prefix was sent before, within a load bound; place new prefixes by load.
 
@@ -164,13 +166,20 @@ class PrefixAffinity:
     cache fuller than max_kv_cache takes no affinity traffic either (it would preempt or queue).
     """
 
-    def __init__(self, spec: PrefixRoutingSpec, deployments: Sequence[str], live: LiveStats | None) -> None:
+    def __init__(self, spec: PrefixRoutingSpec, deployments: Sequence[str], live: LiveStats | None,
+                 breakers: dict[str, CircuitBreaker] | None = None) -> None:
         self.spec = spec
         self.live = live
+        self.breakers = breakers or {}
         self.indexes = {name: DeploymentIndex(spec.index_blocks) for name in deployments}
 
     def index(self, name: str) -> DeploymentIndex:
         return self.indexes[name]
+
+    def _closed(self, name: str) -> bool:
+        """Not skipped by its circuit breaker (an open one would turn the choice into a wasted attempt)."""
+        b = self.breakers.get(name)
+        return b is None or b.state is not BreakerState.OPEN
 
     def _kv_full(self, name: str) -> bool:
         if self.live is None:
@@ -181,10 +190,10 @@ class PrefixAffinity:
     def order(self, states: list[DeploymentState], body: dict[str, Any] | None,
               rec: RequestRecord | None) -> list[DeploymentState]:
         if len(states) < 2 or body is None:
-            return LeastOutstanding().order(states, body, rec)
+            return LEAST_OUTSTANDING.order(states, body, rec)
         blocks = prefix_blocks(body, self.spec.block_chars, self.spec.max_blocks)
         now = time.monotonic()
-        up = [s for s in states if s.healthy is not False] or states
+        up = [s for s in states if s.healthy is not False and self._closed(s.name)] or states
         if not blocks:  # shorter than one block: nothing vLLM could reuse
             decision, first = "short", min(up, key=lambda s: (s.load(), self._recent(s, now)))
         else:
@@ -258,13 +267,14 @@ class PrefixAffinity:
 class Balancing:
     """Each model's balancer, compiled once from its config; vLLM's live figures feed the prefix policy."""
 
-    def __init__(self, config: GatewayConfig, live: LiveStats | None = None) -> None:
-        self._least = LeastOutstanding()
+    def __init__(self, config: GatewayConfig, live: LiveStats | None = None,
+                 breakers: dict[str, CircuitBreaker] | None = None) -> None:
+        self._least = LEAST_OUTSTANDING
         self.by_model: dict[str, Balancer] = {}
         self._prefix: list[PrefixAffinity] = []
         for name, model in config.models.items():
             if model.balance == "prefix" and model.prefix_routing is not None:
-                p = PrefixAffinity(model.prefix_routing, [d.name for d in model.deployments], live)
+                p = PrefixAffinity(model.prefix_routing, [d.name for d in model.deployments], live, breakers)
                 self._prefix.append(p)
                 self.by_model[name] = p
         if live is not None and self._prefix:
