@@ -11,7 +11,8 @@ import orjson
 
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
-from gateway.pricing import PICO, prefix_cache_saving_pico, request_cost
+from gateway.money import usd
+from gateway.pricing import prefix_cache_saving_pico, request_cost
 from gateway.record import RequestRecord
 
 log = logging.getLogger("gateway.finalize")
@@ -60,7 +61,7 @@ class Finalizer:
             rec.cost_usd = request_cost(model.pricing, rec.prompt_tokens, rec.completion_tokens,
                                         rec.cached_tokens, rec.upstream_s, rec.concurrency)
             rec.prefix_saved_pico_usd = prefix_cache_saving_pico(model.pricing, rec.cached_tokens)
-            rec.prefix_saved_usd = rec.prefix_saved_pico_usd / PICO
+            rec.prefix_saved_usd = usd(rec.prefix_saved_pico_usd)
             primary = models.get(rec.primary_model or "", model)
             rec.counterfactual_cost_usd = rec.cost_usd if primary is model else request_cost(
                 primary.pricing, rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens, rec.upstream_s,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from gateway.config import Pricing
+from gateway.money import PICO
 
 
 def request_cost(
@@ -23,9 +24,6 @@ def request_cost(
         return upstream_seconds * pricing.gpu_usd_per_second / max(1, concurrency)
     uncached = max(0, prompt_tokens - cached_tokens)
     return uncached * pricing.prompt + cached_tokens * pricing.cached_prompt + completion_tokens * pricing.completion
-
-
-PICO = 10**12
 
 
 def prefix_cache_saving_pico(pricing: Pricing, cached_tokens: int) -> int:
