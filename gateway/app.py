@@ -11,7 +11,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -24,7 +24,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway import errors
 from gateway.auth import Authenticator
-from gateway.cache import NO_LOOKUP, Lookup, RecordingAccountant, build_cache, replay
+from gateway.cache import Lookup, RecordingAccountant, build_cache, replay
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import GatewayError
 from gateway.execute import Executor
@@ -35,6 +35,7 @@ from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.openapi import install_openapi
 from gateway.protocol import Endpoint, validate_request
 from gateway.record import RequestRecord
+from gateway.relay import DRAIN_S, Relay
 from gateway.routing.balance import Balancing
 from gateway.routing.breaker import BreakerState, CircuitBreaker
 from gateway.routing.live import LiveStats
@@ -79,6 +80,7 @@ class Gateway:
         self.finalizer = Finalizer(config, self.metrics, RequestLog(config.server.request_log))
         self.finalizer.record_sinks.append(self.ledger.append)
         self.finalizer.observers += [self.limiter.settle, self._observe_latency]
+        self.active: set[asyncio.Task[Any]] = set()  # requests being served (shutdown waits for their accounts)
         self._set_static_gauges()
 
     def _set_static_gauges(self) -> None:
@@ -159,24 +161,37 @@ class Gateway:
         headers = _wanted_headers(scope["headers"])
         rid = headers.get(b"x-request-id")
         rec = RequestRecord(rid.decode() if rid and _REQUEST_ID.fullmatch(rid) else uuid.uuid4().hex, endpoint)
+        task = asyncio.current_task()
+        assert task is not None
+        self.active.add(task)
+        watcher: asyncio.Task[None] | None = None
         try:
             auth = headers.get(b"authorization")
             tenant, key_hash = self.auth.authenticate(auth.decode("latin-1") if auth else None)
             rec.tenant, rec.api_key_hash = tenant.name, key_hash
             body = await self.read_json(headers, receive)
+            # From here on the client leaving cancels this task, wherever it is: limits, queue, vLLM, relay.
+            watcher = asyncio.create_task(_cancel_on_disconnect(receive, task))
             req = validate_request(endpoint, body)
             rec.requested_model = req.model
             plan = await self._plan(rec, req.model, body, headers)
             self.finalizer.begin(rec)
             model = plan.candidates[0]
             await self.limiter.admit(rec, model, body)  # 429 (or 503 when failing closed) refuses here
-            stream = endpoint != "embeddings" and bool(body.get("stream"))
+            stream = endpoint != "embeddings" and body.get("stream") is True
+            n = body.get("n", 1) if endpoint != "embeddings" else 1
             lk = await self.cache.lookup(rec, model, endpoint, body, headers.get(b"cache-control"), stream)
             try:
                 if stream:
-                    await self._stream(rec, plan, endpoint, body, receive, send, lk)
+                    await self._stream(rec, plan, endpoint, body, send, lk, n, watcher.cancel)
+                    self.finalizer.finalize(rec)  # a stream that failed mid-way (a complete one already is)
                     return
-                data = lk.entry.body if lk.entry is not None else await self.executor.call(rec, plan, endpoint, body)
+                if lk.entry is not None:
+                    data = lk.entry.body
+                else:
+                    data, tally = await self.executor.call(rec, plan, endpoint, body, n)
+                    tally.write(rec)
+                watcher.cancel()  # the answer is here: a client leaving now changes nothing
                 rec.status = 200
                 self.finalizer.finalize(rec)
                 self.cache.store(lk, rec, "json", data)
@@ -184,14 +199,30 @@ class Gateway:
                 self.cache.release(lk)
             await _respond(send, 200, data, final_headers(rec))
         except GatewayError as e:
+            if watcher is not None:
+                watcher.cancel()  # answering now: the end of the response must not look like the client leaving
             await self._error(rec, e, send)
         except ClientGone:
-            rec.outcome, rec.status = "client_disconnected", 499
+            rec.outcome, rec.status = "client_left_before_response", 499
+            self.finalizer.finalize(rec)
+        except asyncio.CancelledError:
+            if watcher is None or not watcher.done() or watcher.cancelled():
+                rec.outcome, rec.status = "gateway_shutdown", rec.status or 503  # cancelled from outside: stopping
+                self.finalizer.finalize(rec)
+                raise
+            task.uncancel()  # our own watcher: the client left
+            if not rec.outcome.startswith("client_left"):
+                rec.outcome = "client_left_before_response"
+            rec.status = 499
             self.finalizer.finalize(rec)
         except Exception:
             log.exception("internal error in request %s", rec.request_id)
             await self._error(rec, GatewayError(500, f"Internal gateway error (request id {rec.request_id}).",
                                                 type="api_error", code="internal_error"), send)
+        finally:
+            self.active.discard(task)
+            if watcher is not None:
+                watcher.cancel()
 
     async def _error(self, rec: RequestRecord, e: GatewayError, send: Send) -> None:
         rec.status, rec.error_code, rec.outcome = e.status, e.code, "error"
@@ -223,49 +254,49 @@ class Gateway:
         return plan
 
     async def _stream(self, rec: RequestRecord, plan: Plan, endpoint: Endpoint, body: dict[str, Any],
-                      receive: Receive, send: Send, lk: Lookup = NO_LOOKUP) -> None:
+                      send: Send, lk: Lookup, n: int, stop_watching: Callable[[], object]) -> None:
         rec.stream = True
         asked = body.get("stream_options") or {}
         if not isinstance(asked, dict):
             raise errors.bad_request("'stream_options' must be an object.", param="stream_options")
         # A miss that may be stored keeps the upstream payloads (RecordingAccountant); a hit replays them.
         acct_type = RecordingAccountant if lk.may_store else StreamAccountant
-        acct = acct_type(rec, bool(asked.get("include_usage")), bool(asked.get("continuous_usage_stats")))
+        acct = acct_type(rec, asked.get("include_usage") is True, asked.get("continuous_usage_stats") is True, n)
         body["stream_options"] = {**asked, "include_usage": True, "continuous_usage_stats": True}
-        stream = None if lk.entry is not None else await self.executor.open_stream(rec, plan, endpoint, body)
+        stream = None if lk.entry is not None else await self.executor.open_stream(rec, plan, endpoint, body, n)
         rec.status = 200
-        finalized = False
 
         def on_done() -> bytes:
-            nonlocal finalized
             line = self.finalizer.finalize(rec)
-            finalized = True
             if isinstance(acct, RecordingAccountant):  # only called for a stream that completed
                 self.cache.store(lk, rec, "sse", b"\n".join(acct.payloads))
             return stream_trailer(line)
 
-        # The client leaving shows up as http.disconnect on receive(): cancel the relay when it does.
-        task = asyncio.current_task()
-        assert task is not None
-        watcher = asyncio.create_task(_cancel_on_disconnect(receive, task))
+        relay = None if stream is None else Relay(stream, rec, acct, on_done)
+        chunks = relay.chunks() if relay is not None else replay(lk.entry, acct, on_done)  # type: ignore[arg-type]
+        sending, t0 = False, 0.0
         try:
             await send({"type": "http.response.start", "status": 200,
                         "headers": _encode_headers({**early_headers(rec), "cache-control": "no-cache"}, SSE)})
-            chunks = replay(lk.entry, acct, on_done) if stream is None and lk.entry is not None else \
-                self.executor.relay(stream, rec, acct, on_done)  # type: ignore[arg-type]
             async for chunk in chunks:
+                sending, t0 = True, time.perf_counter()
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            watcher.cancel()
+                waited = time.perf_counter() - t0
+                sending = False
+                if waited > _BLOCKED_S:  # the client's socket was full: it is not keeping up
+                    rec.client_wait_s += waited
+            stop_watching()  # the response is complete: the client closing now is not leaving early
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
-            if not watcher.done() or watcher.cancelled():
-                raise  # cancelled from outside (shutdown), not by our disconnect watcher
-            task.uncancel()
+            if sending:  # left while a write to it was blocked
+                rec.client_wait_s += time.perf_counter() - t0
+            slow = sending or rec.client_wait_s >= _SLOW_READER_S
+            rec.outcome = "client_left_slow_reader" if slow else "client_left_midstream"
+            raise
         finally:
-            watcher.cancel()
-            if not finalized:
-                finalized = True
-                self.finalizer.finalize(rec)
+            await chunks.aclose()  # type: ignore[attr-defined]
+            if relay is not None:
+                await relay.abandon()  # no-op when the upstream side already ended
 
     def list_models(self) -> dict[str, Any]:
         return {"object": "list", "data": [
@@ -288,6 +319,9 @@ async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[Any]) -> No
             task.cancel()
             return
 
+
+_BLOCKED_S = 0.002  # a send that took longer waited for the client's socket to drain
+_SLOW_READER_S = 0.05  # a client that held the stream back this long in all reads slowly
 
 _WANTED = frozenset({b"authorization", b"x-request-id", b"content-length", b"x-gateway-task",
                      b"x-gateway-deadline-ms", b"cache-control"})
@@ -353,6 +387,8 @@ def create_app(config: GatewayConfig | None = None) -> FastPath:
         try:
             yield
         finally:
+            if gw.active:  # requests cut by shutdown are still draining vLLM and writing their records
+                await asyncio.wait(list(gw.active), timeout=DRAIN_S + 1.0)
             await gw.live.close()
             await gw.pool.close()
             await gw.limiter.close()

@@ -42,13 +42,13 @@ class Entry:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
-    cost_usd: float
+    cost_pico_usd: int
     served_model: str
     upstream_model: str | None
 
     def encode(self) -> bytes:
         meta = orjson.dumps({"k": self.kind, "p": self.prompt_tokens, "c": self.completion_tokens,
-                             "ct": self.cached_tokens, "usd": self.cost_usd, "s": self.served_model,
+                             "ct": self.cached_tokens, "pusd": self.cost_pico_usd, "s": self.served_model,
                              "u": self.upstream_model})
         return meta + b"\n" + self.body
 
@@ -56,7 +56,7 @@ class Entry:
     def decode(cls, raw: bytes) -> Entry:
         meta, _, body = raw.partition(b"\n")
         m = orjson.loads(meta)
-        return cls(m["k"], body, m["p"], m["c"], m["ct"], m["usd"], m["s"], m["u"])
+        return cls(m["k"], body, m["p"], m["c"], m["ct"], m["pusd"], m["s"], m["u"])
 
     def payloads(self) -> list[bytes]:
         return self.body.split(b"\n")
@@ -67,7 +67,7 @@ class Entry:
         rec.served_model, rec.upstream_model = self.served_model, self.upstream_model
         rec.prompt_tokens, rec.completion_tokens = self.prompt_tokens, self.completion_tokens
         rec.cached_tokens, rec.usage_reported = self.cached_tokens, True
-        rec.saved_usd = self.cost_usd
+        rec.saved_pico_usd = self.cost_pico_usd
 
 
 @dataclass(slots=True, eq=False)
@@ -221,7 +221,7 @@ class StoreCache:
         if (lk.key is None or not lk.may_store or lk.done or rec.status != 200 or rec.outcome != "ok"
                 or rec.served_model != lk.model or len(body) > self.max_entry):
             return
-        entry = Entry(kind, body, rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens, rec.cost_usd,
+        entry = Entry(kind, body, rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens, rec.cost_pico_usd,
                       rec.served_model or "", rec.upstream_model)
         self._resolve(lk, entry)
         lk.done = True
@@ -270,8 +270,8 @@ class RecordingAccountant(StreamAccountant):
 
     __slots__ = ("payloads",)
 
-    def __init__(self, rec: RequestRecord, want_usage: bool, want_continuous: bool) -> None:
-        super().__init__(rec, want_usage, want_continuous)
+    def __init__(self, rec: RequestRecord, want_usage: bool, want_continuous: bool, n: int = 1) -> None:
+        super().__init__(rec, want_usage, want_continuous, n)
         self.payloads: list[bytes] = []
 
     def on_data(self, payload: bytes) -> bytes | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -45,7 +46,8 @@ def serve(path: str, host: str, port: int, workers: int, log_level: str) -> int:
 
     uvicorn.run("gateway.app:create_app", factory=True, host=host, port=port, workers=workers,
                 loop="uvloop", http="httptools", access_log=False, log_level=log_level,
-                timeout_keep_alive=30, limit_concurrency=cfg.server.max_connections)
+                timeout_keep_alive=30, limit_concurrency=cfg.server.max_connections,
+                timeout_graceful_shutdown=math.ceil(cfg.server.shutdown_grace_s))
     return 0
 
 

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gateway.money import exact_per_token, per_token_pico
+
 log = logging.getLogger("gateway.config")
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -53,6 +55,14 @@ class Prices(_Strict):
     prompt_per_1m: float = Field(0.0, ge=0)
     completion_per_1m: float = Field(0.0, ge=0)
     cached_prompt_per_1m: float | None = Field(None, ge=0, description="defaults to prompt_per_1m")
+
+    @field_validator("prompt_per_1m", "completion_per_1m", "cached_prompt_per_1m")
+    @classmethod
+    def _exact(cls, v: float | None) -> float | None:
+        # Money is kept in integer pico-USD: a price per 1M tokens with more than six decimals has no exact form.
+        if v is not None and not exact_per_token(v):
+            raise ValueError(f"{v!r} has more than six decimals (money is exact to 1e-12 USD per token)")
+        return v
 
 
 class CostBasis(_Strict):
@@ -183,6 +193,8 @@ class ServerSpec(_Strict):
     request_log: str = Field("stderr", description="stderr, stdout, off, or a file path")
     body_timeout: float = Field(30.0, gt=0, description="seconds a client may take to send its request body")
     max_connections: int | None = Field(None, ge=1, description="uvicorn limit_concurrency; beyond it: 503")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, requests still running after this long "
+                                    "are cut (outcome gateway_shutdown, accounted)")
 
     @field_validator("request_log", mode="before")
     @classmethod
@@ -271,12 +283,15 @@ class Deployment:
 
 @dataclass(frozen=True, slots=True)
 class Pricing:
-    """USD per token (already divided by 1e6) or a GPU cost per second; see docs/config.md."""
+    """Per-token prices (USD floats for estimates, exact pico-USD integers for bills) or a GPU cost per second."""
 
     prompt: float = 0.0
     completion: float = 0.0
     cached_prompt: float = 0.0
     gpu_usd_per_second: float | None = None
+    prompt_pico: int = 0
+    completion_pico: int = 0
+    cached_prompt_pico: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,7 +487,9 @@ def compile_config(spec: GatewaySpec, source: str) -> GatewayConfig:
         if m.prices is not None:
             p = m.prices
             cached = p.prompt_per_1m if p.cached_prompt_per_1m is None else p.cached_prompt_per_1m
-            pricing = Pricing(p.prompt_per_1m / 1e6, p.completion_per_1m / 1e6, cached / 1e6)
+            pricing = Pricing(p.prompt_per_1m / 1e6, p.completion_per_1m / 1e6, cached / 1e6, None,
+                              per_token_pico(p.prompt_per_1m), per_token_pico(p.completion_per_1m),
+                              per_token_pico(cached))
         elif m.cost_basis is not None:
             pricing = Pricing(gpu_usd_per_second=m.cost_basis.gpu_usd_per_hour * m.cost_basis.gpu_count / 3600.0)
         else:

@@ -11,9 +11,9 @@ import orjson
 
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
-from gateway.money import usd
-from gateway.pricing import prefix_cache_saving_pico, request_cost
-from gateway.record import RequestRecord
+from gateway.money import usd_text
+from gateway.pricing import prefix_cache_saving, request_cost
+from gateway.record import Attempt, RequestRecord
 
 log = logging.getLogger("gateway.finalize")
 
@@ -52,20 +52,45 @@ class Finalizer:
         self.record_sinks: list[Callable[[bytes], None]] = [request_log.write]
 
     def price(self, rec: RequestRecord) -> None:
-        if rec.cache == "hit":  # served from the gateway cache: free; rec.saved_usd holds what it cost
-            rec.cost_usd = rec.counterfactual_cost_usd = 0.0
+        """Exact cost of what the request used, of what its abandoned attempts wasted, and the counterfactual."""
+        if rec.cache == "hit":  # served from the gateway cache: free; rec.saved_pico_usd holds what it cost
+            rec.cost_pico_usd = rec.counterfactual_cost_pico_usd = 0
             return
         models = self.config.models
+        billed_gpu_s = 0.0
+        for a in rec.attempts:
+            if a.outcome == "ok":
+                billed_gpu_s += a.gpu_s
+            elif a.outcome == "abandoned" and rec.outcome == "client_left_before_response":
+                # The client left while vLLM was working for it: what vLLM did is the request's own.
+                billed_gpu_s += a.gpu_s
+                rec.prompt_tokens += a.prompt_tokens
+                rec.fanout_prompt_tokens += a.fanout_prompt_tokens
+                rec.completion_tokens += a.completion_tokens
+                rec.usage_reported = rec.usage_reported or a.usage == "reported"
+            else:
+                self._price_waste(rec, a)
+        rec.gpu_s = billed_gpu_s
         model = models.get(rec.served_model or "")
-        if model is not None:
-            rec.cost_usd = request_cost(model.pricing, rec.prompt_tokens, rec.completion_tokens,
-                                        rec.cached_tokens, rec.upstream_s, rec.concurrency)
-            rec.prefix_saved_pico_usd = prefix_cache_saving_pico(model.pricing, rec.cached_tokens)
-            rec.prefix_saved_usd = usd(rec.prefix_saved_pico_usd)
-            primary = models.get(rec.primary_model or "", model)
-            rec.counterfactual_cost_usd = rec.cost_usd if primary is model else request_cost(
-                primary.pricing, rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens, rec.upstream_s,
-                rec.concurrency)
+        if model is None:  # nothing served: the request itself used nothing it is billed for
+            model = models.get(rec.primary_model or rec.requested_model or "")
+            if model is None or not (rec.prompt_tokens or rec.completion_tokens or billed_gpu_s):
+                return
+        rec.cost_pico_usd = request_cost(model.pricing, rec.prompt_tokens, rec.completion_tokens,
+                                         rec.cached_tokens, billed_gpu_s)
+        rec.prefix_saved_pico_usd = prefix_cache_saving(model.pricing, rec.prompt_tokens, rec.cached_tokens)
+        primary = models.get(rec.primary_model or "", model)
+        rec.counterfactual_cost_pico_usd = rec.cost_pico_usd if primary is model else request_cost(
+            primary.pricing, rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens, billed_gpu_s)
+
+    def _price_waste(self, rec: RequestRecord, a: Attempt) -> None:
+        model = self.config.models.get(a.public_model or "")
+        if model is None:
+            return
+        a.cost_pico_usd = request_cost(model.pricing, a.prompt_tokens, a.completion_tokens, 0, a.gpu_s)
+        rec.wasted_prompt_tokens += a.prompt_tokens + a.fanout_prompt_tokens
+        rec.wasted_completion_tokens += a.completion_tokens
+        rec.wasted_cost_pico_usd += a.cost_pico_usd
 
     def begin(self, rec: RequestRecord) -> None:
         """The request names a configured model: count it in flight until finalized."""
@@ -73,21 +98,28 @@ class Finalizer:
         self.metrics.in_flight.labels(rec.requested_model).inc()
 
     def finalize(self, rec: RequestRecord) -> bytes:
-        """Called exactly once per request, whatever happened to it; returns the record's JSON line."""
+        """Called once per request whatever happened to it (a second call returns the first line)."""
+        if rec.final_line is not None:
+            return rec.final_line
         if rec.in_flight:
             rec.in_flight = False
             self.metrics.in_flight.labels(rec.requested_model).dec()
         rec.finish()
         self.price(rec)
-        line = orjson.dumps(rec.to_log())
-        try:
-            self.metrics.observe(rec)
-            for sink in self.record_sinks:
-                sink(line)
-            for observe in self.observers:
-                observe(rec)
-        except Exception:  # accounting must never break serving; the failure itself is logged
-            log.exception("could not write the record of request %s", rec.request_id)
+        line = rec.final_line = orjson.dumps(rec.to_log())
+        # Each sink fails alone: a full disk under the log must not cost the ledger record or the settle.
+        for sink in (self.metrics.observe, *self.observers):
+            try:
+                sink(rec)
+            except Exception:  # noqa: BLE001 - accounting must never break serving; logged
+                log.exception("record sink %s failed for request %s", getattr(sink, "__qualname__", sink),
+                              rec.request_id)
+        for write in self.record_sinks:
+            try:
+                write(line)
+            except Exception:  # noqa: BLE001
+                log.exception("record sink %s failed for request %s", getattr(write, "__qualname__", write),
+                              rec.request_id)
         return line
 
 
@@ -111,7 +143,7 @@ def early_headers(rec: RequestRecord) -> dict[str, str]:
     if rec.cache is not None:
         h["x-gateway-cache"] = rec.cache
         if rec.cache == "hit":
-            h["x-gateway-saved-usd"] = f"{rec.saved_usd:.10f}"
+            h["x-gateway-saved-usd"] = usd_text(rec.saved_pico_usd)
     if rec.ratelimit_headers:
         h.update(rec.ratelimit_headers)
     return h
@@ -128,11 +160,17 @@ def final_headers(rec: RequestRecord) -> dict[str, str]:
         h["x-gateway-prompt-tokens"] = str(rec.prompt_tokens)
         h["x-gateway-completion-tokens"] = str(rec.completion_tokens)
         h["x-gateway-cached-tokens"] = str(rec.cached_tokens)
+        h["x-gateway-cost-usd"] = usd_text(rec.cost_pico_usd)
         if rec.prefix_saved_pico_usd:
-            h["x-gateway-prefix-saved-usd"] = f"{rec.prefix_saved_usd:.10f}"
-        h["x-gateway-cost-usd"] = f"{rec.cost_usd:.10f}"
+            h["x-gateway-prefix-saved-usd"] = usd_text(rec.prefix_saved_pico_usd)
+        if rec.fanout_prompt_tokens:
+            h["x-gateway-fanout-prompt-tokens"] = str(rec.fanout_prompt_tokens)
         if rec.primary_model is not None and rec.primary_model != rec.served_model:
-            h["x-gateway-counterfactual-cost-usd"] = f"{rec.counterfactual_cost_usd:.10f}"
+            h["x-gateway-counterfactual-cost-usd"] = usd_text(rec.counterfactual_cost_pico_usd)
+    if rec.wasted_prompt_tokens or rec.wasted_completion_tokens:
+        h["x-gateway-wasted-prompt-tokens"] = str(rec.wasted_prompt_tokens)
+        h["x-gateway-wasted-completion-tokens"] = str(rec.wasted_completion_tokens)
+        h["x-gateway-wasted-cost-usd"] = usd_text(rec.wasted_cost_pico_usd)
     return h
 
 

@@ -25,6 +25,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from gateway.money import usd
 from gateway.record import RequestRecord
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -59,6 +60,19 @@ class GatewayMetrics:
         self.cached_tokens = Counter(
             "gateway_cached_prompt_tokens", "Prompt tokens vLLM served from its prefix cache", mdt, registry=r)
         self.cost = Counter("gateway_cost_usd", "Cost of served requests in USD", mdt, registry=r)
+        # Work vLLM did that no request is billed for: fan-out prefills (n > 1) and abandoned attempts.
+        # served + fan-out + wasted tokens reconcile with vLLM's own prompt/generation token counters.
+        self.fanout_prompt_tokens = Counter(
+            "gateway_fanout_prompt_tokens", "Prompt prefills of the extra choices of n > 1 requests (vLLM counts "
+            "the prompt once per choice, usage once)", mdt, registry=r)
+        waste = ["model", "deployment", "reason"]
+        self.wasted_prompt_tokens = Counter("gateway_wasted_prompt_tokens", "Prompt tokens vLLM processed for "
+                                            "attempts the gateway abandoned", waste, registry=r)
+        self.wasted_completion_tokens = Counter("gateway_wasted_completion_tokens", "Tokens vLLM generated for "
+                                                "attempts the gateway abandoned", waste, registry=r)
+        self.wasted_cost = Counter("gateway_wasted_cost_usd", "What abandoned attempts cost", waste, registry=r)
+        self.outcomes = Counter("gateway_request_outcomes", "Requests by how they ended", ["model", "outcome"],
+                                registry=r)
         self.e2e = Histogram("gateway_request_duration_seconds", "End-to-end time in the gateway", md,
                              buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("gateway_time_to_first_token_seconds", "Arrival to first token sent", md,
@@ -136,12 +150,26 @@ class GatewayMetrics:
                 cached.inc(rec.cached_tokens)
         if rec.cache is not None:
             self.cache_requests.labels(model, rec.tenant, rec.cache).inc()
-            if rec.saved_usd:
-                self.cache_saved.labels(model, rec.tenant).inc(rec.saved_usd)
+            if rec.saved_pico_usd:
+                self.cache_saved.labels(model, rec.tenant).inc(usd(rec.saved_pico_usd))
         if rec.limited_by is not None and rec.limited_by != "skipped":
             self.ratelimit_refusals.labels(rec.tenant, rec.limited_by).inc()
-        if rec.cost_usd:
-            cost.inc(rec.cost_usd)
+        if rec.cost_pico_usd:
+            cost.inc(usd(rec.cost_pico_usd))
+        if rec.fanout_prompt_tokens:
+            self.fanout_prompt_tokens.labels(model, dep, rec.tenant).inc(rec.fanout_prompt_tokens)
+        self.outcomes.labels(model, rec.outcome).inc()
+        for a in rec.attempts:
+            if a.outcome == "ok" or not (a.prompt_tokens or a.completion_tokens or a.cost_pico_usd):
+                continue
+            if a.outcome == "abandoned" and rec.outcome == "client_left_before_response":
+                continue  # billed to the request, not waste
+            wl = (self.model_label(a.public_model), a.deployment if a.deployment in self._deployments
+                  else NO_DEPLOYMENT, a.outcome)
+            self.wasted_prompt_tokens.labels(*wl).inc(a.prompt_tokens + a.fanout_prompt_tokens)
+            self.wasted_completion_tokens.labels(*wl).inc(a.completion_tokens)
+            if a.cost_pico_usd:
+                self.wasted_cost.labels(*wl).inc(usd(a.cost_pico_usd))
         e2e.observe(rec.e2e_s)
         overhead.observe(rec.overhead_s)
         if rec.deployment is not None:
@@ -150,12 +178,12 @@ class GatewayMetrics:
             ttft.observe(rec.ttft_s)
         if rec.tpot_s is not None:
             tpot.observe(rec.tpot_s)
-        if rec.prefix_saved_usd:
-            self.prefix_saved.labels(model, dep, rec.tenant).inc(rec.prefix_saved_usd)
+        if rec.prefix_saved_pico_usd:
+            self.prefix_saved.labels(model, dep, rec.tenant).inc(usd(rec.prefix_saved_pico_usd))
         if rec.balance is not None:
             self.balance_decisions.labels(model, dep, rec.balance).inc()
-        if rec.counterfactual_cost_usd:
-            self.counterfactual_cost.labels(model, dep, rec.tenant).inc(rec.counterfactual_cost_usd)
+        if rec.counterfactual_cost_pico_usd:
+            self.counterfactual_cost.labels(model, dep, rec.tenant).inc(usd(rec.counterfactual_cost_pico_usd))
         if rec.primary_model is not None and rec.served_model is not None and rec.primary_model != rec.served_model:
             self.fallbacks.labels(rec.primary_model, rec.served_model, rec.rule or "unknown").inc()
 

@@ -1,4 +1,4 @@
-"""Cost of one request in USD, from vLLM's token usage and the model's prices or GPU cost basis."""
+"""Cost of one request in exact pico-USD, from vLLM's token usage and the model's prices or GPU cost basis."""
 
 from __future__ import annotations
 
@@ -6,30 +6,31 @@ from gateway.config import Pricing
 from gateway.money import PICO
 
 
-def request_cost(
-    pricing: Pricing,
-    prompt_tokens: int,
-    completion_tokens: int,
-    cached_tokens: int,
-    upstream_seconds: float,
-    concurrency: int,
-) -> float:
-    """Token prices: uncached prompt, cached prompt and completion tokens at their own rates.
+def token_cost(pricing: Pricing, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> int:
+    """Uncached prompt, cached prompt and completion tokens, each at its own rate (integers: exact)."""
+    uncached = max(0, prompt_tokens - cached_tokens)
+    cached = min(cached_tokens, prompt_tokens)
+    return uncached * pricing.prompt_pico + cached * pricing.cached_prompt_pico \
+        + completion_tokens * pricing.completion_pico
 
-    GPU cost basis (self-hosted): the deployment's GPUs cost gpu_usd_per_hour * gpu_count; vLLM
-    batches the requests it runs at once, so a request is charged its upstream time divided by the
-    number of requests this gateway had in flight on that deployment when it was sent (>= 1).
+
+def request_cost(pricing: Pricing, prompt_tokens: int, completion_tokens: int, cached_tokens: int,
+                 gpu_seconds: float) -> int:
+    """Token prices, or (GPU cost basis, self-hosted) the price of the request's share of the GPUs' busy time.
+
+    The share (`gpu_seconds`) is measured by the deployment's busy clock (gateway/upstream.py): while k
+    requests are in flight each accrues 1/k of every second, so over any window the shares of all
+    requests add up to the time the deployment was busy, and their costs to price x busy time.
     """
     if pricing.gpu_usd_per_second is not None:
-        return upstream_seconds * pricing.gpu_usd_per_second / max(1, concurrency)
-    uncached = max(0, prompt_tokens - cached_tokens)
-    return uncached * pricing.prompt + cached_tokens * pricing.cached_prompt + completion_tokens * pricing.completion
+        return round(gpu_seconds * pricing.gpu_usd_per_second * PICO)
+    return token_cost(pricing, prompt_tokens, completion_tokens, cached_tokens)
 
 
-def prefix_cache_saving_pico(pricing: Pricing, cached_tokens: int) -> int:
+def prefix_cache_saving(pricing: Pricing, prompt_tokens: int, cached_tokens: int) -> int:
     """What vLLM's prefix cache saved a request, in pico-USD: its cached prompt tokens at the uncached prompt
     price minus what they were billed (0 under a GPU cost basis: the saving is already in the shorter time)."""
-    if pricing.gpu_usd_per_second is not None or cached_tokens <= 0:
+    if pricing.gpu_usd_per_second is not None:
         return 0
-    per_token = round(pricing.prompt * PICO) - round(pricing.cached_prompt * PICO)
-    return cached_tokens * max(0, per_token)
+    cached = min(max(0, cached_tokens), prompt_tokens)
+    return cached * max(0, pricing.prompt_pico - pricing.cached_prompt_pico)

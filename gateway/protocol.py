@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
 
 from gateway.errors import GatewayError, bad_request
 
@@ -33,8 +33,8 @@ class _Request(_Open):
 
 
 class StreamOptions(_Open):
-    include_usage: bool | None = None
-    continuous_usage_stats: bool | None = None
+    include_usage: StrictBool | None = None
+    continuous_usage_stats: StrictBool | None = None
 
 
 class ChatMessage(_Open):
@@ -43,13 +43,15 @@ class ChatMessage(_Open):
 
 
 class _Generation(_Request):
-    stream: bool = False
+    # Fields that change what is generated, reserved and billed are strict JSON types: "false" is not
+    # false and 400.0 is not 400 (OpenAI refuses them too).
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: StrictInt | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
-    n: int = Field(1, ge=1, le=128)
-    seed: int | None = None
+    n: StrictInt = Field(1, ge=1, le=128)
+    seed: StrictInt | None = None
 
     @field_validator("temperature", "top_p", mode="before")
     @classmethod
@@ -61,7 +63,7 @@ class _Generation(_Request):
 
 class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
 
 
 Prompt = str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)] | Annotated[

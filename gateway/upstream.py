@@ -25,7 +25,9 @@ class DeploymentState:
     timeout: aiohttp.ClientTimeout
     stream_timeout: aiohttp.ClientTimeout  # also bounds each read: a stream that stalls mid-way is cut off
     headers: dict[str, str]
-    in_flight: int = 0
+    in_flight: int = 0  # requests sent and not finished (the busy clock's divisor)
+    busy_share_s: float = 0.0  # the busy clock: grows by 1/in_flight per second while in_flight > 0
+    busy_at: float = 0.0
     healthy: bool | None = None  # None until the first health check answers
     last_health_error: str | None = None
     health_checked_at: float = field(default=0.0)
@@ -36,6 +38,25 @@ class DeploymentState:
 
     def load(self) -> float:
         return (self.in_flight + 1) / self.spec.weight
+
+    def _tick(self, now: float) -> float:
+        if self.in_flight:
+            self.busy_share_s += (now - self.busy_at) / self.in_flight
+        self.busy_at = now
+        return self.busy_share_s
+
+    def sent(self, now: float) -> float:
+        """A request was sent: returns the busy clock's reading, which `finished` subtracts."""
+        reading = self._tick(now)
+        self.in_flight += 1
+        return reading
+
+    def finished(self, now: float, reading: float) -> float:
+        """A request finished: its share of the busy time (seconds). Over any window, the shares of all
+        requests add up to the time at least one request was in flight (processor sharing)."""
+        share = self._tick(now) - reading
+        self.in_flight -= 1
+        return share
 
 
 class UpstreamPool:

@@ -263,7 +263,7 @@ def main() -> None:
                                     str(gateway_config(tmp, a.url_a, url_b, 1.0)), "--port", str(port),
                                     "--log-level", "warning"], cwd=ROOT)
         gw_url = f"http://127.0.0.1:{port}"
-        wait_http(f"{gw_url}/healthz", proc=gateway)
+        wait_http(f"{gw_url}/healthz", timeout=180, proc=gateway)  # a busy shared machine starts slowly
         phases = []
         for i, name in enumerate(a.order.split(",")):
             p = Phase(name, name)

@@ -40,9 +40,25 @@ def test_good_config_compiles() -> None:
     assert cfg.keys_by_sha256[hash_key("secret-a")].name == "a"
     assert cfg.keys_by_sha256[hash_key("secret-b")].admin
     assert cfg.auth_enabled
-    assert request_cost(big.pricing, 1000, 100, 400, 1.0, 1) == pytest.approx((600 * 3 + 400 * 0.3 + 100 * 15) / 1e6)
-    # GPU basis: 2 GPUs at 3.6 USD/h = 0.002 USD/s, shared by 4 concurrent requests, 2 s upstream
-    assert request_cost(cfg.models["small-gpu"].pricing, 10, 10, 0, 2.0, 4) == pytest.approx(0.001)
+    # exact pico-USD: 600 uncached at $3/1M, 400 cached at $0.3/1M, 100 completion at $15/1M
+    assert request_cost(big.pricing, 1000, 100, 400, 0.0) == 600 * 3_000_000 + 400 * 300_000 + 100 * 15_000_000
+    # GPU basis: 2 GPUs at 3.6 USD/h = 0.002 USD/s; a share of 0.5 s of the busy time costs 0.001 USD
+    assert request_cost(cfg.models["small-gpu"].pricing, 10, 10, 0, 0.5) == 10**9
+
+
+def test_money_is_exact_integers() -> None:
+    """3 tokens at $0.1/1M + 7 at $0.4/1M is exactly 3.1e-6 USD, and a million of them sum exactly."""
+    cfg = parse_config("""
+models: {m: {deployments: [{url: "http://127.0.0.1:1", model: m}],
+             prices: {prompt_per_1m: 0.1, completion_per_1m: 0.4}}}
+""", "test")
+    one = request_cost(cfg.models["m"].pricing, 3, 7, 0, 0.0)
+    assert one == 3_100_000  # pico-USD
+    assert sum(one for _ in range(1_000_000)) == 3_100_000 * 10**6  # exactly 3.1 USD
+    with pytest.raises(ConfigError, match="more than six decimals"):
+        parse_config("""
+models: {m: {deployments: [{url: "http://127.0.0.1:1", model: m}], prices: {prompt_per_1m: 0.00000001}}}
+""", "test")
 
 
 @pytest.mark.parametrize("mutate, where", [

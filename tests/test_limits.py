@@ -167,7 +167,7 @@ tenants: {anonymous: {limits: {rpm: 2, budget_day_usd: 10}}}
         rec = RequestRecord(f"r{i}", "chat", tenant="anonymous")
         await lim.admit(rec, model, body)
         assert rec.reservation is not None
-        rec.completion_tokens, rec.cost_usd = 2, 2.0
+        rec.completion_tokens, rec.cost_pico_usd = 2, 2 * 10**12
         lim.settle(rec)
     await lim.close()
     assert lim.budget_used_fraction("anonymous") == pytest.approx(0.4)

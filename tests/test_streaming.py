@@ -41,7 +41,7 @@ def test_disconnect_cancels_upstream_and_is_accounted(gateway: GatewayProcess, r
                 if seen == 5:
                     break  # closing the response drops the connection
     rec = gateway.record("leaves-early")
-    assert rec["outcome"] == "client_disconnected" and rec["status"] == 499
+    assert rec["outcome"] == "client_left_midstream" and rec["status"] == 499
     assert rec["usage_reported"] is True
     assert 5 <= rec["completion_tokens"] <= 8
     time.sleep(0.5)

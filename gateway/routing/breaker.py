@@ -46,6 +46,15 @@ class CircuitBreaker:
             return True
         return False
 
+    def settle(self, verdict: bool | None) -> None:
+        """An attempt ended: True/False is what it says of the deployment; None (it never reached the
+        deployment, or failed for the gateway's own reasons) gives back the probe slot it may hold."""
+        if verdict is None:
+            if self.state is BreakerState.HALF_OPEN and self._probes > 0:
+                self._probes -= 1
+            return
+        self.record(verdict)
+
     def record(self, ok: bool) -> None:
         now = self._clock()
         if self.state is BreakerState.HALF_OPEN:

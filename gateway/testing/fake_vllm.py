@@ -44,11 +44,33 @@ class Behaviour:
 
 @dataclass
 class Counters:
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # like vLLM: every choice's prefill, counted when it produces its first output
     generation_tokens: int = 0
     requests: int = 0
     running: int = 0
+    busy_s: float = 0.0  # time with at least one request running (what a GPU-time cost basis pays for)
+    busy_since: float = 0.0
     last_request: dict[str, Any] = field(default_factory=dict)
+
+    def start(self) -> None:
+        if self.running == 0:
+            self.busy_since = time.perf_counter()
+        self.running += 1
+
+    def stop(self) -> None:
+        self.running -= 1
+        if self.running == 0:
+            self.busy_s += time.perf_counter() - self.busy_since
+
+
+def prompt_counts(body: dict[str, Any]) -> list[int]:
+    """Tokens of each prompt of a request (a completions request may carry a list of prompts)."""
+    if "messages" in body:
+        return [count_prompt_tokens(body)]
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return [len(p) if isinstance(p, list) else len(str(p).split()) + 1 for p in prompt]
+    return [count_prompt_tokens(body)]
 
 
 def count_prompt_tokens(body: dict[str, Any]) -> int:
@@ -182,33 +204,39 @@ class FakeVLLM:
         if err := self._refuse(body):
             return err
         chat = "messages" in body
-        prompt_tokens = count_prompt_tokens(body)
+        prompts = prompt_counts(body)
+        n_choices = int(body.get("n") or 1)
         n = int(body.get("max_tokens") or body.get("max_completion_tokens") or self.b.default_tokens)
         self.c.requests += 1
-        self.c.prompt_tokens += prompt_tokens
-        self.c.running += 1
+        self.c.start()
         try:
             if body.get("stream"):
-                return await self._stream(request, body, chat, prompt_tokens, n)
-            if self.b.ttft_ms or self.b.itl_ms:
-                await asyncio.sleep((self.b.ttft_ms + self.b.itl_ms * max(0, n - 1)) / 1e3)
-            self.c.generation_tokens += n
+                return await self._stream(request, body, chat, prompts, n_choices, n)
+            if self.b.ttft_ms:
+                await asyncio.sleep(self.b.ttft_ms / 1e3)
+            self.c.prompt_tokens += sum(prompts) * n_choices  # one prefill per choice, as vLLM counts
+            if self.b.itl_ms:
+                await asyncio.sleep(self.b.itl_ms * max(0, n - 1) / 1e3)
+            choices_total = len(prompts) * n_choices
+            self.c.generation_tokens += n * choices_total
             text = "".join(f"tok{i} " for i in range(n))
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-            if chat:
-                choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                          "finish_reason": "length", "logprobs": None}
-            else:
-                choice = {"index": 0, "text": text, "finish_reason": "length", "logprobs": None}
+            choices: list[dict[str, Any]] = []
+            for idx in range(choices_total):
+                if chat:
+                    choices.append({"index": idx, "message": {"role": "assistant", "content": text},
+                                    "finish_reason": "length", "logprobs": None})
+                else:
+                    choices.append({"index": idx, "text": text, "finish_reason": "length", "logprobs": None})
             out: dict[str, Any] = {"id": rid, "object": "chat.completion" if chat else "text_completion",
-                                   "created": int(time.time()), "model": body["model"], "choices": [choice]}
+                                   "created": int(time.time()), "model": body["model"], "choices": choices}
             if self.b.absurd_usage:
                 out["usage"] = {"prompt_tokens": -3, "completion_tokens": 10**15, "total_tokens": 0}
             elif not self.b.omit_usage:
-                out["usage"] = self._usage(prompt_tokens, n)
+                out["usage"] = self._usage(sum(prompts), n * choices_total)
             return _json(out)
         finally:
-            self.c.running -= 1
+            self.c.stop()
 
     def _usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         out: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -217,8 +245,10 @@ class FakeVLLM:
             out["prompt_tokens_details"] = {"cached_tokens": min(self.b.cached_tokens, prompt_tokens)}
         return out
 
-    async def _stream(self, request: web.Request, body: dict[str, Any], chat: bool, prompt_tokens: int,
-                      n: int) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, body: dict[str, Any], chat: bool, prompts: list[int],
+                      n_choices: int, n: int) -> web.StreamResponse:
+        """vLLM's stream: with continuous usage each chunk carries ITS choice's counts (choice index
+        i belongs to prompt i // n); only the final usage chunk has the request's totals."""
         opts = body.get("stream_options") or {}
         include_usage = bool(opts.get("include_usage")) and not self.b.omit_usage
         continuous = include_usage and bool(opts.get("continuous_usage_stats"))
@@ -227,55 +257,61 @@ class FakeVLLM:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": body["model"]}
+        choices_total = len(prompts) * n_choices
 
-        def usage(done: int) -> dict[str, Any]:
-            return self._usage(prompt_tokens, done)
+        def usage(idx: int, done: int) -> dict[str, Any]:
+            return self._usage(prompts[idx // n_choices], done)
 
         async def send(obj: dict[str, Any]) -> None:
             await resp.write(b"data: " + orjson.dumps(obj) + b"\n\n")
 
-        if chat:
-            first = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                          "logprobs": None, "finish_reason": None}]}
-            if continuous:
-                first["usage"] = usage(0)
-            await send(first)
         if self.b.ttft_ms:
             await asyncio.sleep(self.b.ttft_ms / 1e3)
-        for i in range(n):
-            if i and self.b.itl_ms:
-                await asyncio.sleep(self.b.itl_ms / 1e3)
-            if i == self.b.die_after_chunks:
-                assert request.transport is not None
-                request.transport.abort()
-                return resp
-            if i == self.b.stall_after_chunks:
-                await asyncio.sleep(3600)
-            if i == self.b.malformed_after_chunks:
-                await resp.write(b"data: {not json\n\n")
-                return resp
-            if i == self.b.error_event_after_chunks:
-                await send({"error": {"message": "injected engine error", "type": "InternalServerError",
-                                      "code": 500}})
-                await resp.write(b"data: [DONE]\n\n")
-                return resp
-            finish = "length" if i == n - 1 else None
-            if chat:
-                choice: dict[str, Any] = {"index": 0, "delta": {"content": f"tok{i} "}, "logprobs": None,
-                                          "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": f"tok{i} ", "logprobs": None, "finish_reason": finish}
-            chunk: dict[str, Any] = {**base, "choices": [choice]}
-            if continuous:
-                chunk["usage"] = usage(i + 1)
-            self.c.generation_tokens += 1
-            try:
-                await send(chunk)
-            except (ConnectionResetError, ConnectionError):
-                return resp
+        if request.transport is None or request.transport.is_closing():
+            return resp  # the client left during the prefill: vLLM aborts it before any output, counts nothing
+        self.c.prompt_tokens += sum(prompts) * n_choices  # prefill done: one per choice, as vLLM counts
         try:
+            if chat:
+                for idx in range(choices_total):
+                    first = {**base, "choices": [{"index": idx, "delta": {"role": "assistant", "content": ""},
+                                                  "logprobs": None, "finish_reason": None}]}
+                    if continuous:
+                        first["usage"] = usage(idx, 0)
+                    await send(first)
+            sent = 0
+            for i in range(n):
+                if i and self.b.itl_ms:
+                    await asyncio.sleep(self.b.itl_ms / 1e3)
+                for idx in range(choices_total):
+                    if sent == self.b.die_after_chunks:
+                        assert request.transport is not None
+                        request.transport.abort()
+                        return resp
+                    if sent == self.b.stall_after_chunks:
+                        await asyncio.sleep(3600)
+                    if sent == self.b.malformed_after_chunks:
+                        await resp.write(b"data: {not json\n\n")
+                        return resp
+                    if sent == self.b.error_event_after_chunks:
+                        await send({"error": {"message": "injected engine error", "type": "InternalServerError",
+                                              "code": 500}})
+                        await resp.write(b"data: [DONE]\n\n")
+                        return resp
+                    finish = "length" if i == n - 1 else None
+                    if chat:
+                        choice: dict[str, Any] = {"index": idx, "delta": {"content": f"tok{i} "}, "logprobs": None,
+                                                  "finish_reason": finish}
+                    else:
+                        choice = {"index": idx, "text": f"tok{i} ", "logprobs": None, "finish_reason": finish}
+                    chunk: dict[str, Any] = {**base, "choices": [choice]}
+                    if continuous:
+                        chunk["usage"] = usage(idx, i + 1)
+                    await send(chunk)
+                    self.c.generation_tokens += 1  # counted once written: an ideal engine, no abort gap
+                    sent += 1
             if include_usage:
-                await send({**base, "choices": [], "usage": usage(n)})
+                total = n * choices_total
+                await send({**base, "choices": [], "usage": self._usage(sum(prompts), total)})
             await resp.write(b"data: [DONE]\n\n")
         except (ConnectionResetError, ConnectionError):
             pass  # the client (the gateway) went away: like vLLM, just stop

@@ -1,0 +1,234 @@
+"""Reading vLLM's event stream: the SSE reader, the relay to the client, and what happens when a stream is left.
+
+A stream that is left early (the client went away, a first-token timeout, shutdown) is not just dropped:
+the gateway half-closes its side of the upstream connection. vLLM's server (uvicorn) takes the EOF as a
+disconnect and aborts the request, but still flushes what it had already written; the gateway reads that
+to the end and tallies it, so the record holds what vLLM really did, not what the client happened to see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+
+from gateway import errors
+from gateway.record import Attempt, RequestRecord
+from gateway.streaming import DONE, MalformedStream, StreamAccountant, UsageTally, chunk_has_token, sse_data
+from gateway.upstream import DeploymentState
+
+log = logging.getLogger("gateway.relay")
+
+DRAIN_S = 0.5  # how long a left stream may take to deliver what vLLM wrote before it saw the EOF
+
+
+class SSEReader:
+    """Splits vLLM's event stream into `data:` lines, a whole network read at a time."""
+
+    __slots__ = ("_content", "_tail", "lines")
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._content = resp.content
+        self._tail = b""
+        self.lines: list[bytes] | None = None  # when set, every line read is also kept here
+
+    async def next_lines(self) -> list[bytes] | None:
+        """The complete `data:` lines of the next read(s) (at least one); None at end of stream."""
+        while True:
+            data = await self._content.readany()
+            if not data:
+                return None
+            if self._tail:
+                data = self._tail + data
+            parts = data.split(b"\n")
+            self._tail = parts.pop()
+            lines = [p for p in parts if p.startswith(b"data:")]
+            if lines:
+                if self.lines is not None:
+                    self.lines.extend(lines)
+                return lines
+
+
+class FirstChunkError(Exception):
+    """vLLM answered the stream with an error event before its first token."""
+
+    def __init__(self, error: object) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+async def read_until_first_token(reader: SSEReader, lines: list[bytes]) -> list[bytes]:
+    """Hold back the chunks before the first token (vLLM's role-only chunk), so that a deployment that
+    stalls before its first token can still be left for another without the client seeing a byte.
+    The lines go into `lines` as they are read, so what was read survives a timeout or cancellation."""
+    reader.lines = lines
+    try:
+        while True:
+            batch = await reader.next_lines()
+            if batch is None:
+                return lines
+            for line in batch:
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    return lines
+                try:
+                    obj = orjson.loads(payload)
+                except orjson.JSONDecodeError:
+                    return lines  # the relay reports it
+                if not isinstance(obj, dict):
+                    return lines
+                if "error" in obj and "choices" not in obj:
+                    raise FirstChunkError(obj["error"])
+                choices = obj.get("choices")
+                if not choices:
+                    continue
+                if chunk_has_token(choices) or any(isinstance(c, dict) and c.get("finish_reason")
+                                                   for c in choices):
+                    return lines
+    finally:
+        reader.lines = None
+
+
+def tally_lines(lines: list[bytes], n: int) -> UsageTally:
+    tally = UsageTally(n)
+    for line in lines:
+        try:
+            obj = orjson.loads(line[5:].strip())
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
+            with contextlib.suppress(ValueError):
+                tally.add(obj["usage"], obj.get("choices"))
+    return tally
+
+
+async def drain(resp: aiohttp.ClientResponse, reader: SSEReader, on_line: Callable[[bytes], object]) -> None:
+    """Leave a stream honestly: half-close (vLLM aborts), read what it had written until EOF, then close."""
+    conn = resp.connection
+    transport = conn.transport if conn is not None else None
+    try:
+        if transport is not None and transport.can_write_eof():
+            transport.write_eof()
+        async with asyncio.timeout(DRAIN_S):
+            while (batch := await reader.next_lines()) is not None:
+                for line in batch:
+                    on_line(line)
+    except (TimeoutError, aiohttp.ClientError, OSError):
+        pass  # vLLM closed mid-chunk (it aborted), or took too long: what was read is what counts
+    finally:
+        resp.close()
+
+
+@dataclass(slots=True)
+class UpstreamStream:
+    """A stream whose response headers and first token arrived; the relay takes it from here."""
+
+    state: DeploymentState
+    attempt: Attempt
+    response: aiohttp.ClientResponse
+    reader: SSEReader
+    primed: list[bytes]  # data lines up to and including the first that carries a token
+    finish: Callable[[], None]  # frees the deployment slot and closes the attempt's timing (once)
+
+
+class Relay:
+    """Moves one upstream stream to the client, a network read at a time; accounts it however it ends."""
+
+    __slots__ = ("stream", "rec", "acct", "on_done", "completed", "ended")
+
+    def __init__(self, stream: UpstreamStream, rec: RequestRecord, acct: StreamAccountant,
+                 on_done: Callable[[], bytes]) -> None:
+        self.stream = stream
+        self.rec = rec
+        self.acct = acct
+        self.on_done = on_done
+        self.completed = False  # vLLM sent [DONE] after a clean stream
+        self.ended = False  # the upstream side is finished with (read to the end, failed, or drained)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The client's SSE bytes as they arrive; always ends with [DONE] (an error event before it on failure).
+
+        Each network read from vLLM becomes one write to the client: chunks that arrived together leave
+        together (one syscall), and a chunk is never held back waiting for the next one.
+        """
+        rec, acct, stream = self.rec, self.acct, self.stream
+        try:
+            batch: list[bytes] | None = stream.primed
+            while batch is not None:
+                out = []
+                for line in batch:
+                    payload = line[5:].strip()
+                    if payload == b"[DONE]":
+                        self.completed = acct.upstream_error is None
+                        break
+                    chunk = acct.on_data(payload)
+                    if chunk is not None:
+                        out.append(chunk)
+                if out:
+                    yield out[0] if len(out) == 1 else b"".join(out)
+                if self.completed or acct.upstream_error is not None:
+                    break
+                t0 = time.perf_counter()
+                try:
+                    batch = await stream.reader.next_lines()
+                finally:
+                    rec.upstream_s += time.perf_counter() - t0
+            self.ended = True
+            self._close()
+            if self.completed:
+                acct.done()
+                yield self.on_done()
+                yield DONE
+                return
+            if acct.upstream_error is not None:
+                acct.done()
+                rec.outcome, rec.status = "upstream_failed_midstream", 502
+                rec.error_code = str(acct.upstream_error.get("code") or "upstream_error")
+                yield DONE
+                return
+            raise aiohttp.ClientPayloadError("stream ended without [DONE]")
+        except (TimeoutError, aiohttp.ClientError, MalformedStream) as e:
+            # Too late to fall back: tell the client honestly, with no fake finish_reason.
+            self.ended = True
+            self._close()
+            acct.done()
+            rec.outcome, rec.status, rec.error_code = "upstream_failed_midstream", 502, "upstream_stream_broken"
+            reason = str(e) if isinstance(e, MalformedStream) else type(e).__name__
+            err = errors.GatewayError(502, f"upstream {stream.state.name} failed mid-stream: {reason}",
+                                      type="api_error", code="upstream_stream_broken")
+            yield sse_data(err.body())
+            yield DONE
+
+    async def abandon(self) -> None:
+        """The client left (or the gateway is stopping): stop vLLM's work and account what it did."""
+        if self.ended:
+            return
+        self.ended = True
+
+        def on_line(line: bytes) -> None:
+            payload = line[5:].strip()
+            if payload != b"[DONE]":
+                with contextlib.suppress(MalformedStream):
+                    self.acct.on_data(payload)
+
+        t0 = time.perf_counter()
+        try:
+            await drain(self.stream.response, self.stream.reader, on_line)
+        finally:
+            self.rec.upstream_s += time.perf_counter() - t0
+            self.acct.done()
+            self.stream.finish()
+
+    def _close(self) -> None:
+        resp = self.stream.response
+        if self.completed:
+            resp.release()
+        else:
+            resp.close()  # drops the connection: vLLM sees the disconnect and aborts the request
+        self.stream.finish()
