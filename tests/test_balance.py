@@ -252,3 +252,27 @@ def test_an_open_circuit_breaker_takes_no_affinity_traffic(gateway_factory: Call
     r = ask(gw, system_prompt(8), "breaker open")
     assert r.headers["x-gateway-deployment"] != home and "x-gateway-fallback-reason" not in r.headers
     assert [a["outcome"] for a in gw.records()[-1]["attempts"]] == ["ok"]  # home was not even tried
+
+
+def test_the_index_follows_what_vllm_reports() -> None:
+    """In-process: the index shrinks when vLLM finds far less cached than predicted, and is capped by its KV size."""
+    from gateway.routing.balance import TRUST_WINDOW_BLOCKS, PrefixAffinity
+    from gateway.routing.live import DeploymentLive
+
+    spec = PrefixRoutingSpec(block_chars=BLOCK, index_blocks=4096)
+    p = PrefixAffinity(spec, ["r0"], None)
+    idx = p.indexes["r0"]
+    live = DeploymentLive()
+    for _ in range(TRUST_WINDOW_BLOCKS // 16):  # the same 16 blocks again and again: we predict ~94 % cached
+        idx.add(list(range(16)), idx.matched(list(range(16))), 0.0)
+    idx.add(list(range(1000, 1600)), 0, 0.0)  # and 600 other blocks
+    assert len(idx.blocks) == 616 and idx.capacity == 4096
+    p.observe_engine("r0", live, hits=100.0, queries=10_000.0, reset=False)  # vLLM: 1 % hits
+    assert idx.capacity == 2048 and len(idx.blocks) == 616  # halved (still above what it holds)
+    # vLLM's KV cache: 16 blocks of 128 tokens = 2048 tokens ~ 8192 characters = 128 blocks of 64
+    live.kv_capacity_tokens = 2048
+    p.observe_engine("r0", live, hits=0.0, queries=0.0, reset=False)
+    assert idx.capacity == idx.max_capacity == 128 and len(idx.blocks) == 128
+    assert idx.matched(list(range(16))) == 0 and idx.matched([1599]) == 1  # the least recently sent went first
+    p.observe_engine("r0", live, hits=0.0, queries=0.0, reset=True)
+    assert not idx.blocks

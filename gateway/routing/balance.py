@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 RECENT_TAU_S = 60.0  # decay time of the recent-requests figure that places new prefixes
 CHARS_PER_TOKEN = 4  # English text in common BPE vocabularies; only sizes the index
 TRUST_MIN_PREDICTED = 0.2  # compare vLLM's hit rate to ours only when we expected this much reuse
+# ... and only over at least this many blocks sent (~16k tokens): vLLM counts a request when it schedules
+# it, seconds after we routed it, so short windows would compare different requests
+TRUST_WINDOW_BLOCKS = 256
 
 
 class Balancer(Protocol):
@@ -113,7 +116,8 @@ def prefix_blocks(body: dict[str, Any], block_chars: int, max_blocks: int) -> li
 class DeploymentIndex:
     """The prefix blocks this worker last sent to one deployment, least recently used first."""
 
-    __slots__ = ("blocks", "capacity", "max_capacity", "recent", "recent_at", "predicted", "sent")
+    __slots__ = ("blocks", "capacity", "max_capacity", "recent", "recent_at", "predicted", "sent", "engine_hits",
+                 "engine_queries")
 
     def __init__(self, capacity: int) -> None:
         self.blocks: OrderedDict[int, None] = OrderedDict()
@@ -121,8 +125,12 @@ class DeploymentIndex:
         self.max_capacity = capacity
         self.recent = 0.0  # requests sent lately, decayed with RECENT_TAU_S
         self.recent_at = time.monotonic()
-        self.predicted = 0  # blocks we expected vLLM to find cached, since its last scrape
-        self.sent = 0  # blocks sent, since its last scrape
+        # over the current trust window: blocks we expected vLLM to find cached, blocks sent, and vLLM's own
+        # prefix-cache hits and queries (tokens)
+        self.predicted = 0
+        self.sent = 0
+        self.engine_hits = 0.0
+        self.engine_queries = 0.0
 
     def matched(self, blocks: Sequence[int]) -> int:
         """How many leading blocks of the prompt this deployment was sent before (and still holds)."""
@@ -238,11 +246,12 @@ class PrefixAffinity:
     def observe_engine(self, name: str, live: DeploymentLive, hits: float, queries: float, reset: bool) -> None:
         """vLLM's prefix-cache counters moved by hits/queries tokens since the last scrape: check our index.
 
-        A reset (the engine restarted: its counters went down) empties the index. If vLLM found far
-        less cached than the index predicted, the engine evicted what we think it holds (its KV cache is
-        smaller than the index, or other traffic shares it): the index shrinks to half, down to 64
-        blocks; while predictions hold, a full index grows back by a quarter up to index_blocks, or to
-        what vLLM's KV cache can hold (its num_gpu_blocks * block_size tokens, at ~4 characters a token).
+        A reset (the engine restarted: its counters went down) empties the index. If, over a window of
+        TRUST_WINDOW_BLOCKS blocks sent, vLLM found far less cached than the index predicted, the engine
+        evicted what we think it holds (its KV cache is smaller than the index, or other traffic shares
+        it): the index shrinks to half, down to 64 blocks; while predictions hold, a full index grows back
+        by a quarter up to index_blocks, or to what vLLM's KV cache can hold (its num_gpu_blocks *
+        block_size tokens, at ~4 characters a token).
         """
         idx = self.indexes.get(name)
         if idx is None:
@@ -254,14 +263,21 @@ class PrefixAffinity:
                 idx.shrink_to(idx.max_capacity)
         if reset:
             idx.blocks.clear()
-        elif queries > 0 and idx.sent > 0:
-            predicted = idx.predicted / idx.sent
-            observed = hits / queries
-            if predicted >= TRUST_MIN_PREDICTED and observed < 0.5 * predicted:
-                idx.shrink_to(max(64, idx.capacity // 2))
-            elif observed >= 0.8 * predicted and len(idx.blocks) >= idx.capacity:
-                idx.capacity = min(idx.max_capacity, idx.capacity + max(1, idx.capacity // 4))
+            idx.predicted = idx.sent = 0
+            idx.engine_hits = idx.engine_queries = 0.0
+            return
+        idx.engine_hits += hits
+        idx.engine_queries += queries
+        if idx.sent < TRUST_WINDOW_BLOCKS or idx.engine_queries <= 0:
+            return
+        predicted = idx.predicted / idx.sent
+        observed = idx.engine_hits / idx.engine_queries
+        if predicted >= TRUST_MIN_PREDICTED and observed < 0.5 * predicted:
+            idx.shrink_to(max(64, idx.capacity // 2))
+        elif observed >= 0.8 * predicted and len(idx.blocks) >= idx.capacity:
+            idx.capacity = min(idx.max_capacity, idx.capacity + max(1, idx.capacity // 4))
         idx.predicted = idx.sent = 0
+        idx.engine_hits = idx.engine_queries = 0.0
 
 
 class Balancing:

@@ -36,7 +36,9 @@ class DeploymentLive:
     def update_prefix(self, hits: float, queries: float) -> tuple[float, float, bool]:
         """Take new cumulative counters; return the deltas and whether the counters were reset (restart)."""
         reset = self.prefix_hits is not None and (hits < self.prefix_hits or queries < (self.prefix_queries or 0))
-        if self.prefix_hits is None or reset:
+        if self.prefix_hits is None:  # first sight: the counters hold the engine's history, not a delta
+            d_hits = d_queries = 0.0
+        elif reset:  # counting again from zero since the restart
             d_hits, d_queries = hits, queries
         else:
             d_hits, d_queries = hits - self.prefix_hits, queries - (self.prefix_queries or 0.0)
