@@ -137,6 +137,9 @@ class PrefixRoutingSpec(_Strict):
     load_factor: float = Field(1.25, ge=1.0, le=10.0,
                                description="a deployment takes affinity traffic while its in-flight requests "
                                            "stay within load_factor x its weighted share")
+    rate_factor: float = Field(1.2, ge=1.0, le=10.0,
+                               description="... and while its recent requests per weight (decayed over a minute) "
+                                           "stay within rate_factor x the least busy one's (or 4 more)")
     max_kv_cache: float = Field(0.9, gt=0, le=1, description="no affinity traffic to a vLLM whose "
                                                              "kv_cache_usage_perc is above this")
     index_blocks: int = Field(16384, ge=64, description="blocks remembered per deployment (LRU); also capped "

@@ -94,23 +94,39 @@ def test_balance_config_is_checked(replicas: list[FakeUpstream]) -> None:
 
 def test_a_shared_system_prompt_stays_on_one_replica(gateway_factory: Callable[..., GatewayProcess],
                                                      replicas: list[FakeUpstream]) -> None:
+    """Three applications take turns: each one's requests all land on one replica, each on its own."""
     gw = gateway_factory(config(replicas))
-    answers = [ask(gw, system_prompt(1), f"question {i}?") for i in range(12)]
-    used = {r.headers["x-gateway-deployment"] for r in answers}
-    assert len(used) == 1
-    assert [r.headers["x-gateway-balance"] for r in answers] == ["new"] + ["affinity"] * 11
-    served = [f.counters()["requests"] for f in replicas]
-    assert sorted(served) == [0, 0, 12]
+    answers = {app: [] for app in range(3)}  # type: dict[int, list[httpx.Response]]
+    for i in range(8):
+        for app in range(3):
+            answers[app].append(ask(gw, system_prompt(app), f"question {i}?"))
+    homes = {app: {r.headers["x-gateway-deployment"] for r in rs} for app, rs in answers.items()}
+    assert all(len(h) == 1 for h in homes.values()), homes
+    assert len(set.union(*homes.values())) == 3  # one replica per application
+    assert [r.headers["x-gateway-balance"] for r in answers[0]] == ["new"] + ["affinity"] * 7
+    assert sorted(f.counters()["requests"] for f in replicas) == [8, 8, 8]
     # a multi-turn conversation that starts with the same system prompt joins it there
     turn = httpx.post(gw.url + "/v1/chat/completions", timeout=30, json={
         "model": "chat", "max_tokens": 2, "messages": [
             {"role": "system", "content": system_prompt(1)}, {"role": "user", "content": "q"},
             {"role": "assistant", "content": "a " * 100}, {"role": "user", "content": "and then?"}]})
-    assert turn.headers["x-gateway-deployment"] in used and turn.headers["x-gateway-balance"] == "affinity"
+    assert turn.headers["x-gateway-deployment"] in homes[1] and turn.headers["x-gateway-balance"] == "affinity"
     m = gw.metrics()
-    assert metric_value(m, "gateway_balance_decisions_total", model="chat", decision="affinity") == 12
+    assert metric_value(m, "gateway_balance_decisions_total", model="chat", decision="affinity") == 22
     rec = gw.records()[-1]
     assert rec["balance"] == "affinity" and rec["prefix_blocks_matched"] >= 14
+
+
+def test_one_busy_prefix_alone_is_spread_by_the_rate_bound(gateway_factory: Callable[..., GatewayProcess],
+                                                           replicas: list[FakeUpstream]) -> None:
+    """One application sends everything, one request at a time: no replica gets more than 4 requests (plus
+    rate_factor) ahead of the others, and the replicas that learnt the prefix share it by affinity."""
+    gw = gateway_factory(config(replicas, rate_factor=1.2))
+    answers = [ask(gw, system_prompt(9), f"busy {i}") for i in range(30)]
+    served = sorted(f.counters()["requests"] for f in replicas)
+    assert served[-1] - served[0] <= 5 and sum(served) == 30, served
+    decisions = Counter(r.headers["x-gateway-balance"] for r in answers)
+    assert decisions["new"] == 1 and decisions["spill"] >= 2 and decisions["affinity"] >= 20, decisions
 
 
 def test_different_prefixes_spread_evenly(gateway_factory: Callable[..., GatewayProcess],

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 RECENT_TAU_S = 60.0  # decay time of the recent-requests figure that places new prefixes
 CHARS_PER_TOKEN = 4  # English text in common BPE vocabularies; only sizes the index
+RATE_SLACK = 4.0  # recent requests (per weight) a deployment may be ahead of the least busy one in any case
 TRUST_MIN_PREDICTED = 0.2  # compare vLLM's hit rate to ours only when we expected this much reuse
 # ... and only over at least this many blocks sent (~16k tokens): vLLM counts a request when it schedules
 # it, seconds after we routed it, so short windows would compare different requests
@@ -164,13 +165,17 @@ LEAST_OUTSTANDING = LeastOutstanding()
 
 
 class PrefixAffinity:
-    """Send a prompt where its prefix was sent before, within a load bound; place new prefixes by load.
+    """Send a prompt where its prefix was sent before, within load bounds; place new prefixes by traffic.
 
     The bound is that of consistent hashing with bounded loads (Mirrokni et al., 2018): a deployment
     takes a request for affinity only while its in-flight requests, this one included, stay within
-    ceil(load_factor * (all in flight + 1) * weight / total weight). A hot prefix fills its deployment
-    up to the bound and then spills to the least loaded one, which learns the prefix too: from then on
-    both serve it (the hot prefix is replicated, not queued). A deployment whose vLLM reports its KV
+    ceil(load_factor * (all in flight + 1) * weight / total weight), and while its recent requests per
+    weight (decayed over a minute), this one included, stay within rate_factor times the least busy
+    deployment's, or at most RATE_SLACK ahead of it (as SGLang's router, which balances only when both
+    an absolute and a relative threshold are passed): the first bound protects latency now, the second
+    the split of the traffic over time. A hot prefix fills its deployment up to a bound and then spills
+    to the least loaded one, which learns the prefix too: from then on both serve it (the hot prefix is
+    replicated, not queued). A deployment whose vLLM reports its KV
     cache fuller than max_kv_cache takes no affinity traffic either (it would preempt or queue).
     """
 
@@ -222,6 +227,8 @@ class PrefixAffinity:
         in_flight = sum(s.in_flight for s in up)
         weight = sum(s.spec.weight for s in up)
         scale = self.spec.load_factor * (in_flight + 1) / weight
+        recent = {s.name: self.index(s.name).recent_requests(now) / s.spec.weight for s in up}
+        least_recent = min(recent.values())
         best: DeploymentState | None = None
         best_key: tuple[int, float] = (0, 0.0)
         held_elsewhere = False
@@ -229,19 +236,22 @@ class PrefixAffinity:
             n = self.index(s.name).matched(blocks)
             if n == 0:
                 continue
-            if s.in_flight + 1 > math.ceil(scale * s.spec.weight) or self._kv_full(s.name):
-                held_elsewhere = True  # cached there, but that deployment is over its bound
+            share = recent[s.name] + 1 / s.spec.weight  # with this request
+            over_rate = share - least_recent > RATE_SLACK and share > self.spec.rate_factor * least_recent
+            if s.in_flight + 1 > math.ceil(scale * s.spec.weight) or over_rate or self._kv_full(s.name):
+                held_elsewhere = True  # cached there, but that deployment is over a bound
                 continue
             key = (n, -s.load())
             if best is None or key > best_key:
                 best, best_key = s, key
         if best is not None:
             return best, "affinity"
-        # A new prefix (or a spilled one) goes where the load is lowest, then where fewer requests went
-        # lately (the second keeps the split of many small apps even when few requests are in flight).
         roomy = [s for s in up if not self._kv_full(s.name)] or up
-        first = min(roomy, key=lambda s: (s.load(), self._recent(s, now)))
-        return first, "spill" if held_elsewhere else "new"
+        if held_elsewhere:  # relieve the busy one: where the fewest requests are in flight now
+            return min(roomy, key=lambda s: (s.load(), self._recent(s, now))), "spill"
+        # A new prefix brings its future requests with it: place it where the fewest requests went lately
+        # (per weight), so that many applications' prompts split the traffic evenly, then by load.
+        return min(roomy, key=lambda s: (self._recent(s, now), s.load())), "new"
 
     def observe_engine(self, name: str, live: DeploymentLive, hits: float, queries: float, reset: bool) -> None:
         """vLLM's prefix-cache counters moved by hits/queries tokens since the last scrape: check our index.
