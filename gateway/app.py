@@ -225,7 +225,8 @@ class Gateway:
                 watcher.cancel()
 
     async def _error(self, rec: RequestRecord, e: GatewayError, send: Send) -> None:
-        rec.status, rec.error_code, rec.outcome = e.status, e.code, "error"
+        rec.status, rec.error_code = e.status, e.code
+        rec.outcome = "timeout" if e.code == "upstream_timeout" else "error"
         self.finalizer.finalize(rec)
         await _respond(send, e.status, e.to_json(), {**final_headers(rec), **e.headers})
 

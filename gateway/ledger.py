@@ -31,7 +31,9 @@ LATE_MARGIN_MS = 6 * 3600 * 1000
 
 CSV_FIELDS = ("ts", "request_id", "tenant", "api_key", "endpoint", "requested_model", "served_model",
               "upstream_model", "deployment", "stream", "status", "outcome", "error_code", "cache",
-              "limited_by", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd", "saved_usd",
+              "limited_by", "prompt_tokens", "completion_tokens", "cached_tokens", "fanout_prompt_tokens",
+              "wasted_prompt_tokens", "wasted_completion_tokens", "cost_usd", "cost_pico_usd", "saved_usd",
+              "saved_pico_usd", "wasted_cost_pico_usd",
               "prefix_saved_pico_usd",
               "e2e_ms", "ttft_ms", "tpot_ms", "overhead_ms")
 
@@ -134,7 +136,10 @@ class Ledger:
         totals = _zero()
         for g in data:
             for k in totals:
-                totals[k] += g[k]
+                if k not in ("cost_usd", "saved_usd"):
+                    totals[k] += g[k]
+        totals["cost_usd"] = totals["cost_pico_usd"] / 10**12
+        totals["saved_usd"] = totals["saved_pico_usd"] / 10**12
         return {"object": "usage", "tenant": tenant, "start": start_ts, "end": end_ts, "data": data,
                 "totals": totals}
 
@@ -156,7 +161,9 @@ class Ledger:
 def _zero() -> dict[str, Any]:
     return {"requests": 0, "errors": 0, "cache_hits": 0, "prompt_tokens": 0, "completion_tokens": 0,
             "cached_prompt_tokens": 0, "cache_hit_prompt_tokens": 0, "cache_hit_completion_tokens": 0,
-            "cost_usd": 0.0, "saved_usd": 0.0, "prefix_saved_pico_usd": 0}
+            "cost_usd": 0.0, "saved_usd": 0.0, "cost_pico_usd": 0, "saved_pico_usd": 0,
+            "fanout_prompt_tokens": 0, "wasted_prompt_tokens": 0, "wasted_completion_tokens": 0,
+            "wasted_cost_pico_usd": 0, "prefix_saved_pico_usd": 0}
 
 
 def _add(g: dict[str, Any], r: dict[str, Any]) -> None:
@@ -171,9 +178,12 @@ def _add(g: dict[str, Any], r: dict[str, Any]) -> None:
         g["prompt_tokens"] += r.get("prompt_tokens", 0)
         g["completion_tokens"] += r.get("completion_tokens", 0)
         g["cached_prompt_tokens"] += r.get("cached_tokens", 0)
-    g["cost_usd"] += r.get("cost_usd", 0.0)
-    g["saved_usd"] += r.get("saved_usd", 0.0)
-    g["prefix_saved_pico_usd"] += r.get("prefix_saved_pico_usd", 0)
+    # Money adds up exactly in pico-USD integers; the USD figures are derived from them.
+    for k in ("cost_pico_usd", "saved_pico_usd", "fanout_prompt_tokens", "wasted_prompt_tokens",
+              "wasted_completion_tokens", "wasted_cost_pico_usd", "prefix_saved_pico_usd"):
+        g[k] += r.get(k, 0)
+    g["cost_usd"] = g["cost_pico_usd"] / 10**12
+    g["saved_usd"] = g["saved_pico_usd"] / 10**12
 
 
 def parse_time(value: str | None) -> float | None:
