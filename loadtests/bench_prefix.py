@@ -191,6 +191,7 @@ def summary(p: Phase) -> dict[str, Any]:
         "vllm_prefix_hit_rate": p.engine_hits / p.engine_queries if p.engine_queries else None,
         "usage_cached_share": p.cached_tokens / p.prompt_tokens if p.prompt_tokens else None,
         "ttft_p50_s": statistics.median(ttft) if ttft else None,
+        "ttft_p90_s": ttft[min(len(ttft) - 1, int(0.90 * len(ttft)))] if ttft else None,
         "ttft_p99_s": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))] if ttft else None,
         "output_tok_s": p.completion_tokens / p.elapsed_s if p.elapsed_s else None,
         "elapsed_s": p.elapsed_s, "prompt_tokens": p.prompt_tokens, "cached_tokens": p.cached_tokens,
@@ -281,6 +282,7 @@ def main() -> None:
             print(f"cached share of prompt tokens (usage): lo {lo['usage_cached_share']:.1%} -> "
                   f"px {px['usage_cached_share']:.1%}")
             print(f"TTFT p50: lo {lo['ttft_p50_s']:.3f} s -> px {px['ttft_p50_s']:.3f} s; "
+                  f"p90: lo {lo['ttft_p90_s']:.3f} s -> px {px['ttft_p90_s']:.3f} s; "
                   f"p99: lo {lo['ttft_p99_s']:.3f} s -> px {px['ttft_p99_s']:.3f} s")
             print(f"output tok/s: lo {lo['output_tok_s']:.1f} -> px {px['output_tok_s']:.1f}")
             print(f"busier engine / other (requests): lo {lo['busier_over_other']:.2f}, "
