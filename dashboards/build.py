@@ -30,6 +30,11 @@ SCHEMA_VERSION = 39
 # TTFT SLO: this share of streamed requests gets its first token within the threshold.
 TTFT_SLO_SECONDS = 1.0
 TTFT_SLO_OBJECTIVE = 0.99
+# The SLO is about streams vLLM served: cache hits (deployment="_none", answered in ~1 ms) are left out,
+# or a cache-heavy hour would hide a slow engine. They have their own panel.
+SERVED = 'deployment!="_none"'
+# Fallback reasons that are routing policy, not trouble (gateway/routing/policy.py): not alerted on.
+POLICY_REASONS = "task|context_length|budget_pressure"
 LE_1S = 'le=~"1|1\\\\.0"'  # Prometheus 2 keeps le="1.0" from prometheus-client; Prometheus 3 normalises it to "1"
 
 # ------------------------------------------------------------------------------------- recording rules
@@ -85,14 +90,20 @@ def recording_rules() -> dict[str, Any]:
         {"record": "model:gateway_requests_errors:ratio_rate5m",
          "expr": 'sum by (model) (rate(gateway_requests_total{status=~"5.."}[5m]))\n'
                  "/ sum by (model) (rate(gateway_requests_total[5m]))"},
-        {"record": "gateway:fallbacks:ratio_rate10m",
-         "expr": "sum(rate(gateway_fallbacks_total[10m])) / sum(rate(gateway_requests_total[10m]))"},
+        # Fallbacks forced by trouble (a failing, saturated or too slow first candidate) vs routing policy
+        # (task, context length, budget pressure): only the first kind alerts.
+        {"record": "gateway:fallbacks_degraded:ratio_rate10m",
+         "expr": f'(sum(rate(gateway_fallbacks_total{{reason!~"{POLICY_REASONS}"}}[10m])) or vector(0))\n'
+                 "/ sum(rate(gateway_requests_total[10m]))"},
+        {"record": "gateway:fallbacks_policy:ratio_rate10m",
+         "expr": f'(sum(rate(gateway_fallbacks_total{{reason=~"{POLICY_REASONS}"}}[10m])) or vector(0))\n'
+                 "/ sum(rate(gateway_requests_total[10m]))"},
         {"record": "deployment:vllm_prefix_cache_hits:ratio_rate5m",
          "expr": "sum by (deployment) (rate(vllm:prefix_cache_hits_total[5m]))\n"
                  "/ sum by (deployment) (rate(vllm:prefix_cache_queries_total[5m]))"},
         *[{"record": f"model:gateway_ttft_slo_errors:ratio_rate{w}",
-           "expr": f"1 - sum by (model) (rate(gateway_time_to_first_token_seconds_bucket{{{LE_1S}}}[{w}]))\n"
-                   f"/ sum by (model) (rate(gateway_time_to_first_token_seconds_count[{w}]))"}
+           "expr": f"1 - sum by (model) (rate(gateway_time_to_first_token_seconds_bucket{{{LE_1S}, {SERVED}}}[{w}]))\n"
+                   f"/ sum by (model) (rate(gateway_time_to_first_token_seconds_count{{{SERVED}}}[{w}]))"}
           for w in SLO_WINDOWS],
     ]
     return {"groups": [
@@ -160,7 +171,11 @@ def gateway_overview() -> list[Panel]:
            unit="percentunit", desc="Share of each model's requests that ended with this status"),
         ts("Requests in flight", (f"sum by (model) (gateway_requests_in_flight{{{M}}})", "{{model}}")),
         latency("End-to-end latency", GATEWAY_HISTOGRAMS["e2e"]),
-        latency("Time to first token (streams)", GATEWAY_HISTOGRAMS["ttft"]),
+        latency("Time to first token (streams)", GATEWAY_HISTOGRAMS["ttft"],
+                desc="Streams served by vLLM (the TTFT SLO's population); cache hits have their own panel"),
+        ts("Time to first token: cache hits (streams)",
+           *[(f'{pct_record(GATEWAY_HISTOGRAMS["ttft"], q)}{{{M}, deployment="_none"}}', f"{q} {{{{model}}}}")
+             for q in QUANTILES], unit="s", desc="Answered from the gateway cache; not part of the TTFT SLO"),
         latency("Time per output token (streams)", GATEWAY_HISTOGRAMS["tpot"]),
         latency("Gateway overhead", GATEWAY_HISTOGRAMS["overhead"], flt=MD,
                 desc="Time not spent waiting on vLLM or for a deployment slot (refused requests included)"),
@@ -179,9 +194,14 @@ def gateway_overview() -> list[Panel]:
         ts("Cache: USD saved/hour",
            (f"sum by (model) (model_tenant:gateway_cache_saved_usd:rate1m{{{M}, {T}}}) * 3600", "{{model}}"),
            unit="currencyUSD"),
-        ts("Fallbacks/s by from -> to and reason",
+        ts("Fallbacks/s forced by trouble (failure, overload, deadline)",
            ('sum by (from_model, to_model, reason) (from_model_to_model_reason:gateway_fallbacks:rate1m'
-            '{from_model=~"$model"})', "{{from_model}} -> {{to_model}} ({{reason}})"), unit="reqps"),
+            f'{{from_model=~"$model", reason!~"{POLICY_REASONS}"}})', "{{from_model}} -> {{to_model}} ({{reason}})"),
+           unit="reqps", desc="What GatewayFallbackRatioHigh alerts on"),
+        ts("Routing by policy/s (task, context length, budget pressure)",
+           ('sum by (from_model, to_model, reason) (from_model_to_model_reason:gateway_fallbacks:rate1m'
+            f'{{from_model=~"$model", reason=~"{POLICY_REASONS}"}})', "{{from_model}} -> {{to_model}} ({{reason}})"),
+           unit="reqps", desc="Requests sent to another model by design; not an alert"),
         ts("Circuit breaker state", (f"max by (deployment) (gateway_circuit_breaker_state{{{D}}})",
                                      "{{deployment}}"), desc="0 closed, 1 half-open, 2 open",
            mappings=BREAKER_MAPPING),

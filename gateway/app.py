@@ -23,29 +23,38 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from gateway import errors
+from gateway.apis import registry, retrieve
+from gateway.apis.events import EventAccountant
+from gateway.apis.registry import Apis
+from gateway.apis.stored import Location
 from gateway.auth import Authenticator
 from gateway.cache import Lookup, RecordingAccountant, build_cache, replay
-from gateway.config import GatewayConfig, load_config
+from gateway.config import GatewayConfig, Model, Pricing, load_config
+from gateway.deadline import Watchdog
 from gateway.errors import GatewayError
 from gateway.execute import Executor
 from gateway.finalize import Finalizer, RequestLog, early_headers, final_headers, stream_trailer
+from gateway.guards import SINGLE_HEADERS, bearer_matches, check_depth, duplicate_header, duplicated
 from gateway.ledger import Ledger, parse_time
+from gateway.ledger_gate import LedgerGate
 from gateway.limits import build_limiter
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.openapi import install_openapi
-from gateway.protocol import Endpoint, validate_request
+from gateway.protocol import MAX_MODEL_NAME, Endpoint, validate_request
 from gateway.record import RequestRecord
 from gateway.relay import DRAIN_S, Relay
 from gateway.routing.balance import Balancing
 from gateway.routing.breaker import BreakerState, CircuitBreaker
 from gateway.routing.live import LiveStats
 from gateway.routing.policy import Plan, Planner
-from gateway.store import StoreUnavailable, build_store
+from gateway.store import StoreCommandError, StoreUnavailable, build_store
 from gateway.streaming import StreamAccountant
 from gateway.upstream import UpstreamPool
 
 log = logging.getLogger("gateway")
 
+# What an unknown-model request is charged as: one request against rpm/concurrency, no tokens, no cost.
+NO_MODEL = Model("_unknown", (), Pricing(), "none")
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 JSON = "application/json"
 
@@ -57,6 +66,8 @@ class Gateway:
         self.config = config
         self.max_body = config.server.max_body_bytes
         self.body_timeout = config.server.body_timeout
+        self.body_watchdog = Watchdog(self.body_timeout)
+        self.max_depth = config.server.max_json_depth
         self.auth = Authenticator(config)
         deployments = {d.name for m in config.models.values() for d in m.deployments}
         self.metrics = GatewayMetrics(set(config.models), deployments)
@@ -64,10 +75,15 @@ class Gateway:
         f = config.features
         self._redis_logged: dict[str, float] = {}
         self.store = build_store(config, self._redis_error)
-        self.cache = build_cache(config, self.store)
-        self.limiter = build_limiter(config, self.store, self._spend_seen)
+        self.cache = build_cache(config, self.store, self.metrics.cache_corrupt.inc)
+        self.apis = Apis(config, self.store)  # Responses / Messages / tokenizer: stored responses, upper bound
+        self.limiter = build_limiter(config, self.store, self._spend_seen, self.metrics,
+                                     window=lambda m: self.planner.window(m))  # planner: built below
         self.ledger = Ledger(self.store, f.redis.ledger_buffer, f.redis.ledger_flush_interval_s,
                              self.metrics.ledger_buffered.set, self.metrics.ledger_dropped.inc)
+        # A response ends only once its ledger record is in Redis (a killed replica loses no finished request).
+        self.ledger_gate = LedgerGate(self.ledger, f.redis.timeout_s * 2, max(f.redis.down_for_s, 0.5)) \
+            if self.store.name == "redis" and f.redis.ledger_before_response else None
         # Upstreams, their breakers and live figures, and the routing rules over them.
         self.pool = UpstreamPool(config, on_checked=self._health_checked)
         self.breakers = {name: CircuitBreaker(name, config.circuit_breaker, self._breaker_changed)
@@ -126,35 +142,40 @@ class Gateway:
             raise errors.payload_too_large(self.max_body)
         chunks: list[bytes] = []
         size = 0
-        deadline: float | None = None
-        while True:
-            if deadline is None:
-                message = await receive()  # usually the whole body: no timer needed
-            else:
-                try:
-                    async with asyncio.timeout_at(deadline):  # a slow sender (slowloris) is cut off
-                        message = await receive()
-                except TimeoutError:
-                    raise GatewayError(408, f"The request body did not arrive within {self.body_timeout:g}s.",
-                                       code="request_timeout") from None
-            if message["type"] == "http.disconnect":
-                raise ClientGone()
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                raise errors.payload_too_large(self.max_body)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-            if deadline is None:
-                deadline = asyncio.get_running_loop().time() + self.body_timeout
+        # One deadline for the whole body, first message included: a client that sends its headers
+        # (say Content-Length: 100) and then nothing, or trickles the body (slowloris), is cut off.
+        task = asyncio.current_task()
+        assert task is not None
+        self.body_watchdog.watch(task)
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientGone()
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_body:
+                    raise errors.payload_too_large(self.max_body)
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+        except asyncio.CancelledError:
+            if not self.body_watchdog.done(task):
+                raise  # cancelled from outside (shutdown), not by the body deadline
+            task.uncancel()
+            raise GatewayError(408, f"The request body did not arrive within {self.body_timeout:g}s.",
+                               code="request_timeout") from None
+        finally:
+            self.body_watchdog.done(task)
         raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if not raw:
             raise errors.bad_request("Request body is empty; expected a JSON object.")
         try:
-            return orjson.loads(raw)
+            body = orjson.loads(raw)
         except orjson.JSONDecodeError as e:
             raise errors.bad_request(f"Request body is not valid JSON: {e.msg}", code="invalid_json") from None
+        check_depth(raw, body, self.max_depth)  # before anything (orjson.dumps included) walks the body
+        return body
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, endpoint: Endpoint) -> None:
         """The request's path through the stages; answers through raw ASGI (no framework on the hot path)."""
@@ -166,7 +187,11 @@ class Gateway:
         self.active.add(task)
         watcher: asyncio.Task[None] | None = None
         try:
+            if _DUPLICATE in headers:
+                raise duplicate_header(headers[_DUPLICATE])
             auth = headers.get(b"authorization")
+            if auth is None and b"x-api-key" in headers:  # how the anthropic SDK sends its key
+                auth = b"Bearer " + headers[b"x-api-key"]
             tenant, key_hash = self.auth.authenticate(auth.decode("latin-1") if auth else None)
             rec.tenant, rec.api_key_hash = tenant.name, key_hash
             body = await self.read_json(headers, receive)
@@ -174,29 +199,42 @@ class Gateway:
             watcher = asyncio.create_task(_cancel_on_disconnect(receive, task))
             req = validate_request(endpoint, body)
             rec.requested_model = req.model
-            plan = await self._plan(rec, req.model, body, headers)
+            try:
+                plan = await self._plan(rec, req.model, body, headers)
+            except GatewayError as e:
+                if e.code == "model_not_found":  # a probe for names still counts: one request, no tokens
+                    await self.limiter.admit(rec, NO_MODEL, {})
+                raise
+            pinned = await self.apis.pin(rec, endpoint, plan, body)  # continues a stored response: its engine
             self.finalizer.begin(rec)
             model = plan.candidates[0]
+            self.apis.prepare(endpoint, body)  # gateway/apis/: the output upper bound, the response id
             await self.limiter.admit(rec, model, body)  # 429 (or 503 when failing closed) refuses here
-            stream = endpoint != "embeddings" and body.get("stream") is True
-            n = body.get("n", 1) if endpoint != "embeddings" else 1
+            stream = registry.streams(endpoint, body)
+            n = body.get("n", 1) if endpoint in ("chat", "completions") else 1
             lk = await self.cache.lookup(rec, model, endpoint, body, headers.get(b"cache-control"), stream)
             try:
                 if stream:
-                    await self._stream(rec, plan, endpoint, body, send, lk, n, watcher.cancel)
+                    await self._stream(rec, plan, endpoint, body, send, lk, n, watcher.cancel, pinned)
                     self.finalizer.finalize(rec)  # a stream that failed mid-way (a complete one already is)
                     return
                 if lk.entry is not None:
                     data = lk.entry.body
                 else:
-                    data, tally = await self.executor.call(rec, plan, endpoint, body, n)
+                    try:
+                        data, tally = await self.executor.call(rec, plan, endpoint, body, n)
+                    except GatewayError as e:
+                        raise self.apis.pinned_failure(body, pinned, e) from None
                     tally.write(rec)
+                    await self.apis.served(rec, endpoint, body)
                 watcher.cancel()  # the answer is here: a client leaving now changes nothing
                 rec.status = 200
                 self.finalizer.finalize(rec)
                 self.cache.store(lk, rec, "json", data)
             finally:
                 self.cache.release(lk)
+            if self.ledger_gate is not None:
+                await self.ledger_gate.wait()
             await _respond(send, 200, data, final_headers(rec))
         except GatewayError as e:
             if watcher is not None:
@@ -228,13 +266,16 @@ class Gateway:
         rec.status, rec.error_code = e.status, e.code
         rec.outcome = "timeout" if e.code == "upstream_timeout" else "error"
         self.finalizer.finalize(rec)
-        await _respond(send, e.status, e.to_json(), {**final_headers(rec), **e.headers})
+        await _respond(send, e.status, registry.error_body(rec.endpoint, e), {**final_headers(rec), **e.headers})
 
     async def _plan(self, rec: RequestRecord, name: str, body: dict[str, Any], headers: dict[bytes, bytes]) -> Plan:
         task_raw = headers.get(b"x-gateway-task")
         metadata = body.get("metadata")
         task = task_raw.decode("latin-1").strip().lower() if task_raw else (
             str(metadata["task"]).lower() if isinstance(metadata, dict) and metadata.get("task") else None)
+        if task is not None and len(task) > MAX_MODEL_NAME:  # it goes to the log and the ledger: keep it short
+            raise errors.bad_request(f"The task name is longer than {MAX_MODEL_NAME} characters.",
+                                     param="x-gateway-task" if task_raw else "metadata.task")
         deadline_ms = None
         if (raw := headers.get(b"x-gateway-deadline-ms")) is not None:
             try:
@@ -255,22 +296,41 @@ class Gateway:
         return plan
 
     async def _stream(self, rec: RequestRecord, plan: Plan, endpoint: Endpoint, body: dict[str, Any],
-                      send: Send, lk: Lookup, n: int, stop_watching: Callable[[], object]) -> None:
+                      send: Send, lk: Lookup, n: int, stop_watching: Callable[[], object],
+                      pinned: Location | None = None) -> None:
         rec.stream = True
-        asked = body.get("stream_options") or {}
-        if not isinstance(asked, dict):
-            raise errors.bad_request("'stream_options' must be an object.", param="stream_options")
-        # A miss that may be stored keeps the upstream payloads (RecordingAccountant); a hit replays them.
-        acct_type = RecordingAccountant if lk.may_store else StreamAccountant
-        acct = acct_type(rec, asked.get("include_usage") is True, asked.get("continuous_usage_stats") is True, n)
-        body["stream_options"] = {**asked, "include_usage": True, "continuous_usage_stats": True}
-        stream = None if lk.entry is not None else await self.executor.open_stream(rec, plan, endpoint, body, n)
+        # Responses / Messages: their own named-event accountant (gateway/apis/); chat and completions below.
+        acct: StreamAccountant | EventAccountant | None = registry.accountant(endpoint, rec, lk.may_store)
+        if acct is None:
+            asked = body.get("stream_options") or {}
+            if not isinstance(asked, dict):
+                raise errors.bad_request("'stream_options' must be an object.", param="stream_options")
+            # A miss that may be stored keeps the upstream payloads (RecordingAccountant); a hit replays them.
+            usage, continuous = asked.get("include_usage") is True, asked.get("continuous_usage_stats") is True
+            acct = RecordingAccountant(rec, usage, continuous, n, lk.max_bytes) if lk.may_store else \
+                StreamAccountant(rec, usage, continuous, n)
+            body["stream_options"] = {**asked, "include_usage": True, "continuous_usage_stats": True}
+        stream = None
+        if lk.entry is None:
+            try:
+                stream = await self.executor.open_stream(rec, plan, endpoint, body, n)
+            except GatewayError as e:
+                raise self.apis.pinned_failure(body, pinned, e) from None
+            await self.apis.served(rec, endpoint, body)
         rec.status = 200
 
+        ended = False
+
         def on_done() -> bytes:
+            nonlocal ended
+            ended = True
             line = self.finalizer.finalize(rec)
-            if isinstance(acct, RecordingAccountant):  # only called for a stream that completed
-                self.cache.store(lk, rec, "sse", b"\n".join(acct.payloads))
+            # Only called for a stream that completed; one that outgrew max_entry_bytes was not kept.
+            if isinstance(acct, RecordingAccountant):
+                if (recorded := acct.recorded()) is not None:
+                    self.cache.store(lk, rec, "sse", recorded)
+            elif (payloads := getattr(acct, "payloads", None)) is not None:  # Responses / Messages events
+                self.cache.store(lk, rec, "sse", b"\n".join(payloads))
             return stream_trailer(line)
 
         relay = None if stream is None else Relay(stream, rec, acct, on_done)
@@ -280,6 +340,8 @@ class Gateway:
             await send({"type": "http.response.start", "status": 200,
                         "headers": _encode_headers({**early_headers(rec), "cache-control": "no-cache"}, SSE)})
             async for chunk in chunks:
+                if ended and self.ledger_gate is not None:  # the trailer and [DONE] wait for the ledger
+                    await self.ledger_gate.wait()
                 sending, t0 = True, time.perf_counter()
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 waited = time.perf_counter() - t0
@@ -298,6 +360,8 @@ class Gateway:
             await chunks.aclose()  # type: ignore[attr-defined]
             if relay is not None:
                 await relay.abandon()  # no-op when the upstream side already ended
+                if not relay.completed:
+                    await self.apis.unfinished_stream(rec, endpoint, body, acct, self.pool)
 
     def list_models(self) -> dict[str, Any]:
         return {"object": "list", "data": [
@@ -307,6 +371,23 @@ class Gateway:
             {"id": name, "object": "model", "created": 0, "owned_by": "gateway-route",
              "root": r.candidates[0].name, "candidates": [c.name for c in r.candidates]}
             for name, r in self.config.routes.items()]}
+
+
+USAGE_TIME_MAX = 253402300799.0  # 9999-12-31T23:59:59Z: the last instant an ISO date can name
+
+
+def _usage_time(value: str | None, name: str) -> float | None:
+    """A /v1/usage bound: unix seconds or an ISO 8601 date, finite, from 1970 to 9999 (else 400 naming it)."""
+    problem = f"{name} must be unix seconds (0 to {USAGE_TIME_MAX:.0f}) or an ISO 8601 date."
+    if value is not None and len(value) > 64:
+        raise errors.bad_request(problem, param=name)
+    try:
+        ts = parse_time(value)
+    except (ValueError, OverflowError):
+        raise errors.bad_request(problem, param=name) from None
+    if ts is not None and not (0.0 <= ts <= USAGE_TIME_MAX):  # also refuses nan (every comparison is false)
+        raise errors.bad_request(problem, param=name)
+    return ts
 
 
 class ClientGone(Exception):
@@ -324,14 +405,23 @@ async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[Any]) -> No
 _BLOCKED_S = 0.002  # a send that took longer waited for the client's socket to drain
 _SLOW_READER_S = 0.05  # a client that held the stream back this long in all reads slowly
 
-_WANTED = frozenset({b"authorization", b"x-request-id", b"content-length", b"x-gateway-task",
+_WANTED = frozenset({b"authorization", b"x-api-key", b"x-request-id", b"content-length", b"x-gateway-task",
                      b"x-gateway-deadline-ms", b"cache-control"})
 JSON_CT = (b"content-type", b"application/json")
 SSE = (b"content-type", b"text/event-stream; charset=utf-8")
 
 
+_DUPLICATE = b":duplicate"  # names a must-be-single header that came twice (answered with a 400)
+
+
 def _wanted_headers(raw: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
-    return {k: v for k, v in raw if k in _WANTED}
+    headers: dict[bytes, bytes] = {}
+    for k, v in raw:
+        if k in _WANTED:
+            if k in headers and k in SINGLE_HEADERS:
+                headers[_DUPLICATE] = k
+            headers[k] = v
+    return headers
 
 
 def _encode_headers(headers: dict[str, str], content_type: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
@@ -343,6 +433,13 @@ async def _respond(send: Send, status: int, body: bytes, headers: dict[str, str]
     h.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": h})
     await send({"type": "http.response.body", "body": body})
+
+
+def _authorization(request: Request) -> str | None:
+    """A FastAPI route's Authorization header, refused when sent twice (as on the proxy routes)."""
+    if (dup := duplicated(request.scope["headers"])) is not None:
+        raise duplicate_header(dup)
+    return request.headers.get("authorization")
 
 
 class _Handled(Response):
@@ -359,7 +456,8 @@ class FastPath:
     """ASGI entry: the three proxy routes go straight to Gateway.handle; everything else to FastAPI."""
 
     ROUTES: dict[str, Endpoint] = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
-                                   "/v1/embeddings": "embeddings"}
+                                   "/v1/embeddings": "embeddings", "/v1/responses": "responses",
+                                   "/v1/messages": "messages", "/tokenize": "tokenize", "/detokenize": "detokenize"}
 
     def __init__(self, gw: Gateway, app: FastAPI) -> None:
         self.gw, self.app = gw, app
@@ -370,6 +468,9 @@ class FastPath:
             if endpoint is not None:
                 await self.gw.handle(scope, receive, send, endpoint)
                 return
+        if scope["type"] == "http" and retrieve.matches(scope["path"]):  # stored responses: their engine only
+            await retrieve.handle(self.gw, scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
 
@@ -398,7 +499,13 @@ def create_app(config: GatewayConfig | None = None) -> FastPath:
             await gw.store.close()
             gw.finalizer.request_log.close()
 
-    app = FastAPI(title="vLLM gateway", version="0.1.0", lifespan=lifespan)
+    srv = config.server
+    # No redirect on a trailing slash (its Location would come from the client's Host header): a 404.
+    # /docs and /redoc load Swagger UI / ReDoc from a CDN, so they are off unless server.docs is set.
+    app = FastAPI(title="vLLM gateway", version="0.1.0", lifespan=lifespan, redirect_slashes=False,
+                  openapi_url="/openapi.json" if srv.openapi else None,
+                  docs_url="/docs" if srv.docs and srv.openapi else None,
+                  redoc_url="/redoc" if srv.docs and srv.openapi else None)
     install_openapi(app, [*config.models, *config.routes])
     app.state.gateway = gw
 
@@ -415,10 +522,26 @@ def create_app(config: GatewayConfig | None = None) -> FastPath:
     async def embeddings(request: Request) -> Response:
         return _Handled(gw, "embeddings")
 
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        return _Handled(gw, "responses")
+
+    @app.post("/v1/messages")
+    async def messages(request: Request) -> Response:
+        return _Handled(gw, "messages")
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        return _Handled(gw, "tokenize")
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        return _Handled(gw, "detokenize")
+
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         try:
-            gw.auth.authenticate(request.headers.get("authorization"))
+            gw.auth.authenticate(_authorization(request))
         except GatewayError as e:
             return Response(e.to_json(), status_code=e.status, media_type=JSON)
         return Response(orjson.dumps(gw.list_models()), media_type=JSON)
@@ -427,16 +550,21 @@ def create_app(config: GatewayConfig | None = None) -> FastPath:
     async def usage(request: Request) -> Response:
         """Totals by tenant, model and day from the ledger; a tenant sees its own, an admin key all."""
         try:
-            tenant, _ = gw.auth.authenticate(request.headers.get("authorization"))
+            tenant, _ = gw.auth.authenticate(_authorization(request))
             q = request.query_params
-            try:
-                start, end = parse_time(q.get("start")), parse_time(q.get("end"))
-            except ValueError:
-                raise errors.bad_request("start and end must be unix seconds or ISO 8601 dates.") from None
+            # Checked before anything reaches Redis: a bad value is this request's 400, never a store error.
+            start, end = _usage_time(q.get("start"), "start"), _usage_time(q.get("end"), "end")
+            if start is not None and end is not None and end < start:
+                raise errors.bad_request("end must not be before start.", param="end")
             who = q.get("tenant") if tenant.admin else tenant.name
+            if who is not None and len(who) > 256:
+                raise errors.bad_request("tenant must be at most 256 characters.", param="tenant")
             try:
                 await gw.ledger.flush()  # so that a caller sees its own latest requests
                 totals = await gw.ledger.usage(start, end, who)
+            except StoreCommandError:  # a bug (logged and counted by the store); limits stay on
+                raise GatewayError(500, "The usage ledger could not be read.", type="api_error",
+                                   code="ledger_error") from None
             except StoreUnavailable:
                 raise GatewayError(503, "The usage ledger is unavailable right now.", type="api_error",
                                    code="ledger_unavailable") from None
@@ -455,8 +583,18 @@ def create_app(config: GatewayConfig | None = None) -> FastPath:
         return Response(orjson.dumps({"ready": ok, "models": ready}), status_code=200 if ok else 503,
                         media_type=JSON)
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
+    metrics_key = srv.metrics_key or None
+
+    @app.get("/metrics", responses={401: {"description": "server.metrics_key is set and was not sent"}})
+    async def metrics(request: Request) -> Response:
+        """Prometheus exposition; names tenants, spend and budgets, so server.metrics_key can guard it."""
+        if metrics_key is not None:
+            try:
+                if not bearer_matches(_authorization(request), metrics_key):
+                    raise errors.unauthorized("/metrics needs the metrics key: 'Authorization: Bearer <key>'.")
+            except GatewayError as e:
+                return Response(e.to_json(), status_code=e.status, media_type=JSON,
+                                headers={"www-authenticate": "Bearer"} if e.status == 401 else None)
         return Response(gw.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.exception_handler(StarletteHTTPException)

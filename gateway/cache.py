@@ -56,7 +56,12 @@ class Entry:
     def decode(cls, raw: bytes) -> Entry:
         meta, _, body = raw.partition(b"\n")
         m = orjson.loads(meta)
-        return cls(m["k"], body, m["p"], m["c"], m["ct"], m["pusd"], m["s"], m["u"])
+        entry = cls(m["k"], body, m["p"], m["c"], m["ct"], m["pusd"], m["s"], m["u"])
+        if (entry.kind not in ("json", "sse") or not all(isinstance(t, int) for t in (
+                entry.prompt_tokens, entry.completion_tokens, entry.cached_tokens, entry.cost_pico_usd))
+                or not isinstance(entry.served_model, str)):
+            raise ValueError("cache entry fields have the wrong types")
+        return entry
 
     def payloads(self) -> list[bytes]:
         return self.body.split(b"\n")
@@ -83,6 +88,7 @@ class Lookup:
     locked: bool = False  # holds the cross-replica stampede lock
     done: bool = False
     payloads: list[bytes] = field(default_factory=list)
+    max_bytes: int = 0  # a stream recorded for storing stops being kept past this (max_entry_bytes)
 
 
 NO_LOOKUP = Lookup()
@@ -115,6 +121,8 @@ class NullCache:
 
 
 def cacheable(mode: str, endpoint: str, body: dict[str, Any]) -> bool:
+    if endpoint in ("tokenize", "detokenize") or (endpoint == "responses" and body.get("store") is not False):
+        return False  # a stored response has an identity (its id): never hand it to another request
     if mode == "all":
         return True
     if mode == "off":
@@ -140,7 +148,7 @@ def parse_cache_control(value: bytes | None) -> tuple[bool, bool]:
 
 
 class StoreCache:
-    def __init__(self, config: GatewayConfig, store: Store) -> None:
+    def __init__(self, config: GatewayConfig, store: Store, on_corrupt: Callable[[], None] = lambda: None) -> None:
         f = config.features
         self.features = f
         self.backend = store
@@ -149,6 +157,8 @@ class StoreCache:
         self.wait_s = f.cache.coalesce_wait_s
         self.lock_ms = int(f.cache.coalesce_wait_s * 1000)
         self.max_entry = f.cache.max_entry_bytes
+        self.on_corrupt = on_corrupt
+        self._corrupt_logged = float("-inf")
         self._inflight: dict[str, asyncio.Future[Entry | None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -160,7 +170,7 @@ class StoreCache:
             return NO_LOOKUP
         no_cache, no_store = parse_cache_control(cache_control)
         key = cache_key(policy.scope, model, endpoint, stream, body)
-        lk = Lookup(key, model.name, policy.ttl_s, not no_store)
+        lk = Lookup(key, model.name, policy.ttl_s, not no_store, max_bytes=self.max_entry)
         if no_cache:
             rec.cache = "bypass"
             return lk
@@ -200,7 +210,7 @@ class StoreCache:
         assert lk.key is not None
         raw, lk.locked = await self.backend.cache_lookup(lk.key, self.lock_ms if coalesce else 0)
         if raw is not None:
-            return Entry.decode(raw)
+            return self._decode(raw)
         if not coalesce or lk.locked:
             return None
         # Another replica is computing this answer: poll until it is stored or its lock goes away.
@@ -211,10 +221,22 @@ class StoreCache:
             delay = min(delay * 2, 0.05)
             raw, lk.locked = await self.backend.cache_lookup(lk.key, self.lock_ms)
             if raw is not None:
-                return Entry.decode(raw)
+                return self._decode(raw)
             if lk.locked:
                 return None
         return None
+
+    def _decode(self, raw: bytes) -> Entry | None:
+        """A stored entry, or None (a miss, so the answer is computed and stored again) when it is corrupt."""
+        try:
+            return Entry.decode(raw)
+        except (ValueError, KeyError, TypeError, IndexError) as e:  # orjson.JSONDecodeError is a ValueError
+            self.on_corrupt()
+            now = time.monotonic()
+            if now - self._corrupt_logged >= 10.0:  # one line per 10 s, whatever the rate
+                self._corrupt_logged = now
+                log.warning("undecodable cache entry treated as a miss: %s: %s", type(e).__name__, e)
+            return None
 
     def store(self, lk: Lookup, rec: RequestRecord, kind: str, body: bytes) -> None:
         """Keep a finished, successful answer (never one that ended in error or came from another model)."""
@@ -266,33 +288,45 @@ class StoreCache:
 
 
 class RecordingAccountant(StreamAccountant):
-    """The stream accountant that also keeps each upstream payload, for storing a complete stream."""
+    """The stream accountant that also keeps each upstream payload, for storing a complete stream.
 
-    __slots__ = ("payloads",)
+    It stops keeping them (and frees what it kept) once they pass `max_bytes`: such a stream could
+    not be stored anyway, and a long one would otherwise sit in memory whole until it ends.
+    """
 
-    def __init__(self, rec: RequestRecord, want_usage: bool, want_continuous: bool, n: int = 1) -> None:
+    __slots__ = ("payloads", "_left")
+
+    def __init__(self, rec: RequestRecord, want_usage: bool, want_continuous: bool, n: int = 1,
+                 max_bytes: int = 1 << 62) -> None:
         super().__init__(rec, want_usage, want_continuous, n)
-        self.payloads: list[bytes] = []
+        self.payloads: list[bytes] | None = []
+        self._left = max_bytes
 
     def on_data(self, payload: bytes) -> bytes | None:
-        self.payloads.append(payload)
+        if self.payloads is not None:
+            self._left -= len(payload) + 1  # + the newline that joins them in the entry
+            if self._left >= -1:
+                self.payloads.append(payload)
+            else:
+                self.payloads = None
         return super().on_data(payload)
 
+    def recorded(self) -> bytes | None:
+        """The entry body (payloads, one a line), or None when the stream outgrew max_bytes."""
+        return None if self.payloads is None else b"\n".join(self.payloads)
 
-async def replay(entry: Entry, acct: StreamAccountant, on_done: Callable[[], bytes]) -> AsyncIterator[bytes]:
-    """A hit answered as the original stream: the same chunks through the accountant, trailer, [DONE]."""
-    from gateway.streaming import DONE
 
+async def replay(entry: Entry, acct: Any, on_done: Callable[[], bytes]) -> AsyncIterator[bytes]:
+    """A hit answered as the original stream: the same chunks through the accountant, trailer, end marker."""
     for payload in entry.payloads():
         out = acct.on_data(payload)
         if out is not None:
             yield out
     acct.done()
-    yield on_done()
-    yield DONE
+    yield on_done() + acct.end_marker
 
 
-def build_cache(config: GatewayConfig, store: Store) -> ResponseCache:
+def build_cache(config: GatewayConfig, store: Store, on_corrupt: Callable[[], None] = lambda: None) -> ResponseCache:
     if all(p.mode == "off" for p in config.features.cache_policies.values()):
         return NullCache()
-    return StoreCache(config, store)
+    return StoreCache(config, store, on_corrupt)

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from gateway.config import ConfigError, load_config
+from gateway.server import HEADER_TIMEOUT_ENV
 
 
 def _config_path(arg: str | None) -> str:
@@ -28,7 +29,12 @@ def check_config(path: str) -> int:
         return 2
     deployments = sum(len(m.deployments) for m in cfg.models.values())
     print(f"{path}: OK ({len(cfg.models)} models, {deployments} deployments, "
-          f"{len(cfg.keys_by_sha256)} API keys, auth {'on' if cfg.auth_enabled else 'OFF'})")
+          f"{len(cfg.keys_by_sha256)} API keys, auth {'on' if cfg.auth_enabled else 'OFF'}, "
+          f"/metrics {'needs server.metrics_key' if cfg.server.metrics_key else 'open'}, "
+          f"/docs {'on' if cfg.server.docs and cfg.server.openapi else 'off'})")
+    if cfg.auth_enabled and not cfg.server.metrics_key:
+        print("note: /metrics answers without a key and names tenants, their spend and budgets; set "
+              "server.metrics_key or keep /metrics off the public listener (docs/config.md)", file=sys.stderr)
     return 0
 
 
@@ -42,10 +48,12 @@ def serve(path: str, host: str, port: int, workers: int, log_level: str) -> int:
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Must be set before prometheus_client is imported by any worker.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
+    # Read by gateway.server in every worker: the deadline for a request's line and headers.
+    os.environ[HEADER_TIMEOUT_ENV] = repr(cfg.server.header_timeout)
     import uvicorn
 
     uvicorn.run("gateway.app:create_app", factory=True, host=host, port=port, workers=workers,
-                loop="uvloop", http="httptools", access_log=False, log_level=log_level,
+                loop="uvloop", http="gateway.server:HeaderDeadlineProtocol", access_log=False, log_level=log_level,
                 timeout_keep_alive=30, limit_concurrency=cfg.server.max_connections,
                 timeout_graceful_shutdown=math.ceil(cfg.server.shutdown_grace_s))
     return 0

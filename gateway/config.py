@@ -110,6 +110,9 @@ class LimitsDefaultsSpec(_Strict):
     default_max_tokens: int = Field(256, ge=1, description="tokens reserved when a request names no max_tokens")
     chars_per_token: float = Field(4.0, gt=0, description="prompt size estimate for the reservation")
     lease_s: float = Field(900.0, gt=0, description="a concurrency slot not released (crash) expires after this")
+    max_output_tokens: int | None = Field(None, ge=1, description="cap on any request's max_tokens (all models)")
+    media_part_tokens: int = Field(4096, ge=1, description="tokens reserved per image/audio/video part")
+    settle_retry_max: int = Field(100_000, ge=1, description="limit settles kept for retry while Redis is away")
 
 
 class RedisFailureSpec(_Strict):
@@ -118,7 +121,9 @@ class RedisFailureSpec(_Strict):
 
 
 class RedisSpec(_Strict):
-    url: str | None = Field(None, description="redis://host:port/db; unset or empty: in-process backend")
+    url: str | None = Field(None, description="redis://[user:pw@]host:port/db, rediss:// (TLS), unix://, or "
+                            "redis+sentinel://host:port,host:port/MASTER[/db] (docs/redis.md); unset or empty: "
+                            "in-process backend")
     key_prefix: str = "gw:"
     timeout_s: float = Field(0.25, gt=0, description="socket timeout of each Redis command")
     down_for_s: float = Field(1.0, ge=0, description="after an error, skip Redis this long (the ledger probes)")
@@ -127,6 +132,16 @@ class RedisSpec(_Strict):
     ledger_maxlen: int | None = Field(None, ge=1000, description="approximate trim; unset: keep everything")
     ledger_buffer: int = Field(10000, ge=1, description="records kept in memory while Redis is away")
     ledger_flush_interval_s: float = Field(0.2, gt=0)
+    ledger_before_response: bool = Field(True, description="a response's last bytes wait until its ledger record "
+                                         "is in Redis (gateway/ledger_gate.py); off: up to one flush interval "
+                                         "of finished requests is lost if a replica is killed")
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        from gateway.redis_client import check_url
+
+        return check_url(v) if v else v
 
 
 class PrefixRoutingSpec(_Strict):
@@ -159,6 +174,8 @@ class ModelSpec(_Strict):
     owned_by: str = "vllm"
     tier: Literal["large", "small", "adapter"] = Field("large", description="for routing reports and dashboards")
     context_window: int | None = Field(None, ge=1, description="tokens; default: vLLM's max_model_len")
+    default_max_tokens: int | None = Field(None, ge=1, description="max_tokens set when a request names none")
+    max_output_tokens: int | None = Field(None, ge=1, description="cap on a request's max_tokens for this model")
 
     @model_validator(mode="after")
     def _one_cost_source(self) -> ModelSpec:
@@ -196,6 +213,12 @@ class ServerSpec(_Strict):
     request_log: str = Field("stderr", description="stderr, stdout, off, or a file path")
     body_timeout: float = Field(30.0, gt=0, description="seconds a client may take to send its request body")
     max_connections: int | None = Field(None, ge=1, description="uvicorn limit_concurrency; beyond it: 503")
+    header_timeout: float = Field(10.0, gt=0, description="seconds a client may take to send its request "
+                                  "line and headers (slowloris); then the connection is closed with a 408")
+    max_json_depth: int = Field(64, ge=2, le=200, description="deepest nesting of arrays/objects in a body")
+    metrics_key: str | None = Field(None, description="bearer token /metrics requires; unset: /metrics is open")
+    docs: bool = Field(False, description="serve /docs and /redoc (Swagger UI / ReDoc load from a CDN)")
+    openapi: bool = Field(True, description="serve /openapi.json (names the public models; no secrets)")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, requests still running after this long "
                                     "are cut (outcome gateway_shutdown, accounted)")
 
@@ -305,6 +328,8 @@ class Model:
     owned_by: str
     tier: str = "large"
     context_window: int | None = None
+    default_max_tokens: int | None = None  # None: limits.default_max_tokens
+    max_output_tokens: int | None = None  # None: limits.max_output_tokens (if any)
     balance: str = "least_outstanding"
     prefix_routing: PrefixRoutingSpec | None = None  # set when balance is "prefix"
 
@@ -498,7 +523,8 @@ def compile_config(spec: GatewaySpec, source: str) -> GatewayConfig:
         else:
             pricing = Pricing()
         prefix = (m.prefix_routing or PrefixRoutingSpec()) if m.balance == "prefix" else None
-        models[name] = Model(name, tuple(deps), pricing, m.owned_by, m.tier, m.context_window, m.balance, prefix)
+        models[name] = Model(name, tuple(deps), pricing, m.owned_by, m.tier, m.context_window,
+                             m.default_max_tokens, m.max_output_tokens, m.balance, prefix)
     routes = {name: Route(name, tuple(models[c] for c in r.candidates), r,
                           {task: models[c] for task, c in r.tasks.items()})
               for name, r in spec.routes.items()}

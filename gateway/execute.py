@@ -9,6 +9,9 @@ started it cannot. Every attempt is recorded with what vLLM did for it: an aband
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -17,6 +20,7 @@ import aiohttp
 import orjson
 
 from gateway import errors
+from gateway.apis import registry
 from gateway.config import Model
 from gateway.errors import GatewayError
 from gateway.protocol import UPSTREAM_PATHS, Endpoint, upstream_error
@@ -25,11 +29,19 @@ from gateway.relay import FirstChunkError, SSEReader, UpstreamStream, drain, rea
 from gateway.routing.balance import Balancing
 from gateway.routing.breaker import BreakerState, CircuitBreaker
 from gateway.routing.policy import Plan
-from gateway.streaming import UsageTally, tally_body
+from gateway.streaming import UsageTally
 from gateway.upstream import DeploymentState, UpstreamPool
 
 T = TypeVar("T")
+log = logging.getLogger("gateway.execute")
 JSON = "application/json"
+
+
+def _connect_error(state: DeploymentState, e: aiohttp.ClientConnectorError) -> _Retryable:
+    """The client hears the deployment's name only; its address and the OS error go to our own log."""
+    log.warning("cannot connect to deployment %s: %s", state.name, e.os_error.strerror or e)
+    return _Retryable("connect_error", errors.upstream_unavailable(
+        f"cannot connect to deployment {state.name}: {_reason(e)}"))
 
 
 class _Retryable(Exception):
@@ -179,12 +191,12 @@ class Executor:
         path = UPSTREAM_PATHS[endpoint]
 
         async def attempt(state: DeploymentState, payload: bytes, att: Attempt) -> tuple[bytes, UsageTally]:
-            return await self._post_json(state, path, rec, payload, att, n)
+            return await self._post_json(state, path, rec, payload, att, n, endpoint)
 
         return await self._attempt_in_order(rec, plan, body, attempt, stream=False)
 
     async def _post_json(self, state: DeploymentState, path: str, rec: RequestRecord, payload: bytes,
-                         att: Attempt, n: int) -> tuple[bytes, UsageTally]:
+                         att: Attempt, n: int, endpoint: Endpoint = "chat") -> tuple[bytes, UsageTally]:
         try:
             async with self.pool.session.post(
                 state.spec.url + path, data=payload, timeout=state.timeout,
@@ -193,8 +205,7 @@ class Executor:
                 data = await resp.read()
                 status = resp.status
         except aiohttp.ClientConnectorError as e:
-            raise _Retryable("connect_error", errors.upstream_unavailable(
-                f"cannot connect to deployment {state.name}: {_reason(e)}")) from None
+            raise _connect_error(state, e) from None
         except aiohttp.ConnectionTimeoutError:
             raise _Retryable("connect_timeout", errors.upstream_unavailable(
                 f"cannot connect to deployment {state.name}: connect timeout")) from None
@@ -221,7 +232,7 @@ class Executor:
         except orjson.JSONDecodeError:
             raise _Retryable("malformed_response", errors.upstream_unavailable(
                 f"deployment {state.name} returned a body that is not JSON")) from None
-        return data, tally_body(parsed, n)
+        return data, registry.tally_response(endpoint, parsed, n)
 
     async def open_stream(self, rec: RequestRecord, plan: Plan, endpoint: Endpoint,
                           body: dict[str, Any], n: int = 1) -> UpstreamStream:
@@ -229,7 +240,7 @@ class Executor:
         path = UPSTREAM_PATHS[endpoint]
 
         async def attempt(state: DeploymentState, payload: bytes, att: Attempt) -> UpstreamStream:
-            return await self._open(state, path, rec, payload, att, n)
+            return await self._open(state, path, rec, payload, att, n, endpoint)
 
         return await self._attempt_in_order(rec, plan, body, attempt, stream=True)
 
@@ -256,7 +267,7 @@ class Executor:
         return None
 
     async def _open(self, state: DeploymentState, path: str, rec: RequestRecord, payload: bytes, att: Attempt,
-                    n: int) -> UpstreamStream:
+                    n: int, endpoint: Endpoint = "chat") -> UpstreamStream:
         first_token = state.spec.timeouts.first_token
         resp: aiohttp.ClientResponse | None = None
         reader: SSEReader | None = None
@@ -271,7 +282,7 @@ class Executor:
                 await drain(resp, reader, seen.append)
             else:
                 resp.close()
-            tally = tally_lines(seen, n)
+            tally = registry.tally_stream_lines(endpoint, seen) or tally_lines(seen, n)
             if tally.reported:
                 att.usage = "reported"
                 att.prompt_tokens, att.fanout_prompt_tokens = tally.prompt, tally.fanout_prompt
@@ -292,10 +303,9 @@ class Executor:
                         raise _Retryable(f"upstream_{status}", err)
                     raise err
                 reader = SSEReader(resp)
-                primed = await read_until_first_token(reader, seen)
+                primed = await read_until_first_token(reader, seen, registry.first_output(endpoint))
         except aiohttp.ClientConnectorError as e:
-            raise _Retryable("connect_error", errors.upstream_unavailable(
-                f"cannot connect to deployment {state.name}: {_reason(e)}")) from None
+            raise _connect_error(state, e) from None
         except aiohttp.ConnectionTimeoutError:
             raise _Retryable("connect_timeout", errors.upstream_unavailable(
                 f"cannot connect to deployment {state.name}: connect timeout")) from None
@@ -339,8 +349,12 @@ def _unset() -> None:
 
 
 def _reason(e: aiohttp.ClientConnectorError) -> str:
-    """Why a connection failed, without the address (clients must not learn upstream hosts and ports)."""
-    return e.os_error.strerror or type(e.os_error).__name__
+    """Why a connection failed, without the address (clients must not learn upstream hosts and ports):
+    the OS error's strerror may carry it ("Connect call failed ('10.0.0.7', 8000)"), its errno does not."""
+    err = e.os_error
+    if isinstance(err, socket.gaierror):
+        return err.strerror or "name resolution failed"  # gai messages name no host
+    return os.strerror(err.errno) if err.errno else type(err).__name__
 
 
 def _error_message(err: object) -> str:

@@ -1,9 +1,11 @@
 """Admit stage: rate limits and budgets per API key and tenant (reserve up front, reconcile after), 429s.
 
 A request counts against its key's scope and its tenant's scope (each only where config sets limits).
-Admission reserves the request's tokens (`max_tokens`, or the configured default, plus an estimate of
-the prompt) and its highest possible cost; `settle` corrects both to the real usage once the record is
-final, and frees the concurrency slot. Both are single atomic scripts in the store.
+Admission first bounds the request's output in the body sent to vLLM (gateway/reservation.py), then
+reserves that upper bound (tokens, and cost in pico-USD) in one atomic, idempotent store script;
+`settle` corrects both to the real usage once the record is final and frees the concurrency slot.
+A settle that cannot reach Redis is kept and retried until Redis answers; it works whether or not
+the admission ran (a command Redis queued during a stall and ran after the gateway gave up on it).
 """
 
 from __future__ import annotations
@@ -13,14 +15,19 @@ import logging
 import math
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gateway.config import GatewayConfig, Limits, Model
 from gateway.errors import GatewayError
+from gateway.limit_store import TOMBSTONE_MS, Admission, AdmitResult, Scope, ScopeState, Settlement
+from gateway.metrics import GatewayMetrics
+from gateway.money import to_pico, usd, usd_text
 from gateway.record import RequestRecord
-from gateway.store import AdmitResult, Scope, ScopeState, Store, StoreUnavailable, month_end_s
+from gateway.reservation import OutputBounds, bound_output, estimate_prompt_tokens, reserve
+from gateway.store import Store, StoreCommandError, StoreUnavailable, month_end_s
 
 log = logging.getLogger("gateway.limits")
 
@@ -31,19 +38,19 @@ _MESSAGES = {
     "budget_day": "Daily budget exhausted",
     "budget_month": "Monthly budget exhausted",
 }
+MAX_PICO = 1 << 62  # every amount sent to Redis stays a valid 64-bit integer, summed or not
+RETRY_FIRST_S, RETRY_MAX_S = 0.05, 0.25  # settle retries: soon after Redis answers again, never a busy loop
+LOG_EVERY_S = 10.0
 
 
 @dataclass(slots=True)
 class Reservation:
-    """What admit took, so that settle can give back the difference."""
+    """What admit took (or would have taken, when the store could not be asked), for settle to correct."""
 
     scopes: tuple[Scope, ...]
-    minute: int
-    day: int
-    month: int
-    tokens: int
-    cost: float
     lease: str
+    tokens: int
+    cost: int  # pico-USD
 
 
 class Limiter(Protocol):
@@ -53,11 +60,30 @@ class Limiter(Protocol):
     async def close(self) -> None: ...
 
 
+class Bounds:
+    """Each model's output bounds, resolved from config once (the context window may be learned later)."""
+
+    def __init__(self, config: GatewayConfig, window: Callable[[Model], int | None] | None = None) -> None:
+        self.defaults = config.features.limits
+        self.window = window or (lambda m: m.context_window)
+
+    def of(self, model: Model) -> OutputBounds:
+        d = self.defaults
+        caps = [c for c in (model.max_output_tokens, d.max_output_tokens) if c is not None]
+        return OutputBounds(model.default_max_tokens or d.default_max_tokens, min(caps) if caps else None,
+                            self.window(model), d.chars_per_token, d.media_part_tokens)
+
+
 class NullLimiter:
-    """No limits configured anywhere: admit everything, keep no state."""
+    """No limits configured anywhere: admit everything, keep no state; the output bound is still set."""
+
+    def __init__(self, bounds: Bounds) -> None:
+        self.bounds = bounds
 
     async def admit(self, rec: RequestRecord, model: Model, body: dict[str, Any]) -> None:
-        return None
+        b = self.bounds.of(model)
+        # the prompt estimate only matters to keep a default bound inside a known context window
+        bound_output(body, rec.endpoint, b, estimate_prompt_tokens(body, rec.endpoint, b) if b.context_window else None)
 
     def settle(self, rec: RequestRecord) -> None:
         return None
@@ -69,94 +95,102 @@ class NullLimiter:
         return None
 
 
-def estimate_prompt_tokens(body: dict[str, Any], chars_per_token: float) -> int:
-    """A cheap over-estimate of the prompt's tokens (no tokenizer on the hot path)."""
-    chars, n = 0, 0
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        for m in messages:
-            n += 4
-            c = m.get("content") if isinstance(m, dict) else None
-            if isinstance(c, str):
-                chars += len(c)
-            elif isinstance(c, list):
-                chars += sum(len(str(p.get("text", ""))) for p in c if isinstance(p, dict))
-        return n + 2 + math.ceil(chars / chars_per_token)
-    prompt = body.get("prompt", body.get("input"))
-    if isinstance(prompt, str):
-        return 1 + math.ceil(len(prompt) / chars_per_token)
-    if isinstance(prompt, list):
-        for p in prompt:
-            if isinstance(p, int):
-                n += 1
-            elif isinstance(p, list):
-                n += len(p)
-            else:
-                n += 1 + math.ceil(len(str(p)) / chars_per_token)
-    return n
+class _Throttled:
+    """One log line per interval per kind (an outage must not flood the log)."""
 
+    def __init__(self) -> None:
+        self.last: dict[str, float] = {}
 
-def reserve_tokens(body: dict[str, Any], default_max_tokens: int, chars_per_token: float) -> tuple[int, int]:
-    """(prompt estimate, completion tokens reserved) for a request."""
-    prompt = estimate_prompt_tokens(body, chars_per_token)
-    if "messages" not in body and "prompt" not in body:  # embeddings generate nothing
-        return prompt, 0
-    mt = body.get("max_completion_tokens") or body.get("max_tokens")
-    n_raw = body.get("n")
-    n = n_raw if isinstance(n_raw, int) else 1
-    completion = (mt if isinstance(mt, int) and mt > 0 else default_max_tokens) * max(1, n)
-    return prompt, completion
+    def warning(self, kind: str, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self.last.get(kind, -LOG_EVERY_S) >= LOG_EVERY_S:
+            self.last[kind] = now
+            log.warning(msg, *args)
 
 
 class StoreLimiter:
     """Limits enforced through a Store (Redis for many replicas, in-process for one)."""
 
-    def __init__(self, config: GatewayConfig, store: Store, on_spend: Callable[[str, str, float], None]) -> None:
+    def __init__(self, config: GatewayConfig, store: Store, on_spend: Callable[[str, str, float], None],
+                 metrics: GatewayMetrics | None = None, bounds: Bounds | None = None) -> None:
         f = config.features
         self.store = store
-        self.prefix = f.redis.key_prefix + "rl:"
+        self.prefix = f.redis.key_prefix
         self.fail_closed = f.redis.on_failure.limits == "closed"
-        self.default_max_tokens = f.limits.default_max_tokens
-        self.chars_per_token = f.limits.chars_per_token
+        self.bounds = bounds or Bounds(config)
         self.lease_ms = int(f.limits.lease_s * 1000)
-        self._tenant_scopes = {t: Scope(self.prefix + "t:" + t, lim, t) for t, lim in f.tenant_limits.items()}
-        self._key_scopes = {k: Scope(self.prefix + "k:" + k, lim) for k, lim in f.key_limits.items()}
-        self._no_scopes: tuple[Scope, ...] = ()
+        self.max_pending = f.limits.settle_retry_max
+        self._tenant_limits = f.tenant_limits
+        self._key_limits = f.key_limits
+        self._scopes: dict[tuple[str, str], tuple[Scope, ...]] = {}
         self._on_spend = on_spend
-        self._spend: dict[str, tuple[float, float]] = {}  # tenant -> last known (day, month) spend
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._metrics = metrics
+        self._spend: dict[str, tuple[int, int]] = {}  # tenant -> last known (day, month) spend, pico-USD
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._pending: OrderedDict[str, tuple[tuple[Scope, ...], Settlement]] = OrderedDict()
+        self._retrier: asyncio.Task[None] | None = None
+        self._log = _Throttled()
+
+    def _scope(self, tenant: str, kind: str, ident: str, lim: Limits, tenant_scope: bool) -> Scope:
+        # The tenant's hash tag on every key of the request (Redis Cluster: one slot per script call).
+        tag = f"{self.prefix}{{t:{tenant}}}"
+        return Scope(f"{tag}:rl:{kind}" + (f":{ident}" if ident else ""), tag, lim,
+                     tenant if tenant_scope else None, min(to_pico(lim.budget_day), MAX_PICO),
+                     min(to_pico(lim.budget_month), MAX_PICO))
 
     def scopes(self, rec: RequestRecord) -> tuple[Scope, ...]:
-        k = self._key_scopes.get(rec.api_key_hash or "")
-        t = self._tenant_scopes.get(rec.tenant)
-        if k is None and t is None:
-            return self._no_scopes
-        return tuple(s for s in (k, t) if s is not None)
+        key = rec.api_key_hash or ""
+        got = self._scopes.get((rec.tenant, key))
+        if got is None:
+            k, t = self._key_limits.get(key), self._tenant_limits.get(rec.tenant)
+            got = tuple(s for s in (
+                self._scope(rec.tenant, "k", key, k, False) if k is not None else None,
+                self._scope(rec.tenant, "t", "", t, True) if t is not None else None) if s is not None)
+            if len(self._scopes) < 100_000:  # keys and tenants come from config: bounded anyway
+                self._scopes[(rec.tenant, key)] = got
+        return got
 
     async def admit(self, rec: RequestRecord, model: Model, body: dict[str, Any]) -> None:
+        prompt, completion = reserve(body, rec.endpoint, self.bounds.of(model))  # bounds the body sent
         scopes = self.scopes(rec)
         if not scopes:
             return
-        prompt, completion = reserve_tokens(body, self.default_max_tokens, self.chars_per_token)
         p = model.pricing
-        cost = 0.0 if p.gpu_usd_per_second is not None else prompt * p.prompt + completion * p.completion
-        lease = rec.request_id + ":" + uuid.uuid4().hex[:8]
+        cost = 0 if p.gpu_usd_per_second is not None else min(
+            MAX_PICO, prompt * max(p.prompt_pico, p.cached_prompt_pico) + completion * p.completion_pico)
+        tokens = prompt + completion
+        res = Reservation(scopes, uuid.uuid4().hex, tokens, cost)  # a lease of our own: never the client's id
         try:
-            r = await self.store.admit(scopes, prompt + completion, cost, lease, self.lease_ms)
+            r = await self.store.admit(scopes, Admission(res.lease, tokens, cost, self.lease_ms))
+        except asyncio.CancelledError:
+            self._release(res)  # the client left mid-admit: Redis may have run it, so undo it either way
+            raise
+        except StoreCommandError as e:
+            # Redis refused this command: a bug to fix, never a reason to stop enforcing limits
+            self._release(res)
+            log.error("limit check failed for request %s: %s", rec.request_id, e)
+            raise GatewayError(500, f"Limits could not be checked (request id {rec.request_id}).",
+                               type="api_error", code="limits_error") from None
         except StoreUnavailable as e:
             if self.fail_closed:
+                if e.sent:
+                    self._release(res)  # Redis may still run the admission it queued: undo it then
                 raise GatewayError(503, "Rate limits cannot be checked right now (limit store unavailable).",
                                    type="api_error", code="limits_unavailable") from e
             rec.limited_by = "skipped"
+            rec.reservation = res  # settle counts the real usage once Redis answers (and undoes a late admit)
+            if self._metrics is not None:
+                self._metrics.limits_fail_open.labels(rec.tenant).inc()
+            self._log.warning("fail_open", "limit store unavailable: admitting without limits "
+                              "(redis.on_failure.limits: open): %s", e)
             return
         self._seen(scopes, r.states)
-        rec.ratelimit_headers = self._headers(scopes, r, prompt + completion)
+        rec.ratelimit_headers = self._headers(scopes, r)
         if not r.ok:
-            assert r.refused_limit is not None
-            scope = scopes[r.refused_scope]
-            rec.limited_by = r.refused_limit
-            raise self._refusal(scope, r, prompt + completion, rec.ratelimit_headers)
-        rec.reservation = Reservation(scopes, r.minute, r.day, r.month, prompt + completion, cost, lease)
+            scope = scopes[max(0, r.refused_scope)]
+            rec.limited_by = r.refused_limit or "rpm"
+            raise self._refusal(scope, r, tokens, rec.ratelimit_headers)
+        rec.reservation = res
 
     def settle(self, rec: RequestRecord) -> None:
         """Called from finalize (synchronous): correct the reservation in the background."""
@@ -165,77 +199,118 @@ class StoreLimiter:
             return
         rec.reservation = None
         hit = rec.cache == "hit"  # a cache hit used no vLLM tokens and costs nothing
-        tokens = 0 if hit else rec.prompt_tokens + rec.completion_tokens
-        cost = 0.0 if hit else rec.cost_usd
-        task = asyncio.get_running_loop().create_task(self._settle(res, tokens - res.tokens, cost - res.cost))
+        tokens = 0 if hit else min(MAX_PICO, max(0, rec.prompt_tokens) + max(0, rec.completion_tokens))
+        cost = 0 if hit else min(MAX_PICO, max(0, rec.cost_pico_usd))  # what the tenant is billed
+        self._submit(res, Settlement(res.lease, res.tokens, res.cost, tokens, cost, True, TOMBSTONE_MS))
+
+    def _release(self, res: Reservation) -> None:
+        """Give back everything an admission took (if it ran at all, now or later) and count nothing."""
+        self._submit(res, Settlement(res.lease, res.tokens, res.cost, 0, 0, False, TOMBSTONE_MS))
+
+    def _submit(self, res: Reservation, st: Settlement) -> None:
+        task = asyncio.get_running_loop().create_task(self._settle(res.scopes, st))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _settle(self, res: Reservation, token_delta: int, cost_delta: float) -> None:
+    async def _settle(self, scopes: tuple[Scope, ...], st: Settlement, retry: bool = False) -> bool:
+        """One try; a settle Redis could not take is queued for the retry loop. True when done with it."""
         try:
-            states = await self.store.settle(res.scopes, res.minute, res.day, res.month, token_delta, cost_delta,
-                                             res.lease)
+            states = await self.store.settle(scopes, st, retry=retry)
+        except StoreCommandError as e:
+            self._dropped("command_error")
+            log.error("limit settle refused by redis (lease expires after lease_s): %s", e)
+            return True
         except StoreUnavailable:
-            return  # logged and counted by the store; the concurrency lease expires on its own
-        self._seen(res.scopes, states)
+            if not retry:
+                self._queue(scopes, st)
+            return False
+        self._seen(scopes, states)
+        return True
+
+    def _queue(self, scopes: tuple[Scope, ...], st: Settlement) -> None:
+        self._pending[st.lease] = (scopes, st)
+        while len(self._pending) > self.max_pending:
+            self._pending.popitem(last=False)
+            self._dropped("overflow")
+        self._pending_changed()
+        if self._retrier is None or self._retrier.done():
+            self._retrier = asyncio.get_running_loop().create_task(self._retry_loop(), name="limit-settle-retry")
+
+    async def _retry_loop(self) -> None:
+        """Retry queued settles until Redis takes them: a blip costs at most the blip."""
+        wait = RETRY_FIRST_S
+        while self._pending:
+            await asyncio.sleep(wait)
+            for lease, (scopes, st) in list(self._pending.items()):
+                if not await self._settle(scopes, st, retry=True):
+                    wait = min(RETRY_MAX_S, wait * 2)
+                    break
+                self._pending.pop(lease, None)
+                wait = RETRY_FIRST_S
+            self._pending_changed()
+
+    def _pending_changed(self) -> None:
+        if self._metrics is not None:
+            self._metrics.limit_settles_pending.set(len(self._pending))
+
+    def _dropped(self, reason: str) -> None:
+        if self._metrics is not None:
+            self._metrics.limit_settles_dropped.labels(reason).inc()
+        self._log.warning("settle_" + reason, "limit settle given up (%s): its concurrency lease expires "
+                          "after limits.lease_s", reason)
 
     def _seen(self, scopes: tuple[Scope, ...], states: list[ScopeState]) -> None:
         for s, st in zip(scopes, states, strict=False):
-            if s.tenant is not None and (s.limits.budget_day or s.limits.budget_month):
+            if s.tenant is not None and (s.budget_day or s.budget_month):
                 self._spend[s.tenant] = (st.spend_day, st.spend_month)
-                self._on_spend(s.tenant, "day", st.spend_day)
-                self._on_spend(s.tenant, "month", st.spend_month)
+                self._on_spend(s.tenant, "day", usd(st.spend_day))
+                self._on_spend(s.tenant, "month", usd(st.spend_month))
 
     def budget_used_fraction(self, tenant: str) -> float:
         """Largest of day/month spend / budget, from the last known figures (0.0 without a budget)."""
         spend = self._spend.get(tenant)
-        scope = self._tenant_scopes.get(tenant)
-        if spend is None or scope is None:
+        lim = self._tenant_limits.get(tenant)
+        if spend is None or lim is None:
             return 0.0
-        lim = scope.limits
-        return max(spend[0] / lim.budget_day if lim.budget_day else 0.0,
-                   spend[1] / lim.budget_month if lim.budget_month else 0.0)
+        day, month = to_pico(lim.budget_day), to_pico(lim.budget_month)
+        return max(spend[0] / day if day else 0.0, spend[1] / month if month else 0.0)
 
     @staticmethod
-    def _headers(scopes: tuple[Scope, ...], r: AdmitResult, tokens: int) -> dict[str, str]:
+    def _headers(scopes: tuple[Scope, ...], r: AdmitResult) -> dict[str, str]:
         """OpenAI's x-ratelimit-* headers for the tightest scope that has each limit."""
         h: dict[str, str] = {}
-        reqs = [(s.limits.rpm - st.requests, s.limits.rpm) for s, st in zip(scopes, r.states, strict=False)
-                if s.limits.rpm]
-        toks = [(s.limits.tpm - st.tokens, s.limits.tpm) for s, st in zip(scopes, r.states, strict=False)
-                if s.limits.tpm]
-        if reqs:
-            left, limit = min(reqs)
-            h["x-ratelimit-limit-requests"] = str(limit)
-            h["x-ratelimit-remaining-requests"] = str(max(0, left if r.ok else left))
-            h["x-ratelimit-reset-requests"] = f"{r.reset_s}s"
-        if toks:
-            left, limit = min(toks)
-            h["x-ratelimit-limit-tokens"] = str(limit)
-            h["x-ratelimit-remaining-tokens"] = str(max(0, left))
-            h["x-ratelimit-reset-tokens"] = f"{r.reset_s}s"
+        pairs = list(zip(scopes, r.states, strict=False))
+        reqs = [(s.limits.rpm - st.requests, s.limits.rpm, st.reset_ms) for s, st in pairs if s.limits.rpm]
+        toks = [(s.limits.tpm - st.tokens, s.limits.tpm, st.reset_ms) for s, st in pairs if s.limits.tpm]
+        for kind, found in (("requests", reqs), ("tokens", toks)):
+            if found:
+                left, limit, reset_ms = min(found)
+                h[f"x-ratelimit-limit-{kind}"] = str(limit)
+                h[f"x-ratelimit-remaining-{kind}"] = str(max(0, left))
+                h[f"x-ratelimit-reset-{kind}"] = f"{max(0.001, reset_ms / 1000):g}s"
         return h
 
     @staticmethod
     def _refusal(scope: Scope, r: AdmitResult, tokens: int, headers: dict[str, str]) -> GatewayError:
-        name = r.refused_limit or "rpm"
+        name = r.refused_limit if r.refused_limit in _MESSAGES else "rpm"
         lim: Limits = scope.limits
-        st = r.states[r.refused_scope]
+        st = r.states[r.refused_scope] if 0 <= r.refused_scope < len(r.states) else ScopeState()
         who = f"tenant {scope.tenant}" if scope.tenant else "this API key"
         now = time.time()
         if name == "rpm":
-            detail, retry = f"limit {lim.rpm}, used {st.requests}", r.reset_s
+            detail, retry = f"limit {lim.rpm} in any 60 s, used {st.requests}", r.reset_s
         elif name == "tpm":
-            detail, retry = f"limit {lim.tpm}, used {st.tokens}, this request reserves {tokens}", r.reset_s
+            detail, retry = f"limit {lim.tpm} in any 60 s, used {st.tokens}, this request reserves {tokens}", \
+                r.reset_s
             if tokens > lim.tpm:
                 detail += " (more than the whole limit: lower max_tokens)"
         elif name == "concurrency":
             detail, retry = f"limit {lim.concurrency} in flight", 1
         elif name == "budget_day":
-            detail = f"budget ${lim.budget_day:g} per day, spent ${st.spend_day:.6f}"
+            detail = f"budget ${lim.budget_day:g} per day, spent ${usd_text(st.spend_day)}"
             retry = math.ceil(86400 - now % 86400)
         else:
-            detail = f"budget ${lim.budget_month:g} per month, spent ${st.spend_month:.6f}"
+            detail = f"budget ${lim.budget_month:g} per month, spent ${usd_text(st.spend_month)}"
             retry = math.ceil(month_end_s(now))
         budget = name.startswith("budget")
         return GatewayError(
@@ -247,10 +322,19 @@ class StoreLimiter:
     async def close(self) -> None:
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._retrier is not None and not self._retrier.done():
+            try:
+                await asyncio.wait_for(self._retrier, 2.0)  # one last chance for what Redis did not take
+            except TimeoutError:
+                log.error("limits: %d settles could not be written before shutdown (their leases expire "
+                          "after limits.lease_s)", len(self._pending))
 
 
-def build_limiter(config: GatewayConfig, store: Store, on_spend: Callable[[str, str, float], None]) -> Limiter:
+def build_limiter(config: GatewayConfig, store: Store, on_spend: Callable[[str, str, float], None],
+                  metrics: GatewayMetrics | None = None,
+                  window: Callable[[Model], int | None] | None = None) -> Limiter:
     f = config.features
+    bounds = Bounds(config, window)
     if not f.tenant_limits and not f.key_limits:
-        return NullLimiter()
-    return StoreLimiter(config, store, on_spend)
+        return NullLimiter(bounds)
+    return StoreLimiter(config, store, on_spend, metrics, bounds)

@@ -112,7 +112,15 @@ class GatewayMetrics:
         self.ratelimit_refusals = Counter("gateway_ratelimit_refusals", "Requests refused by a limit or budget",
                                           ["tenant", "limit"], registry=r)
         self.redis_errors = Counter("gateway_redis_errors", "Redis commands that failed", ["operation"], registry=r)
+        self.limits_fail_open = Counter("gateway_limits_fail_open", "Requests let through unchecked: limit store down",
+                                        ["tenant"], registry=r)
+        self.limit_settles_pending = Gauge("gateway_limit_settles_pending", "Limit settles waiting for Redis",
+                                           multiprocess_mode="livesum", registry=r)
+        self.limit_settles_dropped = Counter("gateway_limit_settles_dropped", "Limit settles given up (see docs)",
+                                             ["reason"], registry=r)
         self.ledger_dropped = Counter("gateway_ledger_dropped", "Ledger records lost to a full buffer", registry=r)
+        self.cache_corrupt = Counter("gateway_cache_corrupt_entries",
+                                     "Cache entries that could not be decoded (answered as a miss)", registry=r)
         self.ledger_buffered = Gauge("gateway_ledger_buffered", "Ledger records waiting to be written",
                                      multiprocess_mode="livesum", registry=r)
         self.tenant_spend = Gauge("gateway_tenant_spend_usd", "Spend in the current budget period, as last seen",

@@ -9,6 +9,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from gateway.apis.schemas import DetokenizeRequest, MessagesRequest, ResponsesRequest, TokenizeRequest
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 
@@ -23,11 +24,28 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class AnthropicErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicErrorResponse(BaseModel):
+    """The error shape on /v1/messages, as Anthropic's API and the anthropic SDK expect it."""
+
+    type: str
+    error: AnthropicErrorDetail
+
+
 REQUEST_BODIES: dict[str, type[BaseModel]] = {
     "/v1/chat/completions": ChatCompletionRequest,
     "/v1/completions": CompletionRequest,
     "/v1/embeddings": EmbeddingRequest,
+    "/v1/responses": ResponsesRequest,
+    "/v1/messages": MessagesRequest,
+    "/tokenize": TokenizeRequest,
+    "/detokenize": DetokenizeRequest,
 }
+ERROR_SCHEMAS: dict[str, type[BaseModel]] = {"/v1/messages": AnthropicErrorResponse}
 ERROR_STATUSES = {"400": "invalid request", "401": "missing or wrong API key", "404": "unknown model",
                   "408": "request body too slow",
                   "413": "body too large", "429": "rate limit or budget", "502": "upstream failed",
@@ -42,15 +60,15 @@ def install_openapi(app: FastAPI, public_models: list[str]) -> None:
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
                              description="OpenAI-compatible gateway for vLLM with latency and cost accounting")
-        models: list[type[BaseModel]] = [*REQUEST_BODIES.values(), ErrorResponse]
+        models: list[type[BaseModel]] = [*REQUEST_BODIES.values(), ErrorResponse, AnthropicErrorResponse]
         refs, defs = models_json_schema([(m, "validation") for m in models],
                                         ref_template="#/components/schemas/{model}")
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components.update(defs.get("$defs", {}))
         for model in REQUEST_BODIES.values():  # the names this gateway serves (models and routes)
             components[model.__name__]["properties"]["model"] = {"type": "string", "enum": public_models}
-        error_ref = refs[(ErrorResponse, "validation")]
         for path, model in REQUEST_BODIES.items():
+            error_ref = refs[(ERROR_SCHEMAS.get(path, ErrorResponse), "validation")]
             op = schema["paths"][path]["post"]
             op["requestBody"] = {"required": True, "content": {"application/json": {
                 "schema": refs[(model, "validation")]}}}

@@ -11,15 +11,24 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
 
+from gateway.apis.schemas import DetokenizeRequest, MessagesRequest, ResponsesRequest, TokenizeRequest
 from gateway.errors import GatewayError, bad_request
 
-Endpoint = Literal["chat", "completions", "embeddings"]
+Endpoint = Literal["chat", "completions", "embeddings", "responses", "messages", "tokenize", "detokenize"]
 
 UPSTREAM_PATHS: dict[Endpoint, str] = {
     "chat": "/v1/chat/completions",
     "completions": "/v1/completions",
     "embeddings": "/v1/embeddings",
+    "responses": "/v1/responses",  # gateway/apis/: Responses, Anthropic Messages, tokenizer pass-through
+    "messages": "/v1/messages",
+    "tokenize": "/tokenize",
+    "detokenize": "/detokenize",
 }
+
+
+# Longer names are refused before they reach a log, a metric or Redis (vLLM's own names are far shorter).
+MAX_MODEL_NAME = 256
 
 
 class _Open(BaseModel):
@@ -29,7 +38,7 @@ class _Open(BaseModel):
 class _Request(_Open):
     """Every proxied request names its model."""
 
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=MAX_MODEL_NAME)
 
 
 class StreamOptions(_Open):
@@ -79,14 +88,18 @@ class EmbeddingRequest(_Request):
     encoding_format: Literal["float", "base64"] | None = None
 
 
-REQUEST_SCHEMAS: dict[Endpoint, type[_Request]] = {
+REQUEST_SCHEMAS: dict[Endpoint, type[BaseModel]] = {
     "chat": ChatCompletionRequest,
     "completions": CompletionRequest,
     "embeddings": EmbeddingRequest,
+    "responses": ResponsesRequest,
+    "messages": MessagesRequest,
+    "tokenize": TokenizeRequest,
+    "detokenize": DetokenizeRequest,
 }
 
 
-def validate_request(endpoint: Endpoint, body: Any) -> _Request:
+def validate_request(endpoint: Endpoint, body: Any) -> Any:
     """Validate a parsed JSON body; raise a 400 naming the first offending field."""
     if not isinstance(body, dict):
         raise bad_request("Request body must be a JSON object.")

@@ -14,14 +14,18 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
 
 from gateway import errors
 from gateway.record import Attempt, RequestRecord
-from gateway.streaming import DONE, MalformedStream, StreamAccountant, UsageTally, chunk_has_token, sse_data
+from gateway.streaming import MalformedStream, StreamAccountant, UsageTally, chunk_has_token
 from gateway.upstream import DeploymentState
+
+if TYPE_CHECKING:
+    from gateway.apis.events import EventAccountant
 
 log = logging.getLogger("gateway.relay")
 
@@ -63,10 +67,12 @@ class FirstChunkError(Exception):
         self.error = error
 
 
-async def read_until_first_token(reader: SSEReader, lines: list[bytes]) -> list[bytes]:
+async def read_until_first_token(reader: SSEReader, lines: list[bytes],
+                                 started: Callable[[Any], bool] | None = None) -> list[bytes]:
     """Hold back the chunks before the first token (vLLM's role-only chunk), so that a deployment that
     stalls before its first token can still be left for another without the client seeing a byte.
-    The lines go into `lines` as they are read, so what was read survives a timeout or cancellation."""
+    The lines go into `lines` as they are read, so what was read survives a timeout or cancellation.
+    `started` decides it for the named-event APIs (gateway/apis/: Responses, Messages)."""
     reader.lines = lines
     try:
         while True:
@@ -83,6 +89,10 @@ async def read_until_first_token(reader: SSEReader, lines: list[bytes]) -> list[
                     return lines  # the relay reports it
                 if not isinstance(obj, dict):
                     return lines
+                if started is not None:
+                    if started(obj):
+                        return lines
+                    continue
                 if "error" in obj and "choices" not in obj:
                     raise FirstChunkError(obj["error"])
                 choices = obj.get("choices")
@@ -142,7 +152,7 @@ class Relay:
 
     __slots__ = ("stream", "rec", "acct", "on_done", "completed", "ended")
 
-    def __init__(self, stream: UpstreamStream, rec: RequestRecord, acct: StreamAccountant,
+    def __init__(self, stream: UpstreamStream, rec: RequestRecord, acct: StreamAccountant | EventAccountant,
                  on_done: Callable[[], bytes]) -> None:
         self.stream = stream
         self.rec = rec
@@ -170,9 +180,12 @@ class Relay:
                     chunk = acct.on_data(payload)
                     if chunk is not None:
                         out.append(chunk)
+                    if acct.finished:  # APIs without [DONE] (gateway/apis/) end with a terminal event
+                        self.completed = acct.upstream_error is None
+                        break
                 if out:
                     yield out[0] if len(out) == 1 else b"".join(out)
-                if self.completed or acct.upstream_error is not None:
+                if self.completed or acct.upstream_error is not None or acct.finished:
                     break
                 t0 = time.perf_counter()
                 try:
@@ -183,16 +196,16 @@ class Relay:
             self._close()
             if self.completed:
                 acct.done()
-                yield self.on_done()
-                yield DONE
+                yield self.on_done() + acct.end_marker
                 return
             if acct.upstream_error is not None:
                 acct.done()
                 rec.outcome, rec.status = "upstream_failed_midstream", 502
                 rec.error_code = str(acct.upstream_error.get("code") or "upstream_error")
-                yield DONE
+                if acct.end_marker:
+                    yield acct.end_marker
                 return
-            raise aiohttp.ClientPayloadError("stream ended without [DONE]")
+            raise aiohttp.ClientPayloadError("stream ended before its end marker")
         except (TimeoutError, aiohttp.ClientError, MalformedStream) as e:
             # Too late to fall back: tell the client honestly, with no fake finish_reason.
             self.ended = True
@@ -202,8 +215,7 @@ class Relay:
             reason = str(e) if isinstance(e, MalformedStream) else type(e).__name__
             err = errors.GatewayError(502, f"upstream {stream.state.name} failed mid-stream: {reason}",
                                       type="api_error", code="upstream_stream_broken")
-            yield sse_data(err.body())
-            yield DONE
+            yield acct.error_event(err) + acct.end_marker
 
     async def abandon(self) -> None:
         """The client left (or the gateway is stopping): stop vLLM's work and account what it did."""

@@ -14,10 +14,24 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gateway.config import GatewayConfig, Limits
+from gateway.config import GatewayConfig
+from gateway.limit_store import (
+    ADMIT_LUA,
+    SETTLE_LUA,
+    Admission,
+    AdmitResult,
+    MemoryLimits,
+    Scope,
+    ScopeState,
+    Settlement,
+    admit_args,
+    marker_key,
+    parse_admit,
+    parse_states,
+    settle_args,
+)
 
 log = logging.getLogger("gateway.store")
 
@@ -27,36 +41,15 @@ LIMIT_NAMES = ("concurrency", "rpm", "tpm", "budget_day", "budget_month")
 class StoreUnavailable(Exception):
     """The backend could not answer (Redis down, slow, or skipped for a while after an error)."""
 
-
-@dataclass(frozen=True, slots=True)
-class Scope:
-    """One scope a request counts against: its key prefix and its limits."""
-
-    base: str  # e.g. "gw:rl:t:team-a" or "gw:rl:k:0123456789ab"
-    limits: Limits
-    tenant: str | None = None  # set for tenant scopes (spend gauges, budget pressure)
+    def __init__(self, message: str, sent: bool = True) -> None:
+        super().__init__(message)
+        self.sent = sent  # False: skipped without asking (marked down), so the command cannot run late
 
 
-@dataclass(slots=True)
-class ScopeState:
-    """Counters of one scope after admit/settle: what the headers and gauges report."""
-
-    requests: int = 0
-    tokens: int = 0
-    spend_day: float = 0.0
-    spend_month: float = 0.0
-
-
-@dataclass(slots=True)
-class AdmitResult:
-    ok: bool
-    minute: int  # window ids the reservation was made in (settle corrects the same windows)
-    day: int
-    month: int
-    reset_s: int  # seconds until the minute window ends
-    states: list[ScopeState]
-    refused_scope: int = -1
-    refused_limit: str | None = None
+class StoreCommandError(StoreUnavailable):
+    """Redis answered with an error about this command (its arguments, a script bug). It says nothing about
+    Redis being reachable, so it never marks Redis down; features that fail open for an outage must not fail
+    open for this (limits do not). A subclass of StoreUnavailable so that other callers fail this request alone."""
 
 
 class Store(Protocol):
@@ -69,120 +62,13 @@ class Store(Protocol):
     async def cache_get(self, key: str) -> bytes | None: ...
     async def cache_put(self, key: str, value: bytes, ttl_s: float) -> None: ...
     async def cache_unlock(self, key: str) -> None: ...
-    async def admit(self, scopes: Sequence[Scope], tokens: int, cost: float, lease: str,
-                    lease_ms: int) -> AdmitResult: ...
-    async def settle(self, scopes: Sequence[Scope], minute: int, day: int, month: int, token_delta: int,
-                     cost_delta: float, lease: str) -> list[ScopeState]: ...
+    async def admit(self, scopes: Sequence[Scope], a: Admission) -> AdmitResult: ...
+    async def settle(self, scopes: Sequence[Scope], s: Settlement, retry: bool = False) -> list[ScopeState]: ...
     async def ledger_append(self, entries: Sequence[bytes]) -> None: ...
     async def ledger_range(self, start: str, end: str, count: int) -> list[tuple[str, bytes]]: ...
 
 
 # ------------------------------------------------------------------------------------------------ Lua
-
-# Shared by both scripts: the UTC date from a day number (Howard Hinnant's civil_from_days).
-_DATE_LUA = """
-local function ymd(days)
-  local z = days + 719468
-  local era = math.floor(z / 146097)
-  local doe = z - era * 146097
-  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
-  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
-  local mp = math.floor((5 * doy + 2) / 153)
-  local d = doy - math.floor((153 * mp + 2) / 5) + 1
-  local m = mp < 10 and mp + 3 or mp - 9
-  local y = yoe + era * 400
-  if m <= 2 then y = y + 1 end
-  return y * 10000 + m * 100 + d, y * 100 + m
-end
-"""
-
-# KEYS[i]: scope base.  ARGV: tokens, cost, lease, lease_ms, then 5 limits per scope
-# (rpm, tpm, concurrency, budget_day, budget_month; 0 = none).
-# Returns {ok, minute, day, month, reset, refused_scope, refused_limit, then per scope: requests, tokens,
-# spend_day, spend_month} (floats as strings: Lua numbers would be truncated to integers).
-ADMIT_LUA = _DATE_LUA + """
-local t = redis.call('TIME')
-local sec = tonumber(t[1])
-local now_ms = sec * 1000 + math.floor(tonumber(t[2]) / 1000)
-local minute = math.floor(sec / 60)
-local day, month = ymd(math.floor(sec / 86400))
-local tokens, cost, lease, lease_ms = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
-local n = #KEYS
-local used = {}
-for i = 1, n do
-  local b, o = KEYS[i], 4 + (i - 1) * 5
-  local rpm, tpm, conc = tonumber(ARGV[o + 1]), tonumber(ARGV[o + 2]), tonumber(ARGV[o + 3])
-  local bd, bm = tonumber(ARGV[o + 4]), tonumber(ARGV[o + 5])
-  local r = tonumber(redis.call('GET', b .. ':r:' .. minute) or '0')
-  local tk = tonumber(redis.call('GET', b .. ':t:' .. minute) or '0')
-  local sd = tonumber(redis.call('GET', b .. ':d:' .. day) or '0')
-  local sm = tonumber(redis.call('GET', b .. ':m:' .. month) or '0')
-  used[i] = {r, tk, sd, sm}
-  local refused = nil
-  if conc > 0 then
-    redis.call('ZREMRANGEBYSCORE', b .. ':c', '-inf', now_ms)
-    if redis.call('ZCARD', b .. ':c') >= conc then refused = 'concurrency' end
-  end
-  if not refused and rpm > 0 and r + 1 > rpm then refused = 'rpm' end
-  if not refused and tpm > 0 and tk + tokens > tpm then refused = 'tpm' end
-  if not refused and bd > 0 and (sd >= bd or sd + cost > bd) then refused = 'budget_day' end
-  if not refused and bm > 0 and (sm >= bm or sm + cost > bm) then refused = 'budget_month' end
-  if refused then
-    local out = {0, minute, day, month, 60 - sec % 60, i, refused}
-    for j = 1, i do
-      local u = used[j]
-      table.insert(out, u[1]); table.insert(out, u[2])
-      table.insert(out, tostring(u[3])); table.insert(out, tostring(u[4]))
-    end
-    return out
-  end
-end
-local out = {1, minute, day, month, 60 - sec % 60, 0, ''}
-for i = 1, n do
-  local b, o = KEYS[i], 4 + (i - 1) * 5
-  local rk, tkk = b .. ':r:' .. minute, b .. ':t:' .. minute
-  local r = redis.call('INCR', rk)
-  if r == 1 then redis.call('EXPIRE', rk, 120) end
-  local tk = redis.call('INCRBY', tkk, tokens)
-  if tk == tokens then redis.call('EXPIRE', tkk, 120) end
-  local sd, sm = used[i][3], used[i][4]
-  if tonumber(ARGV[o + 4]) > 0 or tonumber(ARGV[o + 5]) > 0 then
-    local dk, mk = b .. ':d:' .. day, b .. ':m:' .. month
-    sd = redis.call('INCRBYFLOAT', dk, cost)
-    sm = redis.call('INCRBYFLOAT', mk, cost)
-    if redis.call('TTL', dk) < 0 then redis.call('EXPIRE', dk, 3 * 86400) end
-    if redis.call('TTL', mk) < 0 then redis.call('EXPIRE', mk, 40 * 86400) end
-  end
-  if tonumber(ARGV[o + 3]) > 0 then redis.call('ZADD', b .. ':c', now_ms + lease_ms, lease) end
-  table.insert(out, r); table.insert(out, tk); table.insert(out, tostring(sd)); table.insert(out, tostring(sm))
-end
-return out
-"""
-
-# KEYS[i]: scope base.  ARGV: minute, day, month, token_delta, cost_delta, lease, then per scope a flag
-# string of which counters it keeps ("t" tokens, "b" budgets, "c" concurrency).
-SETTLE_LUA = """
-local minute, day, month = ARGV[1], ARGV[2], ARGV[3]
-local dt, dc, lease = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
-local out = {}
-for i = 1, #KEYS do
-  local b, flags = KEYS[i], ARGV[6 + i]
-  local tk = 0
-  local tkk = b .. ':t:' .. minute
-  if dt ~= 0 and redis.call('EXISTS', tkk) == 1 then tk = redis.call('INCRBY', tkk, dt)
-  else tk = tonumber(redis.call('GET', tkk) or '0') end
-  local sd = redis.call('GET', b .. ':d:' .. day) or '0'
-  local sm = redis.call('GET', b .. ':m:' .. month) or '0'
-  if dc ~= 0 and string.find(flags, 'b', 1, true) then
-    sd = redis.call('INCRBYFLOAT', b .. ':d:' .. day, dc)
-    sm = redis.call('INCRBYFLOAT', b .. ':m:' .. month, dc)
-  end
-  if string.find(flags, 'c', 1, true) then redis.call('ZREM', b .. ':c', lease) end
-  local r = tonumber(redis.call('GET', b .. ':r:' .. minute) or '0')
-  table.insert(out, r); table.insert(out, tk); table.insert(out, tostring(sd)); table.insert(out, tostring(sm))
-end
-return out
-"""
 
 # Cache lookup and stampede lock in one round trip: the entry, or (nil, 1 if this caller took the lock).
 LOOKUP_LUA = """
@@ -200,22 +86,15 @@ return 1
 """
 
 
-def _limit_args(scopes: Sequence[Scope]) -> list[Any]:
-    args: list[Any] = []
-    for s in scopes:
-        lim = s.limits
-        args += [lim.rpm, lim.tpm, lim.concurrency, repr(lim.budget_day), repr(lim.budget_month)]
-    return args
+def _server_down_errors() -> tuple[type[BaseException], ...]:
+    import redis
+    from redis import exceptions as rx
+
+    return (TimeoutError, OSError, redis.ConnectionError, redis.TimeoutError, rx.BusyLoadingError,
+            rx.ReadOnlyError, rx.OutOfMemoryError, rx.MasterDownError, rx.ClusterDownError, rx.TryAgainError)
 
 
-def _states(flat: Sequence[Any], n: int) -> list[ScopeState]:
-    return [ScopeState(int(flat[i * 4]), int(flat[i * 4 + 1]), float(flat[i * 4 + 2]), float(flat[i * 4 + 3]))
-            for i in range(n)]
-
-
-def _flags(s: Scope) -> str:
-    lim = s.limits
-    return "t" + ("b" if lim.budget_day or lim.budget_month else "") + ("c" if lim.concurrency else "")
+_SERVER_DOWN_ERRORS = _server_down_errors()
 
 
 class RedisStore:
@@ -225,9 +104,10 @@ class RedisStore:
 
     def __init__(self, url: str, prefix: str, timeout_s: float, down_for_s: float, ledger_stream: str,
                  ledger_maxlen: int | None, on_error: Callable[[str, BaseException], None]) -> None:
-        import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
+
+        from gateway.redis_client import connect
 
         self.prefix = prefix
         self.stream = prefix + ledger_stream
@@ -236,9 +116,9 @@ class RedisStore:
         self.down_until = 0.0
         self._on_error = on_error
         # One retry: the first command on a pooled connection that died with a Redis restart reconnects.
-        self.client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                              retry=Retry(NoBackoff(), 1), health_check_interval=0,
-                                              max_connections=None)
+        # (a redis+sentinel:// URL asks the sentinels for the master on each new connection: gateway/redis_client.py)
+        self.client = connect(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                              retry=Retry(NoBackoff(), 1), health_check_interval=0, max_connections=None)
         self._admit = self.client.register_script(ADMIT_LUA)
         self._settle = self.client.register_script(SETTLE_LUA)
         self._lookup = self.client.register_script(LOOKUP_LUA)
@@ -257,13 +137,18 @@ class RedisStore:
         import redis
 
         if not probe and self.down_until and time.monotonic() < self.down_until:
-            raise StoreUnavailable(f"redis is marked down (operation {op})")
+            raise StoreUnavailable(f"redis is marked down (operation {op})", sent=False)
         try:
             result = await coro_fn()
-        except (TimeoutError, redis.RedisError, OSError) as e:
+        except _SERVER_DOWN_ERRORS as e:
+            # Redis cannot serve anyone (gone, slow, loading, a read-only replica, full): skip it a while
             self.down_until = time.monotonic() + self.down_for_s
             self._on_error(op, e)
             raise StoreUnavailable(f"redis {op} failed: {type(e).__name__}: {e}") from None
+        except redis.RedisError as e:
+            # Redis answered, about this command only (bad argument, script bug): this request's error
+            self._on_error(op, e)
+            raise StoreCommandError(f"redis {op} refused the command: {type(e).__name__}: {e}") from None
         if self.down_until:
             self.down_until = 0.0
             log.warning("redis answers again")
@@ -287,21 +172,16 @@ class RedisStore:
     async def cache_unlock(self, key: str) -> None:
         await self._run("cache_unlock", lambda: self.client.delete(self.prefix + "c:" + key + ":lock"))
 
-    async def admit(self, scopes: Sequence[Scope], tokens: int, cost: float, lease: str,
-                    lease_ms: int) -> AdmitResult:
-        r = await self._run("admit", lambda: self._admit(
-            keys=[s.base for s in scopes], args=[tokens, repr(cost), lease, lease_ms, *_limit_args(scopes)]))
-        ok, minute, day, month, reset, refused_scope, refused = r[:7]
-        states = _states(r[7:], (len(r) - 7) // 4)
-        return AdmitResult(bool(ok), int(minute), int(day), int(month), int(reset), states, int(refused_scope) - 1,
-                           (refused.decode() if isinstance(refused, bytes) else refused) or None)
+    async def admit(self, scopes: Sequence[Scope], a: Admission) -> AdmitResult:
+        keys = [marker_key(scopes, a.lease), *(s.base for s in scopes)]
+        r = await self._run("admit", lambda: self._admit(keys=keys, args=admit_args(scopes, a)))
+        return parse_admit(r, len(scopes))
 
-    async def settle(self, scopes: Sequence[Scope], minute: int, day: int, month: int, token_delta: int,
-                     cost_delta: float, lease: str) -> list[ScopeState]:
-        r = await self._run("settle", lambda: self._settle(
-            keys=[s.base for s in scopes],
-            args=[minute, day, month, token_delta, repr(cost_delta), lease, *(_flags(s) for s in scopes)]))
-        return _states(r, len(scopes))
+    async def settle(self, scopes: Sequence[Scope], s: Settlement, retry: bool = False) -> list[ScopeState]:
+        """Idempotent; `retry` asks Redis even while it is marked down (the settle retry loop is a probe)."""
+        keys = [marker_key(scopes, s.lease), *(sc.base for sc in scopes)]
+        r = await self._run("settle", lambda: self._settle(keys=keys, args=settle_args(scopes, s)), probe=retry)
+        return parse_states(r, len(scopes))
 
     async def ledger_append(self, entries: Sequence[bytes]) -> None:
         async def go() -> None:
@@ -323,10 +203,9 @@ class InMemoryStore:
     name = "memory"
 
     def __init__(self, max_cache_entries: int = 10000, max_ledger: int = 100_000) -> None:
-        self.kv: dict[str, tuple[Any, float]] = {}  # key -> (value, expires at; 0 = never)
         self.cache: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
         self.locks: dict[str, float] = {}
-        self.leases: dict[str, dict[str, float]] = {}
+        self.limits = MemoryLimits()
         self.max_cache_entries = max_cache_entries
         self.ledger: list[tuple[str, bytes]] = []
         self.max_ledger = max_ledger
@@ -340,19 +219,6 @@ class InMemoryStore:
 
     async def ping(self) -> None:
         pass
-
-    def _get(self, k: str, default: Any = 0) -> Any:
-        v = self.kv.get(k)
-        if v is None or (v[1] and v[1] < time.time()):
-            return default
-        return v[0]
-
-    def _add(self, k: str, delta: Any, ttl: float) -> Any:
-        v = self.kv.get(k)
-        if v is None or (v[1] and v[1] < time.time()):
-            v = (0, time.time() + ttl)
-        self.kv[k] = (v[0] + delta, v[1])
-        return v[0] + delta
 
     async def cache_lookup(self, key: str, lock_ms: int) -> tuple[bytes | None, bool]:
         v = await self.cache_get(key)
@@ -381,64 +247,11 @@ class InMemoryStore:
     async def cache_unlock(self, key: str) -> None:
         self.locks.pop(key, None)
 
-    @staticmethod
-    def _windows(now: float) -> tuple[int, int, int, int]:
-        t = time.gmtime(now)
-        return int(now // 60), t.tm_year * 10000 + t.tm_mon * 100 + t.tm_mday, t.tm_year * 100 + t.tm_mon, \
-            60 - int(now) % 60
+    async def admit(self, scopes: Sequence[Scope], a: Admission) -> AdmitResult:
+        return self.limits.admit(scopes, a)
 
-    async def admit(self, scopes: Sequence[Scope], tokens: int, cost: float, lease: str,
-                    lease_ms: int) -> AdmitResult:
-        now = time.time()
-        minute, day, month, reset = self._windows(now)
-        states = []
-        for i, s in enumerate(scopes):
-            b, lim = s.base, s.limits
-            st = ScopeState(self._get(f"{b}:r:{minute}"), self._get(f"{b}:t:{minute}"),
-                            self._get(f"{b}:d:{day}", 0.0), self._get(f"{b}:m:{month}", 0.0))
-            states.append(st)
-            leases = self.leases.setdefault(b, {})
-            for k in [k for k, exp in leases.items() if exp < now]:
-                del leases[k]
-            refused = None
-            if lim.concurrency and len(leases) >= lim.concurrency:
-                refused = "concurrency"
-            elif lim.rpm and st.requests + 1 > lim.rpm:
-                refused = "rpm"
-            elif lim.tpm and st.tokens + tokens > lim.tpm:
-                refused = "tpm"
-            elif lim.budget_day and (st.spend_day >= lim.budget_day or st.spend_day + cost > lim.budget_day):
-                refused = "budget_day"
-            elif lim.budget_month and (st.spend_month >= lim.budget_month
-                                       or st.spend_month + cost > lim.budget_month):
-                refused = "budget_month"
-            if refused:
-                return AdmitResult(False, minute, day, month, reset, states, i, refused)
-        for s, st in zip(scopes, states, strict=True):
-            b, lim = s.base, s.limits
-            st.requests = self._add(f"{b}:r:{minute}", 1, 120)
-            st.tokens = self._add(f"{b}:t:{minute}", tokens, 120)
-            if lim.budget_day or lim.budget_month:
-                st.spend_day = self._add(f"{b}:d:{day}", cost, 3 * 86400)
-                st.spend_month = self._add(f"{b}:m:{month}", cost, 40 * 86400)
-            if lim.concurrency:
-                self.leases[b][lease] = now + lease_ms / 1000
-        return AdmitResult(True, minute, day, month, reset, states)
-
-    async def settle(self, scopes: Sequence[Scope], minute: int, day: int, month: int, token_delta: int,
-                     cost_delta: float, lease: str) -> list[ScopeState]:
-        out = []
-        for s in scopes:
-            b, lim = s.base, s.limits
-            tk = f"{b}:t:{minute}"
-            tokens = self._add(tk, token_delta, 120) if token_delta and tk in self.kv else self._get(tk)
-            if lim.budget_day or lim.budget_month:
-                self._add(f"{b}:d:{day}", cost_delta, 3 * 86400)
-                self._add(f"{b}:m:{month}", cost_delta, 40 * 86400)
-            self.leases.get(b, {}).pop(lease, None)
-            out.append(ScopeState(self._get(f"{b}:r:{minute}"), tokens, self._get(f"{b}:d:{day}", 0.0),
-                                  self._get(f"{b}:m:{month}", 0.0)))
-        return out
+    async def settle(self, scopes: Sequence[Scope], s: Settlement, retry: bool = False) -> list[ScopeState]:
+        return self.limits.settle(scopes, s)
 
     async def ledger_append(self, entries: Sequence[bytes]) -> None:
         ms = int(time.time() * 1000)

@@ -185,6 +185,9 @@ class StreamAccountant:
     __slots__ = ("rec", "tally", "want_usage", "want_continuous", "last_token_at", "saw_usage_chunk",
                  "upstream_error")
 
+    finished = False  # chat and completions end with `data: [DONE]`, which the relay reads itself
+    end_marker = DONE
+
     def __init__(self, rec: RequestRecord, want_usage: bool, want_continuous: bool, n: int = 1) -> None:
         self.rec = rec
         self.tally = UsageTally(n)
@@ -231,3 +234,7 @@ class StreamAccountant:
         self.tally.write(self.rec)
         if self.last_token_at is not None:
             self.rec.mark_tokens_done(self.last_token_at)
+
+    def error_event(self, err: Any) -> bytes:
+        """How a failure the gateway detected mid-stream is told to the client: an OpenAI error chunk."""
+        return sse_data(err.body())

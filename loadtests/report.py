@@ -16,7 +16,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-FALLBACK_RULES = {"overload", "failure_fallback", "deadline", "budget_pressure", "context_length"}
+# Fallbacks forced by trouble (as GatewayFallbackRatioHigh counts them); task, context-length and
+# budget-pressure routing are policy, not fallbacks
+FALLBACK_RULES = {"overload", "failure_fallback", "deadline"}
 
 
 def pct(values: list[float], p: float) -> float:

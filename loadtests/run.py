@@ -9,7 +9,8 @@ Scenarios (see docs/loadtests.md):
             the small model (fallback share rises) while the large model's latency stays bounded
   cache     mostly repeated deterministic prompts, gateway cache in Redis: hit ratio and saved USD
   kill      the large model has two deployments; one is killed (SIGKILL) mid-run
-  replicas  two gateway replicas sharing one Redis behind a round-robin proxy on one address
+  replicas  three gateway replicas behind HAProxy, sharing Redis (master, replica, Sentinel): the local
+            scale-out stack of deploy/local/scaleout.py
 
 Targets: `fake` (the test upstream, gateway-only capacity; starts in a second) and `local` (real vLLM
 CPU engines from deploy/local/engines.py: chat `smollm2` + LoRA `sentiment`, embeddings `minilm`).
@@ -64,7 +65,7 @@ SCENARIOS: dict[str, Scenario] = {
     "cache": Scenario(8, ["ChatUser", "StreamingChatUser"], {"LOADTEST_MIX": "short=2,repeat=8"}, redis=True),
     "kill": Scenario(8, ["ChatUser", "StreamingChatUser"], big_deployments=2, kill_at=0.4),
     "replicas": Scenario(8, ["ChatUser", "StreamingChatUser"], {"LOADTEST_MIX": "short=4,repeat=6"}, redis=True,
-                         replicas=2),
+                         replicas=3),
 }
 
 
@@ -85,6 +86,7 @@ class Stack:
         self.run_dir = run_dir
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.engines: list[Any] = []
+        self.scaleouts: list[Any] = []
 
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.run_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
@@ -128,15 +130,20 @@ class Stack:
         wait_http(f"{url}/healthz", proc=proc)
         return url, proc
 
-    def proxy(self, backends: list[str]) -> str:
-        port = free_port()
-        self.start("proxy", [PY, "-m", "loadtests.proxy", "--port", str(port),
-                             *[a for b in backends for a in ("--backend", b.removeprefix("http://"))]])
-        url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/healthz")
-        return url
+    def scaleout(self, config: dict[str, Any], replicas: int) -> tuple[str, list[subprocess.Popen[bytes]]]:
+        """Gateway replicas behind HAProxy sharing Redis with a replica and Sentinel (deploy/local/scaleout.py)."""
+        sys.path.insert(0, str(ROOT / "deploy" / "local"))
+        from scaleout import ScaleOut  # type: ignore[import-not-found]
+
+        cfg = {**config, "redis": {k: v for k, v in config.get("redis", {}).items() if k != "url"}}
+        so = ScaleOut(self.run_dir, replicas=replicas, gateway_config=cfg, upstream_url="(in the config)")
+        self.scaleouts.append(so)
+        so.start()
+        return so.url, [g.proc for g in so.gateways]
 
     def stop(self) -> None:
+        for so in reversed(self.scaleouts):
+            so.stop()
         for _, proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.terminate()
@@ -230,10 +237,13 @@ def run(scenario: str, target: str, users: int | None, duration: float, max_requ
     notes = ""
     try:
         cfg, env, bigs = (fake_config if target == "fake" else local_config)(stack, sc)
-        if sc.redis:
-            cfg["redis"] = {"url": stack.redis()}
-        gateways = [stack.gateway(f"gateway-{i}", cfg) for i in range(sc.replicas)]
-        host = gateways[0][0] if sc.replicas == 1 else stack.proxy([u for u, _ in gateways])
+        if sc.replicas > 1:
+            host, gateways = stack.scaleout(cfg, sc.replicas)
+        else:
+            if sc.redis:
+                cfg["redis"] = {"url": stack.redis()}
+            host, gw = stack.gateway("gateway-0", cfg)
+            gateways = [gw]
         spawn_rate = users / max(1.0, 0.7 * duration) if sc.ramp else float(users)
         cmd = [PY, "-m", "locust", "-f", str(ROOT / "loadtests" / "locustfile.py"), "--headless", "--host", host,
                "-u", str(users), "-r", f"{spawn_rate:.3f}", "-t", f"{int(duration)}s", "--stop-timeout", "5",
@@ -263,7 +273,7 @@ def run(scenario: str, target: str, users: int | None, duration: float, max_requ
                     t.cancel()
                 if locust.poll() is None:
                     locust.kill()
-        gw_peak = [peak_rss_mib(p.pid) for _, p in gateways]
+        gw_peak = [peak_rss_mib(p.pid) for p in gateways]
         per_replica = []
         for i in range(sc.replicas):
             log_path = run_dir / f"gateway-{i}-requests.jsonl"

@@ -17,6 +17,16 @@ if ! command -v redis-server >/dev/null; then
   (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null
 fi
 
+# The scale-out stack's real parts (tests/test_scaleout.py, the replicas load test): HAProxy in front of
+# gateway replicas, Redis Sentinel for failover (Debian's haproxy and redis-sentinel packages).
+missing=()
+command -v haproxy >/dev/null || missing+=(haproxy)
+command -v redis-sentinel >/dev/null || missing+=(redis-sentinel)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "== installing ${missing[*]}"
+  (apt-get update -qq && apt-get install -y -qq "${missing[@]}") >/dev/null
+fi
+
 # Real Prometheus and promtool (Debian's prometheus package) for the dashboard and alert-rule tests.
 if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
   echo "== installing prometheus"

@@ -24,13 +24,14 @@ class RedisServer:
     port: int
     proc: subprocess.Popen[bytes] | None = None  # None: an external server the tests must not stop
     data_dir: str | None = None  # set: append-only file with fsync per write, so data survives a kill
+    extra_args: tuple[str, ...] = ()  # more redis-server options (e.g. --enable-debug-command local)
 
     def start(self) -> None:
         durability = ["--appendonly", "no"] if self.data_dir is None else [
             "--dir", self.data_dir, "--appendonly", "yes", "--appendfsync", "always"]
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *durability,
-             "--daemonize", "no", "--loglevel", "warning"], stdout=subprocess.DEVNULL)
+             "--daemonize", "no", "--loglevel", "warning", *self.extra_args], stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -49,11 +50,11 @@ class RedisServer:
         return redis.Redis.from_url(self.url, socket_timeout=2)
 
 
-def start_redis(data_dir: str | None = None) -> RedisServer:
+def start_redis(data_dir: str | None = None, extra_args: tuple[str, ...] = ()) -> RedisServer:
     if not shutil.which("redis-server"):
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
     port = free_port()
-    server = RedisServer(f"redis://127.0.0.1:{port}/0", port, data_dir=data_dir)
+    server = RedisServer(f"redis://127.0.0.1:{port}/0", port, data_dir=data_dir, extra_args=extra_args)
     server.start()
     return server
 

@@ -259,6 +259,9 @@ def drive_traffic(gw_url: str, big: FakeUpstream, small: FakeUpstream, redis: su
         assert chat("team-b" if i == 0 else "team-a", "small", content=f"b{i}") == 200
     for _ in range(3):  # the same deterministic request: a miss, then hits
         assert chat("team-a", "small", temperature=0, content="cache me") == 200
+        assert chat("team-a", "small", True, temperature=0, content="cache my stream") == 200
+    for i in range(2):  # routing by policy: classification goes to the adapter (not an alerting fallback)
+        assert chat("team-a", metadata={"task": "classification"}, content=f"classify {i}") == 200
     statuses = [chat("team-c", "nlu", content=f"c{i}") for i in range(7)]  # rpm 4
     assert 429 in statuses and 200 in statuses, statuses
     assert chat("team-b", "small", content="over budget?") == 429  # team-b's day budget is spent

@@ -70,7 +70,8 @@ def _dummy_env(path: Path) -> dict[str, str]:
     referenced = set(_ENV_REF.findall(path.read_text()))
     env = {k: v for k, v in os.environ.items() if k not in referenced}
     for name in referenced:
-        env[name] = "http://127.0.0.1:8000" if name.endswith("URL") else f"test-{name.lower()}"
+        env[name] = "redis://127.0.0.1:6379/0" if "REDIS" in name else \
+            "http://127.0.0.1:8000" if name.endswith("URL") else f"test-{name.lower()}"
     return env
 
 
@@ -104,6 +105,35 @@ def test_deployed_configs_refuse_to_start_without_api_key(path: Path) -> None:
     r = subprocess.run([*_gateway_cmd(), "check-config", str(path)], env=env, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 2 and "GATEWAY_API_KEY is not set" in r.stderr
+
+
+@pytest.mark.parametrize("path", [COMPOSE_DIR / "gateway.yaml", K8S_BASE / "gateway.yaml"],
+                         ids=["compose", "kubernetes"])
+def test_deployed_configs_use_redis(path: Path) -> None:
+    """Replicas x workers must share one limit and one ledger: no silent fallback to the in-process store."""
+    cfg = yaml.safe_load(path.read_text())
+    assert cfg["redis"]["url"] == "${REDIS_URL}"
+    env = _dummy_env(path)
+    env.pop("REDIS_URL")
+    r = subprocess.run([*_gateway_cmd(), "check-config", str(path)], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "REDIS_URL is not set" in r.stderr
+    env["REDIS_URL"] = "redis+sentinel://sentinel-0:26379,sentinel-1:26379/gateway/0"
+    r = subprocess.run([*_gateway_cmd(), "check-config", str(path)], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def _redis_args(args: list[str]) -> dict[str, str]:
+    flags = [a for a in args if a != "redis-server"]
+    return {flags[i].lstrip("-"): flags[i + 1] for i in range(0, len(flags) - 1, 2)}
+
+
+def test_compose_redis_keeps_limits_and_ledger() -> None:
+    redis_svc = compose_doc({"GATEWAY_API_KEY": "k"})["services"]["redis"]
+    args = _redis_args(redis_svc["command"])
+    assert args["appendonly"] == "yes" and args["maxmemory-policy"] == "noeviction"
+    assert any(v.endswith(":/data") for v in redis_svc["volumes"])
 
 
 # =============================================================================== (b) docker compose
@@ -443,7 +473,7 @@ def test_kubernetes_expected_objects(base_objects: list[dict[str, Any]]) -> None
     assert {
         ("Namespace", "llm-gateway"), ("ConfigMap", "gateway-config"), ("Deployment", "gateway"),
         ("Service", "gateway"), ("HorizontalPodAutoscaler", "gateway"), ("PodDisruptionBudget", "gateway"),
-        ("Deployment", "redis"), ("Service", "redis"), ("PersistentVolumeClaim", "model-cache"),
+        ("StatefulSet", "redis"), ("Service", "redis"), ("PersistentVolumeClaim", "model-cache"),
         ("Deployment", "vllm-large"), ("Service", "vllm-large"), ("Deployment", "vllm-small"),
         ("Service", "vllm-small"), ("ServiceMonitor", "gateway"), ("ServiceMonitor", "vllm"),
     } <= keys
@@ -472,7 +502,8 @@ def test_kubernetes_references(base_objects: list[dict[str, Any]]) -> None:
             if "persistentVolumeClaim" in v:
                 assert ("PersistentVolumeClaim", v["persistentVolumeClaim"]["claimName"]) in objs
         mounts = {m["name"] for c in spec["containers"] for m in c.get("volumeMounts", [])}
-        assert mounts <= {v["name"] for v in spec.get("volumes", [])}, _key(w)
+        claims = {t["metadata"]["name"] for t in w["spec"].get("volumeClaimTemplates", [])}
+        assert mounts <= {v["name"] for v in spec.get("volumes", [])} | claims, _key(w)
     # every Service selects exactly one workload and its targetPort is a named container port of it
     for svc in (o for o in base_objects if o["kind"] == "Service"):
         selected = [w for w in workloads if _matches(svc["spec"]["selector"], _pod_labels(w))]
@@ -486,6 +517,20 @@ def test_kubernetes_references(base_objects: list[dict[str, Any]]) -> None:
     assert hpa["metrics"][0]["resource"]["name"] == "cpu"
     pdb = objs[("PodDisruptionBudget", "gateway")]["spec"]
     assert _matches(pdb["selector"]["matchLabels"], _pod_labels(objs[("Deployment", "gateway")]))
+
+
+def test_kubernetes_redis_is_persistent(base_objects: list[dict[str, Any]]) -> None:
+    objs = _by_key(base_objects)
+    assert ("Deployment", "redis") not in objs
+    sts = objs[("StatefulSet", "redis")]
+    (c,) = sts["spec"]["template"]["spec"]["containers"]
+    args = _redis_args(c["args"])
+    assert args["appendonly"] == "yes" and args["maxmemory-policy"] == "noeviction" and args["dir"] == "/data"
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert {"name": claim["metadata"]["name"], "mountPath": "/data"} in c["volumeMounts"]
+    assert claim["spec"]["resources"]["requests"]["storage"]
+    svc = objs[("Service", "redis")]
+    assert sts["spec"]["serviceName"] == "redis" and svc["spec"]["clusterIP"] == "None"
 
 
 def test_kubernetes_gateway_deployment(base_objects: list[dict[str, Any]]) -> None:

@@ -26,11 +26,13 @@ chat_like = st.fixed_dictionaries(
      "messages": st.one_of(json_values, st.lists(st.fixed_dictionaries(
          {"role": st.sampled_from(["user", "system", "wizard", 3]), "content": json_values}), max_size=3))},
     optional={"stream": json_values, "max_tokens": json_values, "temperature": json_values,
-              "stream_options": json_values, "n": json_values})
+              "stream_options": json_values, "n": json_values, "input": json_values,
+              "max_output_tokens": json_values, "system": json_values, "tokens": json_values})
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(endpoint=st.sampled_from(["chat", "completions", "embeddings"]), body=st.one_of(json_values, chat_like))
+@given(endpoint=st.sampled_from(["chat", "completions", "embeddings", "responses", "messages", "tokenize",
+                                  "detokenize"]), body=st.one_of(json_values, chat_like))
 def test_parsing_either_accepts_or_names_the_problem(endpoint: str, body: object) -> None:
     try:
         req = validate_request(endpoint, body)  # type: ignore[arg-type]

@@ -12,8 +12,9 @@ import pytest
 
 from gateway.config import parse_config
 from gateway.errors import GatewayError
-from gateway.limits import StoreLimiter, reserve_tokens
+from gateway.limits import StoreLimiter
 from gateway.record import RequestRecord
+from gateway.reservation import OutputBounds, reserve
 from gateway.store import InMemoryStore
 from tests.conftest import API_KEY, OTHER_KEY, FakeUpstream, GatewayProcess, metric_value, simple_config
 from tests.redis_fixtures import RedisServer, with_redis
@@ -55,7 +56,7 @@ def test_rpm_is_exact_across_two_gateways(gateway_factory: Callable[..., Gateway
                                           redis_server: RedisServer, redis_prefix: str) -> None:
     cfg = {**simple_config(upstream.url, keys=keys_with()), "tenants": {"team-a": {"limits": {"rpm": 7}}}}
     gws = two_gateways(gateway_factory, cfg, redis_server.url, redis_prefix)
-    avoid_minute_boundary()
+    # sliding windows: no minute edge to avoid
     body = {"model": "m1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     results = burst(gws, body, 24)
     ok = [r for r in results if r.status_code == 200]
@@ -79,14 +80,14 @@ def test_tpm_reserves_up_front_and_reconciles(gateway_factory: Callable[..., Gat
                                               redis_prefix: str) -> None:
     # 40 characters in one word: the estimate (16 prompt tokens) is well above vLLM's count (7).
     body = {"model": "m1", "messages": [{"role": "user", "content": "a" * 40}], "max_tokens": 5}
-    prompt_est, completion = reserve_tokens(body, 256, 4.0)
-    reserve = prompt_est + completion
+    prompt_est, completion = reserve(dict(body), "chat", OutputBounds(256))
+    reserved = prompt_est + completion
     actual = 7 + 5
-    assert reserve == 21
-    tpm = reserve * 3 + 10
+    assert reserved == 21
+    tpm = reserved * 3 + 10
     cfg = {**simple_config(reset_upstream.url, keys=keys_with()), "tenants": {"team-a": {"limits": {"tpm": tpm}}}}
     gws = two_gateways(gateway_factory, cfg, redis_server.url, redis_prefix)
-    avoid_minute_boundary()
+    # sliding windows: no minute edge to avoid
     reset_upstream.control(ttft_ms=3000)  # nobody finishes (and reconciles) before every request was admitted
     results = burst(gws, body, 10)
     assert [r.status_code for r in results].count(200) == 3
@@ -97,7 +98,7 @@ def test_tpm_reserves_up_front_and_reconciles(gateway_factory: Callable[..., Gat
     client = redis_server.client()
 
     def used() -> int:
-        return sum(int(client.get(k) or 0) for k in client.scan_iter(f"{redis_prefix}rl:t:team-a:t:*"))
+        return int(client.get(f"{redis_prefix}{{t:team-a}}:rl:t:tt") or 0)
 
     deadline = time.monotonic() + 5
     while used() != 3 * actual and time.monotonic() < deadline:
@@ -129,8 +130,8 @@ def test_budgets_are_exact_across_two_gateways(gateway_factory: Callable[..., Ga
     assert err["code"] == "budget_day_exceeded" and err["type"] == "insufficient_quota"
     assert "Daily budget" in err["message"] and int(refused.headers["retry-after"]) <= 86400
     client = redis_server.client()
-    spent = [float(client.get(k)) for k in client.scan_iter(f"{redis_prefix}rl:t:team-a:d:*")]
-    assert spent == [8.0]
+    spent = [int(client.get(k)) for k in client.scan_iter(f"{redis_prefix}{{t:team-a}}:rl:t:d:*")]
+    assert spent == [8 * 10**12]  # exact integer pico-USD
     b = burst(gws, body, 4, B)
     assert [r.status_code for r in b].count(200) == 1
     assert next(r for r in b if r.status_code == 429).json()["error"]["code"] == "budget_month_exceeded"

@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,3 +53,54 @@ def test_steady_scenario_smoke(tmp_path: Path) -> None:
     assert all(r["ttft_ms"] <= r["e2e_ms"] for r in streamed)
     report = (out / "report.md").read_text()
     assert "**Summary:** steady (fake):" in report and "![latency](latency.png)" in report
+
+
+def _report(out: Path) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]], str]:
+    for name in ("report.md", "latency.png", "locust_stats.csv", "locust.html", "records.jsonl", "summary.json"):
+        assert (out / name).stat().st_size > 0, name
+    meta = json.loads((out / "meta.json").read_text())
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    return json.loads((out / "summary.json").read_text()), meta, records, (out / "report.md").read_text()
+
+
+def test_overload_scenario_smoke(tmp_path: Path) -> None:
+    result = run("overload", "fake", users=12, duration=6, max_requests=0, seed=1, out=tmp_path)
+    summary, _, records, report = _report(tmp_path)
+    assert result["requests"] > 20 and result["errors"] == 0
+    # the large model (capacity 4) fills up: the overload rule moves new requests to the small model
+    assert summary["fallback_rate"] > 0 and summary["by_model"]["small"]["requests"] > 0
+    assert {r["rule"] for r in records if r.get("served_model") == "small"} == {"overload"}
+    assert "**Summary:** overload (fake):" in report
+
+
+def test_cache_scenario_smoke(tmp_path: Path) -> None:
+    result = run("cache", "fake", users=6, duration=6, max_requests=0, seed=1, out=tmp_path)
+    summary, _, records, _ = _report(tmp_path)
+    assert result["requests"] > 10 and result["errors"] == 0
+    hits = [r for r in records if r.get("cache") == "hit"]
+    assert hits and summary["cache_hit_rate"] > 0 and summary["saved_usd"] > 0
+    assert all(r["cost_usd"] == 0 for r in hits)  # a hit costs nothing; what it saved is counted apart
+
+
+def test_kill_scenario_smoke(tmp_path: Path) -> None:
+    result = run("kill", "fake", users=6, duration=6, max_requests=0, seed=1, out=tmp_path)
+    _, meta, records, report = _report(tmp_path)
+    killed = [e for e in meta["events"] if "killed (SIGKILL)" in e["what"]]
+    assert len(killed) == 1 and "killed (SIGKILL)" in report
+    after = [r for r in records if r["t"] > killed[0]["at"] + 1.0]
+    # only streams cut mid-way by the kill can fail; later requests go to the surviving deployment
+    assert after and all(r["ok"] for r in after)
+    assert result["errors"] <= 6 and all(r["served_model"] == "big" for r in after if r.get("kind") != "embed")
+
+
+def test_replicas_scenario_smoke(tmp_path: Path) -> None:
+    result = run("replicas", "fake", users=6, duration=6, max_requests=0, seed=1, out=tmp_path)
+    summary, meta, _, report = _report(tmp_path)
+    assert result["requests"] > 10 and result["errors"] == 0
+    # three replicas behind HAProxy, each served a share; the cache in the shared Redis hits across them
+    assert len(meta["requests_per_replica"]) == 3 and all(n > 0 for n in meta["requests_per_replica"])
+    assert summary["cache_hit_rate"] > 0
+    assert "requests per gateway replica" in report
+    assert (tmp_path / "haproxy.cfg").exists() and (tmp_path / "sentinel-0.conf").exists()
+    # through HAProxy a stream's first token is not held back (option http-no-delay): the fake answers in 40 ms
+    assert summary["ttft_p50_ms"] < 180

@@ -118,6 +118,9 @@ def engine_env(threads: int | None = None, kvcache_gib: int | None = None) -> di
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "VLLM_NO_USAGE_STATS": "1",
+        # Responses API: keep responses so previous_response_id and GET /v1/responses/{id} work (the gateway
+        # pins those to this engine). vLLM keeps them in memory until the engine restarts.
+        "VLLM_ENABLE_RESPONSES_API_STORE": "1",
         "DO_NOT_TRACK": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "VLLM_CPU_KVCACHE_SPACE": str(int(kvcache_gib or os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 1)),

@@ -2,6 +2,7 @@
 """The local CPU stack in one command: real vLLM engines, Redis, and the gateway in front of them.
 
     python deploy/local/stack.py up [--port 8000] [--chat-port 8101] [--embed-port 8102] [--chat-replicas 2]
+    python deploy/local/stack.py up --replicas 3 --lb haproxy [--upstream fake|vllm]
     python deploy/local/stack.py down        # stops what a detached `up --detach` started
 
 `up` prepares the models (cached after the first run), starts vLLM serving SmolLM2 with its LoRA
@@ -9,6 +10,11 @@ adapter (twice with --chat-replicas 2: the second on --chat-port-b, and `smollm2
 between them by prompt prefix) and vLLM serving MiniLM, uses the Redis on 127.0.0.1:6379 or starts
 one, starts the gateway with deploy/local/gateway.yaml, waits until all are healthy, prints how to
 call it, and stays in the foreground until Ctrl-C, which stops everything it started.
+
+`--replicas N --lb haproxy` starts the scale-out stack instead (deploy/local/scaleout.py): N gateway
+replicas behind HAProxy, sharing a Redis master with a replica and three sentinels, in front of the
+test upstream (`--upstream fake`, the default: starts in seconds) or the real vLLM engines
+(`--upstream vllm`). Everything is private to a temporary directory and stops with Ctrl-C.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 import engines  # noqa: E402
+import scaleout  # noqa: E402
 
 
 def say(msg: str) -> None:
@@ -178,6 +185,57 @@ Ctrl-C stops everything this command started.""", flush=True)
         stop_all()
 
 
+def up_scaleout(a: argparse.Namespace) -> int:
+    """N gateway replicas behind HAProxy, Redis master + replica + 3 sentinels, one upstream."""
+    import tempfile
+
+    import yaml
+
+    if missing := scaleout.missing_tools():
+        raise SystemExit(f"[stack] missing Debian packages: apt-get install {' '.join(missing)}")
+    text = (HERE / "gateway.yaml").read_text()
+    upstream_url = ""
+    started: list[subprocess.Popen[bytes]] = []
+    if a.upstream == "vllm":
+        chat_url, embed_url = f"http://127.0.0.1:{a.chat_port}", f"http://127.0.0.1:{a.embed_port}"
+        for port, start in ((a.chat_port, engines.start_chat_engine), (a.embed_port, engines.start_embedding_engine)):
+            if port_open(port):
+                say(f"vLLM: using the engine already on 127.0.0.1:{port}")
+            else:
+                engines.ensure_ready()
+                started.append(start(port))
+            wait_url(f"http://127.0.0.1:{port}/health", f"vLLM on port {port}", 900)
+        text = text.replace("${CHAT_URL}", chat_url).replace("${EMBED_URL}", embed_url)
+        upstream_url = chat_url
+    else:
+        text = text.replace("${CHAT_URL}", "${UPSTREAM_URL}").replace("${EMBED_URL}", "${UPSTREAM_URL}")
+    workdir = Path(tempfile.mkdtemp(prefix="gateway-scaleout-"))
+    so = scaleout.ScaleOut(workdir, replicas=a.replicas, gateway_config=yaml.safe_load(text),
+                           upstream_models=["smollm2", "sentiment", "minilm"], upstream_url=upstream_url,
+                           gateway_workers=a.workers)
+    try:
+        say(f"starting {a.replicas} gateway replicas behind {a.lb}, Redis with a replica and Sentinel ...")
+        so.start()
+        print(f"""
+The scale-out stack is ready:
+{so.describe()}
+
+  curl {so.url}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "smollm2", "messages": [{{"role": "user", "content": "Hi"}}]}}' -i
+
+Ctrl-C stops everything this command started.""", flush=True)
+        signal.signal(signal.SIGINT, _interrupt)
+        signal.signal(signal.SIGTERM, _interrupt)
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        so.stop()
+        for p in started:
+            engines.stop(p)
+
+
 def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
@@ -211,9 +269,15 @@ def main() -> int:
                    help="chat engines; with 2, smollm2 balances between them by prompt prefix")
     u.add_argument("--chat-port-b", type=int, default=8103)
     u.add_argument("--detach", action="store_true", help="return once ready; stop later with `down`")
+    u.add_argument("--replicas", type=int, default=1, help="gateway replicas; >1 starts the scale-out stack")
+    u.add_argument("--lb", choices=["haproxy"], default="haproxy", help="load balancer of the scale-out stack")
+    u.add_argument("--upstream", choices=["fake", "vllm"], default="fake",
+                   help="scale-out stack: the test upstream or the real local vLLM engines")
     sub.add_parser("down")
     a = ap.parse_args()
-    return up(a) if a.cmd == "up" else down(a)
+    if a.cmd == "up":
+        return up_scaleout(a) if a.replicas > 1 else up(a)
+    return down(a)
 
 
 if __name__ == "__main__":

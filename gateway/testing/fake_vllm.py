@@ -20,6 +20,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from gateway.testing.fake_apis import FakeApis
+
 
 @dataclass
 class Behaviour:
@@ -74,7 +76,7 @@ def prompt_counts(body: dict[str, Any]) -> list[int]:
 
 
 def count_prompt_tokens(body: dict[str, Any]) -> int:
-    if "messages" in body:
+    if isinstance(body.get("messages"), list):
         n = 2
         for m in body["messages"]:
             content = m.get("content")
@@ -109,6 +111,7 @@ class FakeVLLM:
             web.get("/metrics", self.metrics),
             web.get("/control", self.get_control),
             web.post("/control", self.set_control),
+            *FakeApis(self).routes(),  # /v1/responses (+ its store), /v1/messages, /detokenize
         ])
         return app
 

@@ -1,0 +1,1 @@
+"""The APIs vLLM serves beyond chat/completions/embeddings: OpenAI Responses, Anthropic Messages, tokenize."""
