@@ -43,6 +43,7 @@ from gateway.openapi import install_openapi
 from gateway.protocol import MAX_MODEL_NAME, Endpoint, validate_request
 from gateway.record import RequestRecord
 from gateway.relay import DRAIN_S, Relay
+from gateway.routing.balance import Balancing
 from gateway.routing.breaker import BreakerState, CircuitBreaker
 from gateway.routing.live import LiveStats
 from gateway.routing.policy import Plan, Planner
@@ -88,8 +89,8 @@ class Gateway:
         self.pool = UpstreamPool(config, on_checked=self._health_checked)
         self.breakers = {name: CircuitBreaker(name, config.circuit_breaker, self._breaker_changed)
                          for name in self.pool.states}
-        self.executor = Executor(self.pool, self.breakers)
         self.live = LiveStats(config)
+        self.executor = Executor(self.pool, self.breakers, Balancing(config, self.live, self.breakers))
         self.planner = Planner(config, self.live, self.breakers, budget_fraction=self.limiter.budget_used_fraction,
                                in_flight=lambda name: self.pool.states[name].in_flight)
         # Finalize: the record goes to the log and the ledger, then limits settle and routing learns.

@@ -92,6 +92,12 @@ class GatewayMetrics:
         self.counterfactual_cost = Counter(
             "gateway_counterfactual_cost_usd", "What the first candidate model would have charged for the same "
             "tokens", mdt, registry=r)
+        self.prefix_saved = Counter(
+            "gateway_prefix_saved_usd", "What vLLM's prefix cache saved: cached prompt tokens at the uncached "
+            "price minus their billed price", mdt, registry=r)
+        self.balance_decisions = Counter(
+            "gateway_balance_decisions", "How the deployment was chosen within a model (routing/balance.py)",
+            ["model", "deployment", "decision"], registry=r)
         self.breaker_state = Gauge("gateway_circuit_breaker_state", "0 closed, 1 half-open, 2 open",
                                    ["deployment"], multiprocess_mode="max", registry=r)
         self.model_info = Gauge("gateway_model_info", "1 per configured model, with its tier", ["model", "tier"],
@@ -180,6 +186,10 @@ class GatewayMetrics:
             ttft.observe(rec.ttft_s)
         if rec.tpot_s is not None:
             tpot.observe(rec.tpot_s)
+        if rec.prefix_saved_pico_usd:
+            self.prefix_saved.labels(model, dep, rec.tenant).inc(usd(rec.prefix_saved_pico_usd))
+        if rec.balance is not None:
+            self.balance_decisions.labels(model, dep, rec.balance).inc()
         if rec.counterfactual_cost_pico_usd:
             self.counterfactual_cost.labels(model, dep, rec.tenant).inc(usd(rec.counterfactual_cost_pico_usd))
         if rec.primary_model is not None and rec.served_model is not None and rec.primary_model != rec.served_model:

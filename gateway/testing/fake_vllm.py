@@ -37,6 +37,10 @@ class Behaviour:
     error_event_after_chunks: int = -1  # send a vLLM-style error event mid-stream
     num_waiting: float = 0.0  # reported as vllm:num_requests_waiting
     kv_cache_usage: float = 0.0  # reported as vllm:kv_cache_usage_perc
+    # reported as vllm:prefix_cache_hits_total / _queries_total when set (a restart: set them lower)
+    prefix_cache_hits: float | None = None
+    prefix_cache_queries: float | None = None
+    cached_tokens: int = 0  # report this many prompt tokens (at most all) as prompt_tokens_details.cached_tokens
     healthy: bool = True
 
 
@@ -141,6 +145,11 @@ class FakeVLLM:
             f'vllm:prompt_tokens_total{{model_name="{name}"}} {float(self.c.prompt_tokens)}',
             f'vllm:generation_tokens_total{{model_name="{name}"}} {float(self.c.generation_tokens)}',
         ]
+        if self.b.prefix_cache_hits is not None and self.b.prefix_cache_queries is not None:
+            lines += ["# TYPE vllm:prefix_cache_hits_total counter",
+                      f'vllm:prefix_cache_hits_total{{model_name="{name}"}} {self.b.prefix_cache_hits}',
+                      "# TYPE vllm:prefix_cache_queries_total counter",
+                      f'vllm:prefix_cache_queries_total{{model_name="{name}"}} {self.b.prefix_cache_queries}']
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
     async def tokenize(self, request: web.Request) -> web.Response:
@@ -227,11 +236,17 @@ class FakeVLLM:
             if self.b.absurd_usage:
                 out["usage"] = {"prompt_tokens": -3, "completion_tokens": 10**15, "total_tokens": 0}
             elif not self.b.omit_usage:
-                out["usage"] = {"prompt_tokens": sum(prompts), "completion_tokens": n * choices_total,
-                                "total_tokens": sum(prompts) + n * choices_total}
+                out["usage"] = self._usage(sum(prompts), n * choices_total)
             return _json(out)
         finally:
             self.c.stop()
+
+    def _usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                               "total_tokens": prompt_tokens + completion_tokens}
+        if self.b.cached_tokens:
+            out["prompt_tokens_details"] = {"cached_tokens": min(self.b.cached_tokens, prompt_tokens)}
+        return out
 
     async def _stream(self, request: web.Request, body: dict[str, Any], chat: bool, prompts: list[int],
                       n_choices: int, n: int) -> web.StreamResponse:
@@ -247,9 +262,8 @@ class FakeVLLM:
                 "created": int(time.time()), "model": body["model"]}
         choices_total = len(prompts) * n_choices
 
-        def usage(idx: int, done: int) -> dict[str, int]:
-            p = prompts[idx // n_choices]
-            return {"prompt_tokens": p, "completion_tokens": done, "total_tokens": p + done}
+        def usage(idx: int, done: int) -> dict[str, Any]:
+            return self._usage(prompts[idx // n_choices], done)
 
         async def send(obj: dict[str, Any]) -> None:
             await resp.write(b"data: " + orjson.dumps(obj) + b"\n\n")
@@ -300,8 +314,7 @@ class FakeVLLM:
                     sent += 1
             if include_usage:
                 total = n * choices_total
-                await send({**base, "choices": [], "usage": {"prompt_tokens": sum(prompts), "completion_tokens": total,
-                                                             "total_tokens": sum(prompts) + total}})
+                await send({**base, "choices": [], "usage": self._usage(sum(prompts), total)})
             await resp.write(b"data: [DONE]\n\n")
         except (ConnectionResetError, ConnectionError):
             pass  # the client (the gateway) went away: like vLLM, just stop
