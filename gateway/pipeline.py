@@ -190,7 +190,7 @@ class Gateway:
         return body
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, endpoint: Endpoint) -> None:
-        """The request's path through the stages; answers through raw ASGI (no framework on the hot path)."""
+        """One request through the stages, in order; every way it can end is recorded once."""
         headers = wanted_headers(scope["headers"])
         rid = headers.get(b"x-request-id")
         rec = RequestRecord(rid.decode() if rid and _REQUEST_ID.fullmatch(rid) else uuid.uuid4().hex, endpoint)
@@ -199,46 +199,21 @@ class Gateway:
         self.active.add(task)
         watcher: asyncio.Task[None] | None = None
         try:
-            if DUPLICATE in headers:
-                raise duplicate_header(headers[DUPLICATE])
-            auth = headers.get(b"authorization")
-            if auth is None and b"x-api-key" in headers:  # how the anthropic SDK sends its key
-                auth = b"Bearer " + headers[b"x-api-key"]
-            tenant, key_hash = self.auth.authenticate(auth.decode("latin-1") if auth else None)
-            rec.tenant, rec.api_key_hash = tenant.name, key_hash
-            body = await self.read_json(headers, receive)
+            self._authenticate(rec, headers)  # parse (the headers) + authenticate
+            body = await self.read_json(headers, receive)  # parse (the body)
             # From here on the client leaving cancels this task, wherever it is: limits, queue, vLLM, relay.
             watcher = asyncio.create_task(cancel_on_disconnect(receive, task))
-            req = validate_request(endpoint, body)
-            rec.requested_model = req.model
-            try:
-                plan = await self._plan(rec, req.model, body, headers)
-            except GatewayError as e:
-                if e.code == "model_not_found":  # a probe for names still counts: one request, no tokens
-                    await self.limiter.admit(rec, NO_MODEL, {})
-                raise
-            pinned = await self.apis.pin(rec, endpoint, plan, body)  # continues a stored response: its engine
-            self.finalizer.begin(rec)
-            model = plan.candidates[0]
-            self.apis.prepare(endpoint, body)  # gateway/apis/: the output upper bound, the response id
-            await self.limiter.admit(rec, model, body)  # 429 (or 503 when failing closed) refuses here
+            plan, pinned = await self._plan_and_admit(rec, endpoint, body, headers)  # validate, plan, admit
             stream = registry.streams(endpoint, body)
             n = body.get("n", 1) if endpoint in ("chat", "completions") else 1
-            lk = await self.cache.lookup(rec, model, endpoint, body, headers.get(b"cache-control"), stream)
+            lk = await self.cache.lookup(rec, plan.candidates[0], endpoint, body, headers.get(b"cache-control"),
+                                         stream)
             try:
-                if stream:
+                if stream:  # execute + relay + finalize, the answer going out as it comes
                     await self._stream(rec, plan, endpoint, body, send, lk, n, watcher.cancel, pinned)
                     self.finalizer.finalize(rec)  # a stream that failed mid-way (a complete one already is)
                     return
-                if lk.entry is not None:
-                    data = lk.entry.body
-                else:
-                    try:
-                        data, tally = await self.executor.call(rec, plan, endpoint, body, n)
-                    except GatewayError as e:
-                        raise self.apis.pinned_failure(body, pinned, e) from None
-                    tally.write(rec)
-                    await self.apis.served(rec, endpoint, body)
+                data = await self._answer(rec, plan, endpoint, body, lk, n, pinned)  # execute (or the cache)
                 watcher.cancel()  # the answer is here: a client leaving now changes nothing
                 rec.status = 200
                 self.finalizer.finalize(rec)
@@ -256,15 +231,8 @@ class Gateway:
             rec.outcome, rec.status = "client_left_before_response", 499
             self.finalizer.finalize(rec)
         except asyncio.CancelledError:
-            if watcher is None or not watcher.done() or watcher.cancelled():
-                rec.outcome, rec.status = "gateway_shutdown", rec.status or 503  # cancelled from outside: stopping
-                self.finalizer.finalize(rec)
-                raise
-            task.uncancel()  # our own watcher: the client left
-            if not rec.outcome.startswith("client_left"):
-                rec.outcome = "client_left_before_response"
-            rec.status = 499
-            self.finalizer.finalize(rec)
+            if not self._client_left(rec, task, watcher):
+                raise  # cancelled from outside: the server is stopping
         except Exception:
             log.exception("internal error in request %s", rec.request_id)
             await self._error(rec, GatewayError(500, f"Internal gateway error (request id {rec.request_id}).",
@@ -273,6 +241,58 @@ class Gateway:
             self.active.discard(task)
             if watcher is not None:
                 watcher.cancel()
+
+    def _authenticate(self, rec: RequestRecord, headers: dict[bytes, bytes]) -> None:
+        if DUPLICATE in headers:
+            raise duplicate_header(headers[DUPLICATE])
+        auth = headers.get(b"authorization")
+        if auth is None and b"x-api-key" in headers:  # how the anthropic SDK sends its key
+            auth = b"Bearer " + headers[b"x-api-key"]
+        tenant, key_hash = self.auth.authenticate(auth.decode("latin-1") if auth else None)
+        rec.tenant, rec.api_key_hash = tenant.name, key_hash
+
+    async def _plan_and_admit(self, rec: RequestRecord, endpoint: Endpoint, body: dict[str, Any],
+                              headers: dict[bytes, bytes]) -> tuple[Plan, Location | None]:
+        """Validate, plan (models and deployments in fallback order), then admit (limits and budgets)."""
+        req = validate_request(endpoint, body)
+        rec.requested_model = req.model
+        try:
+            plan = await self._plan(rec, req.model, body, headers)
+        except GatewayError as e:
+            if e.code == "model_not_found":  # a probe for names still counts: one request, no tokens
+                await self.limiter.admit(rec, NO_MODEL, {})
+            raise
+        pinned = await self.apis.pin(rec, endpoint, plan, body)  # continues a stored response: its engine
+        self.finalizer.begin(rec)
+        self.apis.prepare(endpoint, body)  # gateway/apis/: the output upper bound, the response id
+        await self.limiter.admit(rec, plan.candidates[0], body)  # 429 (or 503 when failing closed) refuses here
+        return plan, pinned
+
+    async def _answer(self, rec: RequestRecord, plan: Plan, endpoint: Endpoint, body: dict[str, Any], lk: Lookup,
+                      n: int, pinned: Location | None) -> bytes:
+        """A non-streaming answer: the cache's, or vLLM's (its usage copied into the record)."""
+        if lk.entry is not None:
+            return lk.entry.body
+        try:
+            data, tally = await self.executor.call(rec, plan, endpoint, body, n)
+        except GatewayError as e:
+            raise self.apis.pinned_failure(body, pinned, e) from None
+        tally.write(rec)
+        await self.apis.served(rec, endpoint, body)
+        return data
+
+    def _client_left(self, rec: RequestRecord, task: asyncio.Task[Any], watcher: asyncio.Task[None] | None) -> bool:
+        """This task was cancelled: by our watcher (the client left: recorded, True) or from outside (False)."""
+        if watcher is None or not watcher.done() or watcher.cancelled():
+            rec.outcome, rec.status = "gateway_shutdown", rec.status or 503
+            self.finalizer.finalize(rec)
+            return False
+        task.uncancel()
+        if not rec.outcome.startswith("client_left"):
+            rec.outcome = "client_left_before_response"
+        rec.status = 499
+        self.finalizer.finalize(rec)
+        return True
 
     async def _error(self, rec: RequestRecord, e: GatewayError, send: Send) -> None:
         rec.status, rec.error_code = e.status, e.code
@@ -311,17 +331,7 @@ class Gateway:
                       send: Send, lk: Lookup, n: int, stop_watching: Callable[[], object],
                       pinned: Location | None = None) -> None:
         rec.stream = True
-        # Responses / Messages: their own named-event accountant (gateway/apis/); chat and completions below.
-        acct: StreamAccountant | EventAccountant | None = registry.accountant(endpoint, rec, lk.may_store)
-        if acct is None:
-            asked = body.get("stream_options") or {}
-            if not isinstance(asked, dict):
-                raise errors.bad_request("'stream_options' must be an object.", param="stream_options")
-            # A miss that may be stored keeps the upstream payloads (RecordingAccountant); a hit replays them.
-            usage, continuous = asked.get("include_usage") is True, asked.get("continuous_usage_stats") is True
-            acct = RecordingAccountant(rec, usage, continuous, n, lk.max_bytes) if lk.may_store else \
-                StreamAccountant(rec, usage, continuous, n)
-            body["stream_options"] = {**asked, "include_usage": True, "continuous_usage_stats": True}
+        acct = _accountant(rec, endpoint, body, lk, n)
         stream = None
         if lk.entry is None:
             try:
@@ -383,3 +393,21 @@ class Gateway:
             {"id": name, "object": "model", "created": 0, "owned_by": "gateway-route",
              "root": r.candidates[0].name, "candidates": [c.name for c in r.candidates]}
             for name, r in self.config.routes.items()]}
+
+
+def _accountant(rec: RequestRecord, endpoint: Endpoint, body: dict[str, Any], lk: Lookup,
+                n: int) -> StreamAccountant | EventAccountant:
+    """Who reads the stream: Responses / Messages have their own named-event accountant (gateway/apis/);
+    chat and completions always get vLLM's usage in every chunk, and the client only what it asked for."""
+    acct = registry.accountant(endpoint, rec, lk.may_store)
+    if acct is not None:
+        return acct
+    asked = body.get("stream_options") or {}
+    if not isinstance(asked, dict):
+        raise errors.bad_request("'stream_options' must be an object.", param="stream_options")
+    # A miss that may be stored keeps the upstream payloads (RecordingAccountant); a hit replays them.
+    usage, continuous = asked.get("include_usage") is True, asked.get("continuous_usage_stats") is True
+    body["stream_options"] = {**asked, "include_usage": True, "continuous_usage_stats": True}
+    if lk.may_store:
+        return RecordingAccountant(rec, usage, continuous, n, lk.max_bytes)
+    return StreamAccountant(rec, usage, continuous, n)
