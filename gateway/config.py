@@ -401,10 +401,6 @@ class Features:
     key_limits: dict[str, Limits] = field(default_factory=dict)  # by key fingerprint (12 hex digits)
     ledger: LedgerSpec = field(default_factory=LedgerSpec)
 
-    @property
-    def redis_url(self) -> str | None:
-        return self.redis.url or None
-
     def cache_policy(self, tenant: str, model: str) -> CachePolicy:
         p = self.cache_policies.get((tenant, model))
         return p if p is not None else CachePolicy("off", 0.0, tenant)
@@ -417,7 +413,6 @@ class GatewayConfig:
     models: dict[str, Model]
     keys_by_sha256: dict[str, Tenant]
     auth_enabled: bool
-    tenants: tuple[str, ...] = field(default=())
     routes: dict[str, Route] = field(default_factory=dict)
     circuit_breaker: CircuitBreakerSpec = field(default_factory=CircuitBreakerSpec)
     metrics_scrape_interval: float = 5.0
@@ -553,7 +548,7 @@ def compile_config(spec: GatewaySpec, source: str) -> GatewayConfig:
     if not keys:
         log.warning("no API keys configured: authentication is OFF, every caller is tenant 'anonymous'")
     tenants = tuple(sorted({t.name for t in keys.values()} | ({"anonymous"} if not keys else set())))
-    return GatewayConfig(source, spec.server, models, keys, bool(keys), tenants, routes, spec.circuit_breaker,
+    return GatewayConfig(source, spec.server, models, keys, bool(keys), routes, spec.circuit_breaker,
                          spec.metrics_scrape_interval, compile_features(spec, models, keys, tenants))
 
 
