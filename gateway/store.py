@@ -36,10 +36,11 @@ from gateway.limit_store import (
 
 log = logging.getLogger("gateway.store")
 
+LIMIT_NAMES = ("concurrency", "rpm", "tpm", "budget_day", "budget_month")
+
+
 # What a cached entry costs beyond its key and value: the OrderedDict node, the tuple, the str and bytes headers.
 ENTRY_OVERHEAD = 200
-
-LIMIT_NAMES = ("concurrency", "rpm", "tpm", "budget_day", "budget_month")
 
 
 class StoreUnavailable(Exception):
@@ -295,8 +296,8 @@ class InMemoryStore:
     """Cache and limits in one process: the embedded default when no Redis URL is configured.
 
     Bounded by bytes and time, never by the number of requests served: the cache is an LRU within
-    `max_cache_bytes` (and `max_cache_entries`); limit counters and stampede locks past their expiry
-    are swept once a minute. (The embedded ledger is gateway/ledger_sqlite.py.)
+    `max_cache_bytes` (and `max_cache_entries`); stampede locks past their expiry are swept once a
+    minute. Limits: gateway/limit_store.py. (The embedded ledger is gateway/ledger_sqlite.py.)
     """
 
     name = "memory"
@@ -320,7 +321,7 @@ class InMemoryStore:
         pass
 
     def _sweep(self, now: float) -> None:
-        """Forget expired stampede locks (they would otherwise stay for ever)."""
+        """Forget expired stampede locks (a miss that never stored nor unlocked would leave its key)."""
         self._next_sweep = now + 60.0
         for k in [k for k, exp in self.locks.items() if exp < now]:
             del self.locks[k]
@@ -377,7 +378,7 @@ def month_end_s(now: float) -> float:
 
 
 def build_store(config: GatewayConfig, on_error: Callable[[str, BaseException], None]) -> Store:
-    """Redis when config names a URL; otherwise the in-process backend (cache and limits of one process)."""
+    """Redis when config names a URL; otherwise the in-process backend (one process, nothing survives)."""
     r = config.features.redis
     if r.url:
         return RedisStore(r.url, r.key_prefix, r.timeout_s, r.down_for_s, r.ledger_stream, r.ledger_maxlen, on_error,
