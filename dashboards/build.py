@@ -44,7 +44,10 @@ _RATES = [  # (record name, expression) with a 1m rate
     ("model_deployment_tenant_status:gateway_requests:rate1m",
      f"sum by ({MDT}, status) (rate(gateway_requests_total[1m]))"),
     *[(f"model_deployment_tenant:gateway_{m}:rate1m", f"sum by ({MDT}) (rate(gateway_{m}_total[1m]))")
-      for m in ("prompt_tokens", "completion_tokens", "cached_prompt_tokens", "cost_usd", "counterfactual_cost_usd")],
+      for m in ("prompt_tokens", "completion_tokens", "cached_prompt_tokens", "cost_usd", "counterfactual_cost_usd",
+                "prefix_saved_usd")],
+    ("model_deployment_decision:gateway_balance_decisions:rate1m",
+     "sum by (model, deployment, decision) (rate(gateway_balance_decisions_total[1m]))"),
     ("from_model_to_model_reason:gateway_fallbacks:rate1m",
      "sum by (from_model, to_model, reason) (rate(gateway_fallbacks_total[1m]))"),
     ("model_tenant_result:gateway_cache_requests:rate1m",
@@ -145,6 +148,8 @@ PROMPT = "model_deployment_tenant:gateway_prompt_tokens:rate1m"
 COMPL = "model_deployment_tenant:gateway_completion_tokens:rate1m"
 COST = "model_deployment_tenant:gateway_cost_usd:rate1m"
 CF_COST = "model_deployment_tenant:gateway_counterfactual_cost_usd:rate1m"
+PREFIX_SAVED = "model_deployment_tenant:gateway_prefix_saved_usd:rate1m"
+DECISIONS = "model_deployment_decision:gateway_balance_decisions:rate1m"
 
 
 def latency(title: str, metric: str, flt: str = f'{MD}, deployment!="_none"', desc: str = "") -> Panel:
@@ -241,10 +246,19 @@ def vllm_engines() -> list[Panel]:
            (f"deployment:vllm_generation_tokens:rate1m{{{D}}}", "vLLM {{deployment}}"),
            (rate(COMPL, "deployment"), "gateway {{deployment}}")),
         ts("Preemptions/s", (f"deployment:vllm_num_preemptions:rate1m{{{D}}}", "{{deployment}}")),
+        # prefix-cache-aware routing (docs/routing.md "Balance policies"): vLLM's hit ratio next to the choices
         ts("Prefix-cache hit ratio: vLLM vs gateway's cached prompt tokens",
            (f"deployment:vllm_prefix_cache_hits:ratio_rate5m{{{D}}}", "vLLM {{deployment}}"),
            (f'{rate("model_deployment_tenant:gateway_cached_prompt_tokens:rate1m", "deployment")}\n'
             f'/ {rate(PROMPT, "deployment")}', "gateway {{deployment}}"), unit="percentunit"),
+        ts("Balance decisions/s by deployment",
+           (f"sum by (deployment, decision) ({DECISIONS}{{{MD}}})", "{{deployment}} {{decision}}"), unit="reqps",
+           desc="How the gateway chose among a model's deployments: affinity (prefix held there), spill (held "
+                "by one over its load bound), new (prefix seen nowhere), short, least_outstanding"),
+        ts("Load split: share of each model's requests by deployment",
+           (f'{rate(REQ, "model, deployment")}\n/ ignoring(deployment) group_left {rate(REQ, "model")}',
+            "{{model}} @ {{deployment}}"), unit="percentunit",
+           desc="Prefix affinity must not pile one model's traffic onto one replica: compare with the weights"),
         ts("Requests/s by deployment and status (gateway)", (rate(REQ, "deployment, status"),
                                                               "{{deployment}} {{status}}"), unit="reqps"),
     ]
@@ -270,10 +284,13 @@ def cost_tenants() -> list[Panel]:
         ts("Requests/s by tier and tenant",
            (f'sum by (tier, tenant) ({rate(REQ, "model, tenant")} {tier_join})', "{{tier}} {{tenant}}"),
            unit="reqps"),
-        ts("Savings USD/hour: cache and fallbacks",
+        ts("Savings USD/hour: cache, fallbacks and vLLM's prefix cache",
            (f"sum(model_tenant:gateway_cache_saved_usd:rate1m{{{M}, {T}}}) * 3600", "cache hits"),
            (f"(sum({CF_COST}{{{MDT_F}}}) - sum({COST}{{{MDT_F}}})) * 3600",
-            "fallbacks and downgrades (counterfactual - billed)"), unit="currencyUSD"),
+            "fallbacks and downgrades (counterfactual - billed)"),
+           (f"sum({PREFIX_SAVED}{{{MDT_F}}}) * 3600",
+            "vLLM prefix cache (cached tokens at the uncached price - billed)"),
+           unit="currencyUSD"),
         ts("Counterfactual vs billed USD/hour by model",
            (f'{rate(CF_COST, "model")} * 3600', "counterfactual {{model}}"),
            (f'{rate(COST, "model")} * 3600', "billed {{model}}"), unit="currencyUSD"),

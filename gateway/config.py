@@ -159,8 +159,30 @@ class LedgerSpec(_Strict):
                               description="records waiting to be written, in bytes (beyond: dropped, counted)")
 
 
+class PrefixRoutingSpec(_Strict):
+    """Tuning of `balance: prefix` (docs/routing.md, "Balance policies")."""
+
+    block_chars: int = Field(256, ge=16, le=65536, description="prompt characters per hashed block (~64 tokens)")
+    max_blocks: int = Field(64, ge=1, le=4096, description="leading blocks of a prompt that are hashed")
+    load_factor: float = Field(1.25, ge=1.0, le=10.0,
+                               description="a deployment takes affinity traffic while its in-flight requests "
+                                           "stay within load_factor x its weighted share")
+    rate_factor: float = Field(1.2, ge=1.0, le=10.0,
+                               description="... and while its recent requests per weight (decayed over a minute) "
+                                           "stay within rate_factor x the least busy one's (or 4 more)")
+    max_kv_cache: float = Field(0.9, gt=0, le=1, description="no affinity traffic to a vLLM whose "
+                                                             "kv_cache_usage_perc is above this")
+    index_blocks: int = Field(16384, ge=64, description="blocks remembered per deployment (LRU); also capped "
+                                                        "by the KV cache size vLLM reports")
+
+
+BalancePolicy = Literal["least_outstanding", "prefix"]
+
+
 class ModelSpec(_Strict):
     deployments: list[DeploymentSpec] = Field(min_length=1)
+    balance: BalancePolicy = Field("least_outstanding", description="how one of the deployments is chosen")
+    prefix_routing: PrefixRoutingSpec | None = None
     prices: Prices | None = None
     cost_basis: CostBasis | None = None
     cache: CacheRuleSpec | None = None
@@ -174,6 +196,8 @@ class ModelSpec(_Strict):
     def _one_cost_source(self) -> ModelSpec:
         if self.prices is not None and self.cost_basis is not None:
             raise ValueError("give either prices or cost_basis, not both")
+        if self.prefix_routing is not None and self.balance != "prefix":
+            raise ValueError("prefix_routing applies only with balance: prefix")
         return self
 
 
@@ -322,6 +346,8 @@ class Model:
     context_window: int | None = None
     default_max_tokens: int | None = None  # None: limits.default_max_tokens
     max_output_tokens: int | None = None  # None: limits.max_output_tokens (if any)
+    balance: str = "least_outstanding"
+    prefix_routing: PrefixRoutingSpec | None = None  # set when balance is "prefix"
 
     def unit_price(self) -> float:
         """A comparable price per token (prompt + completion), for 'cheaper candidate' decisions."""
@@ -375,10 +401,6 @@ class Features:
     key_limits: dict[str, Limits] = field(default_factory=dict)  # by key fingerprint (12 hex digits)
     ledger: LedgerSpec = field(default_factory=LedgerSpec)
 
-    @property
-    def redis_url(self) -> str | None:
-        return self.redis.url or None
-
     def cache_policy(self, tenant: str, model: str) -> CachePolicy:
         p = self.cache_policies.get((tenant, model))
         return p if p is not None else CachePolicy("off", 0.0, tenant)
@@ -391,7 +413,6 @@ class GatewayConfig:
     models: dict[str, Model]
     keys_by_sha256: dict[str, Tenant]
     auth_enabled: bool
-    tenants: tuple[str, ...] = field(default=())
     routes: dict[str, Route] = field(default_factory=dict)
     circuit_breaker: CircuitBreakerSpec = field(default_factory=CircuitBreakerSpec)
     metrics_scrape_interval: float = 5.0
@@ -513,8 +534,9 @@ def compile_config(spec: GatewaySpec, source: str) -> GatewayConfig:
             pricing = Pricing(gpu_usd_per_second=m.cost_basis.gpu_usd_per_hour * m.cost_basis.gpu_count / 3600.0)
         else:
             pricing = Pricing()
+        prefix = (m.prefix_routing or PrefixRoutingSpec()) if m.balance == "prefix" else None
         models[name] = Model(name, tuple(deps), pricing, m.owned_by, m.tier, m.context_window,
-                              m.default_max_tokens, m.max_output_tokens)
+                             m.default_max_tokens, m.max_output_tokens, m.balance, prefix)
     routes = {name: Route(name, tuple(models[c] for c in r.candidates), r,
                           {task: models[c] for task, c in r.tasks.items()})
               for name, r in spec.routes.items()}
@@ -526,7 +548,7 @@ def compile_config(spec: GatewaySpec, source: str) -> GatewayConfig:
     if not keys:
         log.warning("no API keys configured: authentication is OFF, every caller is tenant 'anonymous'")
     tenants = tuple(sorted({t.name for t in keys.values()} | ({"anonymous"} if not keys else set())))
-    return GatewayConfig(source, spec.server, models, keys, bool(keys), tenants, routes, spec.circuit_breaker,
+    return GatewayConfig(source, spec.server, models, keys, bool(keys), routes, spec.circuit_breaker,
                          spec.metrics_scrape_interval, compile_features(spec, models, keys, tenants))
 
 

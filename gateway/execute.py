@@ -26,6 +26,7 @@ from gateway.errors import GatewayError
 from gateway.protocol import UPSTREAM_PATHS, Endpoint, upstream_error
 from gateway.record import Attempt, RequestRecord
 from gateway.relay import FirstChunkError, SSEReader, UpstreamStream, drain, read_until_first_token, tally_lines
+from gateway.routing.balance import Balancing
 from gateway.routing.breaker import BreakerState, CircuitBreaker
 from gateway.routing.policy import Plan
 from gateway.streaming import UsageTally
@@ -57,21 +58,21 @@ class _Retryable(Exception):
 
 
 class Executor:
-    def __init__(self, pool: UpstreamPool, breakers: dict[str, CircuitBreaker]) -> None:
+    def __init__(self, pool: UpstreamPool, breakers: dict[str, CircuitBreaker],
+                 balancing: Balancing | None = None) -> None:
         self.pool = pool
         self.breakers = breakers
+        self.balancing = balancing or Balancing(pool.config)
         self.queue_timeout = pool.config.server.queue_timeout
 
-    def order(self, model: Model) -> list[DeploymentState]:
-        """Healthy deployments first, then least outstanding requests per unit of weight.
+    def order(self, model: Model, body: dict[str, Any] | None = None,
+              rec: RequestRecord | None = None) -> list[DeploymentState]:
+        """The model's deployments in the order to try them, as its balance policy decides (routing/balance.py).
 
         LoRA affinity follows from the config: an adapter is a model whose deployments are the vLLM
         servers that load it, so its requests never reach a server without the adapter.
         """
-        states = [self.pool.states[d.name] for d in model.deployments]
-        if len(states) > 1:
-            states.sort(key=lambda s: (s.healthy is False, s.load()))
-        return states
+        return self.balancing.order(model, [self.pool.states[d.name] for d in model.deployments], body, rec)
 
     async def _acquire(self, state: DeploymentState, rec: RequestRecord, att: Attempt) -> None:
         if state.slots.locked():
@@ -102,7 +103,7 @@ class Executor:
         last: GatewayError | None = None
         made = 0
         for model in plan.candidates:
-            for state in self.order(model):
+            for state in self.order(model, body, rec):
                 if made >= plan.max_attempts or time.perf_counter() - rec.started > plan.budget_s:
                     return self._give_up(rec, plan, last, made)
                 breaker = self.breakers[state.name]

@@ -12,7 +12,7 @@ import orjson
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
 from gateway.money import usd_text
-from gateway.pricing import request_cost
+from gateway.pricing import prefix_cache_saving, request_cost
 from gateway.record import Attempt, RequestRecord
 
 log = logging.getLogger("gateway.finalize")
@@ -78,6 +78,7 @@ class Finalizer:
                 return
         rec.cost_pico_usd = request_cost(model.pricing, rec.prompt_tokens, rec.completion_tokens,
                                          rec.cached_tokens, billed_gpu_s)
+        rec.prefix_saved_pico_usd = prefix_cache_saving(model.pricing, rec.prompt_tokens, rec.cached_tokens)
         primary = models.get(rec.primary_model or "", model)
         rec.counterfactual_cost_pico_usd = rec.cost_pico_usd if primary is model else request_cost(
             primary.pricing, rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens, billed_gpu_s)
@@ -131,6 +132,8 @@ def early_headers(rec: RequestRecord) -> dict[str, str]:
         h["x-gateway-deployment"] = rec.deployment or ""
         h["x-gateway-attempts"] = str(len(rec.attempts))
         h["x-gateway-queue-ms"] = f"{rec.queue_s * 1e3:.3f}"
+        if rec.balance is not None:
+            h["x-gateway-balance"] = rec.balance
         if rec.route is not None:
             h["x-gateway-route"] = f"{rec.route} -> {rec.served_model}"
         if rec.rule is not None:
@@ -158,6 +161,8 @@ def final_headers(rec: RequestRecord) -> dict[str, str]:
         h["x-gateway-completion-tokens"] = str(rec.completion_tokens)
         h["x-gateway-cached-tokens"] = str(rec.cached_tokens)
         h["x-gateway-cost-usd"] = usd_text(rec.cost_pico_usd)
+        if rec.prefix_saved_pico_usd:
+            h["x-gateway-prefix-saved-usd"] = usd_text(rec.prefix_saved_pico_usd)
         if rec.fanout_prompt_tokens:
             h["x-gateway-fanout-prompt-tokens"] = str(rec.fanout_prompt_tokens)
         if rec.primary_model is not None and rec.primary_model != rec.served_model:

@@ -45,6 +45,7 @@ CSV_FIELDS = ("ts", "request_id", "tenant", "api_key", "endpoint", "requested_mo
               "limited_by", "prompt_tokens", "completion_tokens", "cached_tokens", "fanout_prompt_tokens",
               "wasted_prompt_tokens", "wasted_completion_tokens", "cost_usd", "cost_pico_usd", "saved_usd",
               "saved_pico_usd", "wasted_cost_pico_usd",
+              "prefix_saved_pico_usd",
               "e2e_ms", "ttft_ms", "tpot_ms", "overhead_ms")
 
 

@@ -35,7 +35,7 @@ class LedgerGate:
 
     async def wait(self) -> None:
         """Return once every record appended so far is written, the store failed, or max_wait_s passed."""
-        if not len(self.ledger) or time.monotonic() < self._skip_until:
+        if not len(self.ledger) or time.monotonic() < self._skip_until:  # buffered or in the batch being written
             return
         mine = self._started  # a drain started before this call may have taken its batch without our record
         try:

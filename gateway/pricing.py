@@ -25,3 +25,12 @@ def request_cost(pricing: Pricing, prompt_tokens: int, completion_tokens: int, c
     if pricing.gpu_usd_per_second is not None:
         return round(gpu_seconds * pricing.gpu_usd_per_second * PICO)
     return token_cost(pricing, prompt_tokens, completion_tokens, cached_tokens)
+
+
+def prefix_cache_saving(pricing: Pricing, prompt_tokens: int, cached_tokens: int) -> int:
+    """What vLLM's prefix cache saved a request, in pico-USD: its cached prompt tokens at the uncached prompt
+    price minus what they were billed (0 under a GPU cost basis: the saving is already in the shorter time)."""
+    if pricing.gpu_usd_per_second is not None:
+        return 0
+    cached = min(max(0, cached_tokens), prompt_tokens)
+    return cached * max(0, pricing.prompt_pico - pricing.cached_prompt_pico)

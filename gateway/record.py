@@ -71,6 +71,8 @@ class RequestRecord:
     deadline_ms: float | None = None
     predicted_ms: float | None = None
     counterfactual_cost_pico_usd: int = 0
+    balance: str | None = None  # how the deployment was chosen (routing/balance.py): least_outstanding, affinity, ...
+    prefix_blocks_matched: int = 0  # prompt blocks the chosen deployment was sent before (balance: prefix)
     # durations in seconds (None when not applicable, e.g. no token ever arrived)
     queue_s: float = 0.0
     upstream_s: float = 0.0  # time spent waiting on vLLM (connect, headers, every chunk read)
@@ -90,6 +92,8 @@ class RequestRecord:
     usage_invalid: bool = False  # vLLM sent usage that could not be true (negative, absurd): not billed
     cost_pico_usd: int = 0  # exact money: pico-USD (gateway/money.py)
     wasted_cost_pico_usd: int = 0
+    # what vLLM's prefix cache saved: cached tokens at the prompt price minus what they were billed
+    prefix_saved_pico_usd: int = 0
     # response cache, rate limits and budgets (gateway/cache.py, gateway/limits.py)
     cache: str | None = None  # hit | miss | bypass (None: the request never reached the cache stage)
     saved_pico_usd: int = 0  # on a hit: what the answer cost when it was made (the hit itself costs 0)
@@ -144,6 +148,8 @@ class RequestRecord:
             "task": self.task,
             "deadline_ms": self.deadline_ms,
             "predicted_ms": self.predicted_ms,
+            "balance": self.balance,
+            "prefix_blocks_matched": self.prefix_blocks_matched,
             "counterfactual_cost_usd": usd(self.counterfactual_cost_pico_usd),
             "counterfactual_cost_pico_usd": self.counterfactual_cost_pico_usd,
             "queue_ms": _ms(self.queue_s),
@@ -165,6 +171,8 @@ class RequestRecord:
             "cost_usd": usd(self.cost_pico_usd),
             "cost_pico_usd": self.cost_pico_usd,
             "wasted_cost_pico_usd": self.wasted_cost_pico_usd,
+            "prefix_saved_usd": usd(self.prefix_saved_pico_usd),
+            "prefix_saved_pico_usd": self.prefix_saved_pico_usd,
             "cache": self.cache,
             "saved_usd": usd(self.saved_pico_usd),
             "saved_pico_usd": self.saved_pico_usd,

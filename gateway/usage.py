@@ -18,9 +18,10 @@ PICO = 10**12
 # Counters kept per (tenant, day, hour, model); all integers.
 COUNTERS = ("requests", "errors", "cache_hits", "prompt_tokens", "completion_tokens", "cached_prompt_tokens",
             "cache_hit_prompt_tokens", "cache_hit_completion_tokens", "cost_pico_usd", "saved_pico_usd",
-            "wasted_cost_pico_usd", "wasted_prompt_tokens", "wasted_completion_tokens", "fanout_prompt_tokens")
+            "wasted_cost_pico_usd", "wasted_prompt_tokens", "wasted_completion_tokens", "fanout_prompt_tokens",
+            "prefix_saved_pico_usd")
 _PASSED_THROUGH = ("wasted_cost_pico_usd", "wasted_prompt_tokens", "wasted_completion_tokens",
-                   "fanout_prompt_tokens")
+                   "fanout_prompt_tokens", "prefix_saved_pico_usd")
 
 Key = tuple[str, int, int, str]  # tenant, day (yyyymmdd), hour (0-23), model
 Groups = dict[Key, dict[str, int]]

@@ -221,8 +221,11 @@ def gateway_config(big: str, small: str, redis_url: str) -> dict[str, Any]:
             "big": {"tier": "large", "prices": {"prompt_per_1m": 10, "completion_per_1m": 30},
                     "deployments": [{"name": "big-0", "url": big, "model": "big-base",
                                      "timeouts": {"connect": 1, "first_token": 2, "total": 10}}]},
-            "small": {"tier": "small", "prices": {"prompt_per_1m": 1, "completion_per_1m": 2},
-                      "deployments": [{"name": "small-0", "url": small, "model": "small-base"}]},
+            # two deployments of one engine: the balance policy has a choice to make (and to count)
+            "small": {"tier": "small", "balance": "prefix",
+                      "prices": {"prompt_per_1m": 1, "completion_per_1m": 2, "cached_prompt_per_1m": 0.25},
+                      "deployments": [{"name": "small-0", "url": small, "model": "small-base"},
+                                      {"name": "small-1", "url": small, "model": "small-base"}]},
             "nlu": {"tier": "adapter", "prices": {"prompt_per_1m": 0.5, "completion_per_1m": 1},
                     "deployments": [{"name": "nlu-0", "url": small, "model": "nlu-adapter"}]},
         },
@@ -248,6 +251,7 @@ def drive_traffic(gw_url: str, big: FakeUpstream, small: FakeUpstream, redis: su
 
     for f in (big, small):
         f.control(ttft_ms=40, itl_ms=4)
+    small.control(cached_tokens=3)  # vLLM's prefix cache served part of each prompt: billed cheaper, saving counted
     for i in range(3):  # normal traffic, streams and not, every model, two tenants
         for model in ("assistant", "big", "small", "nlu"):
             for stream in (False, True):
@@ -271,7 +275,7 @@ def drive_traffic(gw_url: str, big: FakeUpstream, small: FakeUpstream, redis: su
     for i in range(6):
         chat("team-a", "small", content=f"noredis{i}")
     big.control(fail_status=0, healthy=True, ttft_ms=0, itl_ms=0)
-    small.control(ttft_ms=0, itl_ms=0)
+    small.control(ttft_ms=0, itl_ms=0, cached_tokens=0)
 
 
 @dataclass

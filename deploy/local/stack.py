@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """The local CPU stack in one command: real vLLM engines, Redis, and the gateway in front of them.
 
-    python deploy/local/stack.py up [--port 8000] [--chat-port 8101] [--embed-port 8102]
+    python deploy/local/stack.py up [--port 8000] [--chat-port 8101] [--embed-port 8102] [--chat-replicas 2]
     python deploy/local/stack.py up --replicas 3 --lb haproxy [--upstream fake|vllm]
     python deploy/local/stack.py down        # stops what a detached `up --detach` started
 
 `up` prepares the models (cached after the first run), starts vLLM serving SmolLM2 with its LoRA
-adapter and vLLM serving MiniLM, uses the Redis on 127.0.0.1:6379 or starts one, starts the gateway
-with deploy/local/gateway.yaml, waits until all are healthy, prints how to call it, and stays in the
-foreground until Ctrl-C, which stops everything it started.
+adapter (twice with --chat-replicas 2: the second on --chat-port-b, and `smollm2` then balances
+between them by prompt prefix) and vLLM serving MiniLM, uses the Redis on 127.0.0.1:6379 or starts
+one, starts the gateway with deploy/local/gateway.yaml, waits until all are healthy, prints how to
+call it, and stays in the foreground until Ctrl-C, which stops everything it started.
 
 `--replicas N --lb haproxy` starts the scale-out stack instead (deploy/local/scaleout.py): N gateway
 replicas behind HAProxy, sharing a Redis master with a replica and three sentinels, in front of the
@@ -132,12 +133,20 @@ def up(a: argparse.Namespace) -> int:
             started.append(("Redis", redis_proc))
         chat = engines.start_chat_engine(a.chat_port)
         started.append(("vLLM chat (smollm2 + sentiment adapter)", chat))
+        chat_url, embed_url = f"http://127.0.0.1:{a.chat_port}", f"http://127.0.0.1:{a.embed_port}"
+        chat_url_b = chat_url  # one engine: both smollm2 deployments name it
+        if a.chat_replicas > 1:
+            chat_b = engines.start_chat_engine(a.chat_port_b)
+            started.append(("vLLM chat replica b (smollm2 + sentiment adapter)", chat_b))
+            chat_url_b = f"http://127.0.0.1:{a.chat_port_b}"
         embed = engines.start_embedding_engine(a.embed_port)
         started.append(("vLLM embeddings (minilm)", embed))
-        chat_url, embed_url = f"http://127.0.0.1:{a.chat_port}", f"http://127.0.0.1:{a.embed_port}"
         wait_url(f"{chat_url}/health", "vLLM chat engine", 900, chat)
+        if chat_url_b != chat_url:
+            wait_url(f"{chat_url_b}/health", "vLLM chat engine b", 900, chat_b)
         wait_url(f"{embed_url}/health", "vLLM embedding engine", 900, embed)
-        env = {**os.environ, "CHAT_URL": chat_url, "EMBED_URL": embed_url, "REDIS_URL": redis_url}
+        env = {**os.environ, "CHAT_URL": chat_url, "CHAT_URL_B": chat_url_b, "EMBED_URL": embed_url,
+               "REDIS_URL": redis_url}
         gw = subprocess.Popen([gateway_python(), "-m", "gateway", "serve", "--config", str(HERE / "gateway.yaml"),
                                "--host", a.host, "--port", str(a.port), "--workers", str(a.workers)],
                               cwd=ROOT, env=env)
@@ -256,6 +265,9 @@ def main() -> int:
     u.add_argument("--workers", type=int, default=1)
     u.add_argument("--chat-port", type=int, default=8101)
     u.add_argument("--embed-port", type=int, default=8102)
+    u.add_argument("--chat-replicas", type=int, default=1, choices=(1, 2),
+                   help="chat engines; with 2, smollm2 balances between them by prompt prefix")
+    u.add_argument("--chat-port-b", type=int, default=8103)
     u.add_argument("--detach", action="store_true", help="return once ready; stop later with `down`")
     u.add_argument("--replicas", type=int, default=1, help="gateway replicas; >1 starts the scale-out stack")
     u.add_argument("--lb", choices=["haproxy"], default="haproxy", help="load balancer of the scale-out stack")

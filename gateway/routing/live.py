@@ -1,10 +1,11 @@
-"""Live figures per deployment: vLLM's queue and KV-cache (scraped from its /metrics) and recent latencies."""
+"""Live figures per deployment: vLLM queue, KV cache and prefix cache (scraped from /metrics), recent latencies."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -26,6 +27,25 @@ class DeploymentLive:
     max_model_len: int | None = None
     ttft_s: float | None = None  # EWMA of the gateway-observed time to first token
     tpot_s: float | None = None  # EWMA of the time per output token
+    # vLLM's prefix cache: cumulative token counters as last scraped, and the hit rate of the last interval
+    prefix_hits: float | None = None
+    prefix_queries: float | None = None
+    prefix_hit_rate: float | None = None
+    kv_capacity_tokens: int | None = None  # num_gpu_blocks * block_size from vllm:cache_config_info
+
+    def update_prefix(self, hits: float, queries: float) -> tuple[float, float, bool]:
+        """Take new cumulative counters; return the deltas and whether the counters were reset (restart)."""
+        reset = self.prefix_hits is not None and (hits < self.prefix_hits or queries < (self.prefix_queries or 0))
+        if self.prefix_hits is None:  # first sight: the counters hold the engine's history, not a delta
+            d_hits = d_queries = 0.0
+        elif reset:  # counting again from zero since the restart
+            d_hits, d_queries = hits, queries
+        else:
+            d_hits, d_queries = hits - self.prefix_hits, queries - (self.prefix_queries or 0.0)
+        self.prefix_hits, self.prefix_queries = hits, queries
+        if d_queries > 0:
+            self.prefix_hit_rate = d_hits / d_queries
+        return d_hits, d_queries, reset
 
     def observe(self, ttft_s: float | None, tpot_s: float | None) -> None:
         if ttft_s is not None:
@@ -47,11 +67,29 @@ class DeploymentLive:
 
 VLLM_GAUGES = {"vllm:num_requests_waiting": "waiting", "vllm:num_requests_running": "running",
                "vllm:kv_cache_usage_perc": "kv_cache", "vllm:gpu_cache_usage_perc": "kv_cache"}
+# prefix-cache token counters (vLLM V1 names, then V0's), summed over the engine's model_name labels
+VLLM_COUNTERS = {"vllm:prefix_cache_hits": "prefix_hits", "vllm:prefix_cache_queries": "prefix_queries",
+                 "vllm:gpu_prefix_cache_hits": "prefix_hits", "vllm:gpu_prefix_cache_queries": "prefix_queries"}
+
+PrefixListener = Callable[[str, DeploymentLive, float, float, bool], None]  # (deployment, live, hits, queries, reset)
 
 
 def parse_vllm_metrics(text: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
+        if family.name == "vllm:cache_config_info":
+            for s in family.samples:
+                blocks, size = s.labels.get("num_gpu_blocks", ""), s.labels.get("block_size", "")
+                if blocks.isdigit() and size.isdigit():
+                    out["kv_capacity_tokens"] = float(int(blocks) * int(size))
+            continue
+        base = family.name.removesuffix("_total")  # untyped exposition keeps the suffix in the family name
+        counter = VLLM_COUNTERS.get(base)
+        if counter is not None:
+            total = [s.value for s in family.samples if s.name == base + "_total"]
+            if total and counter not in out:
+                out[counter] = sum(total)
+            continue
         field = VLLM_GAUGES.get(family.name)
         if field is None:
             continue
@@ -75,6 +113,7 @@ class LiveStats:
                 self._upstream_names[d.name] = d.upstream_model
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
+        self.prefix_listeners: list[PrefixListener] = []  # e.g. the prefix balancer checking its index
 
     def get(self, deployment: str) -> DeploymentLive:
         return self.by_deployment[deployment]
@@ -121,3 +160,9 @@ class LiveStats:
             live.running = figures.get("running", 0.0)
             live.kv_cache = figures.get("kv_cache", 0.0)
             live.scraped = bool(figures)
+            if "kv_capacity_tokens" in figures:
+                live.kv_capacity_tokens = int(figures["kv_capacity_tokens"])
+            if "prefix_hits" in figures and "prefix_queries" in figures:
+                d_hits, d_queries, reset = live.update_prefix(figures["prefix_hits"], figures["prefix_queries"])
+                for listener in self.prefix_listeners:
+                    listener(n, live, d_hits, d_queries, reset)

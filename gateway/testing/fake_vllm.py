@@ -37,6 +37,10 @@ class Behaviour:
     error_event_after_chunks: int = -1  # send a vLLM-style error event mid-stream
     num_waiting: float = 0.0  # reported as vllm:num_requests_waiting
     kv_cache_usage: float = 0.0  # reported as vllm:kv_cache_usage_perc
+    # reported as vllm:prefix_cache_hits_total / _queries_total when set (a restart: set them lower)
+    prefix_cache_hits: float | None = None
+    prefix_cache_queries: float | None = None
+    cached_tokens: int = 0  # report this many prompt tokens (at most all) as prompt_tokens_details.cached_tokens
     healthy: bool = True
 
 
@@ -141,6 +145,11 @@ class FakeVLLM:
             f'vllm:prompt_tokens_total{{model_name="{name}"}} {float(self.c.prompt_tokens)}',
             f'vllm:generation_tokens_total{{model_name="{name}"}} {float(self.c.generation_tokens)}',
         ]
+        if self.b.prefix_cache_hits is not None and self.b.prefix_cache_queries is not None:
+            lines += ["# TYPE vllm:prefix_cache_hits_total counter",
+                      f'vllm:prefix_cache_hits_total{{model_name="{name}"}} {self.b.prefix_cache_hits}',
+                      "# TYPE vllm:prefix_cache_queries_total counter",
+                      f'vllm:prefix_cache_queries_total{{model_name="{name}"}} {self.b.prefix_cache_queries}']
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
     async def tokenize(self, request: web.Request) -> web.Response:
@@ -227,11 +236,17 @@ class FakeVLLM:
             if self.b.absurd_usage:
                 out["usage"] = {"prompt_tokens": -3, "completion_tokens": 10**15, "total_tokens": 0}
             elif not self.b.omit_usage:
-                out["usage"] = {"prompt_tokens": sum(prompts), "completion_tokens": n * choices_total,
-                                "total_tokens": sum(prompts) + n * choices_total}
+                out["usage"] = self._usage(sum(prompts), n * choices_total)
             return _json(out)
         finally:
             self.c.stop()
+
+    def _usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                               "total_tokens": prompt_tokens + completion_tokens}
+        if self.b.cached_tokens:
+            out["prompt_tokens_details"] = {"cached_tokens": min(self.b.cached_tokens, prompt_tokens)}
+        return out
 
     async def _stream(self, request: web.Request, body: dict[str, Any], chat: bool, prompts: list[int],
                       n_choices: int, n: int) -> web.StreamResponse:
@@ -247,9 +262,8 @@ class FakeVLLM:
                 "created": int(time.time()), "model": body["model"]}
         choices_total = len(prompts) * n_choices
 
-        def usage(idx: int, done: int) -> dict[str, int]:
-            p = prompts[idx // n_choices]
-            return {"prompt_tokens": p, "completion_tokens": done, "total_tokens": p + done}
+        def usage(idx: int, done: int) -> dict[str, Any]:
+            return self._usage(prompts[idx // n_choices], done)
 
         async def send(obj: dict[str, Any]) -> None:
             await resp.write(b"data: " + orjson.dumps(obj) + b"\n\n")
@@ -272,27 +286,9 @@ class FakeVLLM:
                 if i and self.b.itl_ms:
                     await asyncio.sleep(self.b.itl_ms / 1e3)
                 for idx in range(choices_total):
-                    if sent == self.b.die_after_chunks:
-                        assert request.transport is not None
-                        request.transport.abort()
+                    if await self._fault(sent, request, resp):
                         return resp
-                    if sent == self.b.stall_after_chunks:
-                        await asyncio.sleep(3600)
-                    if sent == self.b.malformed_after_chunks:
-                        await resp.write(b"data: {not json\n\n")
-                        return resp
-                    if sent == self.b.error_event_after_chunks:
-                        await send({"error": {"message": "injected engine error", "type": "InternalServerError",
-                                              "code": 500}})
-                        await resp.write(b"data: [DONE]\n\n")
-                        return resp
-                    finish = "length" if i == n - 1 else None
-                    if chat:
-                        choice: dict[str, Any] = {"index": idx, "delta": {"content": f"tok{i} "}, "logprobs": None,
-                                                  "finish_reason": finish}
-                    else:
-                        choice = {"index": idx, "text": f"tok{i} ", "logprobs": None, "finish_reason": finish}
-                    chunk: dict[str, Any] = {**base, "choices": [choice]}
+                    chunk = _token_chunk(base, chat, idx, i, "length" if i == n - 1 else None)
                     if continuous:
                         chunk["usage"] = usage(idx, i + 1)
                     await send(chunk)
@@ -300,12 +296,39 @@ class FakeVLLM:
                     sent += 1
             if include_usage:
                 total = n * choices_total
-                await send({**base, "choices": [], "usage": {"prompt_tokens": sum(prompts), "completion_tokens": total,
-                                                             "total_tokens": sum(prompts) + total}})
+                await send({**base, "choices": [], "usage": self._usage(sum(prompts), total)})
             await resp.write(b"data: [DONE]\n\n")
         except (ConnectionResetError, ConnectionError):
             pass  # the client (the gateway) went away: like vLLM, just stop
         return resp
+
+
+    async def _fault(self, sent: int, request: web.Request, resp: web.StreamResponse) -> bool:
+        """The injected mid-stream fault due after `sent` token chunks, if any; True: the stream is over."""
+        if sent == self.b.die_after_chunks:
+            assert request.transport is not None
+            request.transport.abort()
+            return True
+        if sent == self.b.stall_after_chunks:
+            await asyncio.sleep(3600)
+        if sent == self.b.malformed_after_chunks:
+            await resp.write(b"data: {not json\n\n")
+            return True
+        if sent == self.b.error_event_after_chunks:
+            await resp.write(b"data: " + orjson.dumps({"error": {"message": "injected engine error",
+                                                                  "type": "InternalServerError", "code": 500}})
+                             + b"\n\ndata: [DONE]\n\n")
+            return True
+        return False
+
+
+def _token_chunk(base: dict[str, Any], chat: bool, idx: int, i: int, finish: str | None) -> dict[str, Any]:
+    if chat:
+        choice: dict[str, Any] = {"index": idx, "delta": {"content": f"tok{i} "}, "logprobs": None,
+                                  "finish_reason": finish}
+    else:
+        choice = {"index": idx, "text": f"tok{i} ", "logprobs": None, "finish_reason": finish}
+    return {**base, "choices": [choice]}
 
 
 def _json(obj: Any, status: int = 200) -> web.Response:
