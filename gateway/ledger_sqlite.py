@@ -39,6 +39,18 @@ _UPSERT = (f"INSERT INTO usage (tenant, day, hour, model, {_COLS}) "
            + ", ".join(f"{c} = {c} + excluded.{c}" for c in usage.COUNTERS))
 
 
+def _add_new_counters(db: sqlite3.Connection) -> None:
+    """A file made by an older gateway lacks the counters added since: add them (0 for the past)."""
+    have = {row[1] for row in db.execute("PRAGMA table_info(usage)")}
+    for c in usage.COUNTERS:
+        if c not in have:
+            try:
+                db.execute(f"ALTER TABLE usage ADD COLUMN {c} INTEGER NOT NULL DEFAULT 0")
+            except sqlite3.OperationalError as e:  # another worker added it first
+                if "duplicate column" not in str(e):
+                    raise
+
+
 class SqliteLedger:
     name = "sqlite"
 
@@ -66,6 +78,7 @@ class SqliteLedger:
             db.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: a power loss may lose the last commits
             db.execute("PRAGMA journal_size_limit = 67108864")  # the WAL file shrinks back to 64 MB
             db.executescript(_SCHEMA)  # IF NOT EXISTS: workers starting together wait on each other
+            _add_new_counters(db)
             self._db = db
         return self._db
 

@@ -205,3 +205,25 @@ def test_memory_ledger_keeps_a_byte_budget() -> None:
         asyncio.run(led.ledger_write("w", b + 1, lines, usage.fold(map(orjson.loads, lines))))
     assert led.bytes <= 200_000 and len(led.rows) < 5000
     assert sum(g["requests"] for g in led.groups.values()) == 5000
+
+
+async def test_sqlite_file_of_an_older_gateway_gets_the_new_counters(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript("CREATE TABLE ledger (id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, line BLOB NOT NULL);"
+                     "CREATE TABLE usage (tenant TEXT NOT NULL, day INTEGER NOT NULL, hour INTEGER NOT NULL,"
+                     " model TEXT NOT NULL, requests INTEGER NOT NULL DEFAULT 0,"
+                     " PRIMARY KEY (tenant, day, hour, model)) WITHOUT ROWID;")
+    db.close()
+    led = SqliteLedger(str(path), 1000, 30, 30)
+    await led.start()
+    try:
+        lines = [record(1)]
+        await led.ledger_write("w", 1, lines, usage.fold(map(orjson.loads, lines)))
+        groups = await led.usage_groups(None, None, None)
+        assert [g["requests"] for g in groups.values()] == [1]
+        assert [g["cost_pico_usd"] for g in groups.values()] == [250_000_000_000]
+    finally:
+        await led.close()
