@@ -38,7 +38,6 @@ from typing import Any
 import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 from loadtests.bench_drivers import cpu_seconds, open_loop, rss_mb, streams, wrk, wrk_requests  # noqa: E402
 from loadtests.bench_policy import policy_figures  # noqa: E402
 from loadtests.netutil import free_port, wait_http  # noqa: E402

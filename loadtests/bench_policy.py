@@ -13,12 +13,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway.config import parse_config  # noqa: E402
 from gateway.routing.breaker import CircuitBreaker  # noqa: E402

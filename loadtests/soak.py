@@ -29,7 +29,6 @@ import aiohttp
 import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from loadtests.netutil import free_port, wait_http  # noqa: E402
 

@@ -192,10 +192,11 @@ async def test_in_process_cache_and_counters_are_bounded() -> None:
         await store.cache_put(f"k{i}", b"x" * 4000, 60)
     assert store.cache_bytes <= 1024 * 1024 and len(store.cache) < 260
     assert await store.cache_get("k1999") is not None and await store.cache_get("k0") is None
-    store.kv["gw:rl:t:a:r:1"] = (5, time.time() - 1)  # a past minute's counter
-    store._next_sweep = 0.0
-    store._add("gw:rl:t:a:r:2", 1, 120)
-    assert "gw:rl:t:a:r:1" not in store.kv
+    # limits: the spend of past days and months is forgotten, not kept for ever
+    for day in range(20):
+        store.limits.spend[f"gw:{{t:a}}:rl:t:d:2020{day:04d}"] = 5
+    store.limits._charge("gw:{t:a}:rl:t:d:20991231", 1)
+    assert not any(k.endswith("d:20200001") for k in store.limits.spend)
 
 
 def test_memory_ledger_keeps_a_byte_budget() -> None:
