@@ -163,6 +163,22 @@ def gateway(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture
+def fake() -> Iterator[FakeUpstream]:
+    """A private test upstream for one test (its counters and switches are the test's alone)."""
+    f = start_fake_upstream(["m1"])
+    yield f
+    f.kill()
+
+
+@pytest.fixture
+def fake_b() -> Iterator[FakeUpstream]:
+    """A second private test upstream (a second deployment of the same model)."""
+    f = start_fake_upstream(["m1"])
+    yield f
+    f.kill()
+
+
+@pytest.fixture
 def gateway_factory(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
     started: list[GatewayProcess] = []
 
