@@ -14,7 +14,7 @@ minus the upstream's own), max non-streaming req/s (wrk, 16 connections) and CPU
 The headline: gateway req/s / pass-through req/s, which means the same on any machine (absolute
 figures differ up to 3x between machines of one kind, and this machine is shared).
 
-    .venv/bin/python loadtests/bench_gateway.py [--targets all] [--requests 100000] [--rates 300] \
+    .venv/bin/python -m loadtests.bench_gateway [--targets all] [--requests 100000] [--rates 300] \
         [--duration 10] [--out FILE.json]
 """
 
