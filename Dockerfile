@@ -21,11 +21,14 @@ FROM python:3.11-slim
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    GATEWAY_WORKERS=2
+    GATEWAY_WORKERS=2 \
+    GATEWAY_STATE_DIR=/var/lib/gateway
 COPY --from=build /opt/venv /opt/venv
 RUN groupadd --system --gid 10001 gateway \
     && useradd --system --uid 10001 --gid gateway --no-create-home --home-dir /nonexistent gateway \
-    && mkdir -p /etc/gateway
+    && mkdir -p /etc/gateway /var/lib/gateway && chown gateway:gateway /var/lib/gateway
+# Without redis.url the ledger is a SQLite file here: mount a volume on it to keep billing data.
+VOLUME /var/lib/gateway
 USER 10001:10001
 WORKDIR /tmp
 EXPOSE 8000

@@ -1,21 +1,14 @@
-"""The ASGI application: routes, and the request's path through the stages in their order.
-
-parse + validate -> authenticate -> plan/execute (execute.py) -> finalize (finalize.py)
+"""App assembly: the worker's stages, their start and stop, FastAPI for the gateway's own endpoints, and
+the ASGI entry that sends the proxied endpoints straight down the request pipeline (gateway/pipeline.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
-import re
-import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
-import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -23,441 +16,20 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from gateway import errors
-from gateway.apis import registry, retrieve
-from gateway.apis.events import EventAccountant
-from gateway.apis.registry import Apis
-from gateway.apis.stored import Location
-from gateway.auth import Authenticator
-from gateway.cache import Lookup, RecordingAccountant, build_cache, replay
-from gateway.config import GatewayConfig, Model, Pricing, load_config
-from gateway.deadline import Watchdog
-from gateway.errors import GatewayError
-from gateway.execute import Executor
-from gateway.finalize import Finalizer, RequestLog, early_headers, final_headers, stream_trailer
-from gateway.guards import SINGLE_HEADERS, bearer_matches, check_depth, duplicate_header, duplicated
-from gateway.ledger import Ledger, parse_time
-from gateway.ledger_gate import LedgerGate
-from gateway.limits import build_limiter
-from gateway.metrics import CONTENT_TYPE, GatewayMetrics
+from gateway.apis import retrieve
+from gateway.config import GatewayConfig, load_config
+from gateway.errors import GatewayError, error_response
 from gateway.openapi import install_openapi
-from gateway.protocol import MAX_MODEL_NAME, Endpoint, validate_request
-from gateway.record import RequestRecord
-from gateway.relay import DRAIN_S, Relay
-from gateway.routing.balance import Balancing
-from gateway.routing.breaker import BreakerState, CircuitBreaker
-from gateway.routing.live import LiveStats
-from gateway.routing.policy import Plan, Planner
-from gateway.store import StoreCommandError, StoreUnavailable, build_store
-from gateway.streaming import StreamAccountant
-from gateway.upstream import UpstreamPool
-
-log = logging.getLogger("gateway")
-
-# What an unknown-model request is charged as: one request against rpm/concurrency, no tokens, no cost.
-NO_MODEL = Model("_unknown", (), Pricing(), "none")
-_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
-JSON = "application/json"
-
-
-class Gateway:
-    """Everything one worker needs to serve, built once at start-up from the compiled config."""
-
-    def __init__(self, config: GatewayConfig) -> None:
-        self.config = config
-        self.max_body = config.server.max_body_bytes
-        self.body_timeout = config.server.body_timeout
-        self.body_watchdog = Watchdog(self.body_timeout)
-        self.max_depth = config.server.max_json_depth
-        self.auth = Authenticator(config)
-        deployments = {d.name for m in config.models.values() for d in m.deployments}
-        self.metrics = GatewayMetrics(set(config.models), deployments)
-        # Response cache, limits and budgets, usage ledger: one store (Redis, or in-process without a URL).
-        f = config.features
-        self._redis_logged: dict[str, float] = {}
-        self.store = build_store(config, self._redis_error)
-        self.cache = build_cache(config, self.store, self.metrics.cache_corrupt.inc)
-        self.apis = Apis(config, self.store)  # Responses / Messages / tokenizer: stored responses, upper bound
-        self.limiter = build_limiter(config, self.store, self._spend_seen, self.metrics,
-                                     window=lambda m: self.planner.window(m))  # planner: built below
-        self.ledger = Ledger(self.store, f.redis.ledger_buffer, f.redis.ledger_flush_interval_s,
-                             self.metrics.ledger_buffered.set, self.metrics.ledger_dropped.inc)
-        # A response ends only once its ledger record is in Redis (a killed replica loses no finished request).
-        self.ledger_gate = LedgerGate(self.ledger, f.redis.timeout_s * 2, max(f.redis.down_for_s, 0.5)) \
-            if self.store.name == "redis" and f.redis.ledger_before_response else None
-        # Upstreams, their breakers and live figures, and the routing rules over them.
-        self.pool = UpstreamPool(config, on_checked=self._health_checked)
-        self.breakers = {name: CircuitBreaker(name, config.circuit_breaker, self._breaker_changed)
-                         for name in self.pool.states}
-        self.live = LiveStats(config)
-        self.executor = Executor(self.pool, self.breakers, Balancing(config, self.live, self.breakers))
-        self.planner = Planner(config, self.live, self.breakers, budget_fraction=self.limiter.budget_used_fraction,
-                               in_flight=lambda name: self.pool.states[name].in_flight)
-        # Finalize: the record goes to the log and the ledger, then limits settle and routing learns.
-        self.finalizer = Finalizer(config, self.metrics, RequestLog(config.server.request_log))
-        self.finalizer.record_sinks.append(self.ledger.append)
-        self.finalizer.observers += [self.limiter.settle, self._observe_latency]
-        self.active: set[asyncio.Task[Any]] = set()  # requests being served (shutdown waits for their accounts)
-        self._set_static_gauges()
-
-    def _set_static_gauges(self) -> None:
-        for name, m in self.config.models.items():
-            self.metrics.model_info.labels(name, m.tier).set(1)
-        for name in self.breakers:
-            self.metrics.breaker_state.labels(name).set(0)
-        for tenant, lim in self.config.features.tenant_limits.items():
-            for period, budget in (("day", lim.budget_day), ("month", lim.budget_month)):
-                if budget:
-                    self.metrics.tenant_budget.labels(tenant, period).set(budget)
-
-    def _redis_error(self, operation: str, exc: BaseException) -> None:
-        self.metrics.redis_errors.labels(operation).inc()
-        now = time.monotonic()
-        if now - self._redis_logged.get(operation, 0.0) >= 10.0:  # one line per operation per 10 s
-            self._redis_logged[operation] = now
-            log.warning("redis %s failed: %s: %s", operation, type(exc).__name__, exc)
-
-    def _spend_seen(self, tenant: str, period: str, usd: float) -> None:
-        self.metrics.tenant_spend.labels(tenant, period).set(usd)
-
-    def _breaker_changed(self, deployment: str, state: BreakerState) -> None:
-        log.warning("circuit breaker of %s is now %s", deployment, state.name.lower())
-        self.metrics.breaker_state.labels(deployment).set(int(state))
-
-    def _observe_latency(self, rec: RequestRecord) -> None:
-        """Feed the deadline rule's live figures from successful requests."""
-        if rec.status != 200 or rec.deployment is None:
-            return
-        if rec.stream:
-            self.live.get(rec.deployment).observe(rec.ttft_s, rec.tpot_s)
-        elif rec.completion_tokens > 0 and rec.endpoint != "embeddings":
-            self.live.get(rec.deployment).observe(None, rec.upstream_s / rec.completion_tokens)
-
-    def _health_checked(self, pool: UpstreamPool) -> None:
-        for name, state in pool.states.items():
-            self.metrics.upstream_healthy.labels(name).set(1 if state.healthy else 0)
-
-    async def read_json(self, headers: dict[bytes, bytes], receive: Receive) -> Any:
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
-            raise errors.payload_too_large(self.max_body)
-        chunks: list[bytes] = []
-        size = 0
-        # One deadline for the whole body, first message included: a client that sends its headers
-        # (say Content-Length: 100) and then nothing, or trickles the body (slowloris), is cut off.
-        task = asyncio.current_task()
-        assert task is not None
-        self.body_watchdog.watch(task)
-        try:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    raise ClientGone()
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > self.max_body:
-                    raise errors.payload_too_large(self.max_body)
-                chunks.append(chunk)
-                if not message.get("more_body", False):
-                    break
-        except asyncio.CancelledError:
-            if not self.body_watchdog.done(task):
-                raise  # cancelled from outside (shutdown), not by the body deadline
-            task.uncancel()
-            raise GatewayError(408, f"The request body did not arrive within {self.body_timeout:g}s.",
-                               code="request_timeout") from None
-        finally:
-            self.body_watchdog.done(task)
-        raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        if not raw:
-            raise errors.bad_request("Request body is empty; expected a JSON object.")
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as e:
-            raise errors.bad_request(f"Request body is not valid JSON: {e.msg}", code="invalid_json") from None
-        check_depth(raw, body, self.max_depth)  # before anything (orjson.dumps included) walks the body
-        return body
-
-    async def handle(self, scope: Scope, receive: Receive, send: Send, endpoint: Endpoint) -> None:
-        """The request's path through the stages; answers through raw ASGI (no framework on the hot path)."""
-        headers = _wanted_headers(scope["headers"])
-        rid = headers.get(b"x-request-id")
-        rec = RequestRecord(rid.decode() if rid and _REQUEST_ID.fullmatch(rid) else uuid.uuid4().hex, endpoint)
-        task = asyncio.current_task()
-        assert task is not None
-        self.active.add(task)
-        watcher: asyncio.Task[None] | None = None
-        try:
-            if _DUPLICATE in headers:
-                raise duplicate_header(headers[_DUPLICATE])
-            auth = headers.get(b"authorization")
-            if auth is None and b"x-api-key" in headers:  # how the anthropic SDK sends its key
-                auth = b"Bearer " + headers[b"x-api-key"]
-            tenant, key_hash = self.auth.authenticate(auth.decode("latin-1") if auth else None)
-            rec.tenant, rec.api_key_hash = tenant.name, key_hash
-            body = await self.read_json(headers, receive)
-            # From here on the client leaving cancels this task, wherever it is: limits, queue, vLLM, relay.
-            watcher = asyncio.create_task(_cancel_on_disconnect(receive, task))
-            req = validate_request(endpoint, body)
-            rec.requested_model = req.model
-            try:
-                plan = await self._plan(rec, req.model, body, headers)
-            except GatewayError as e:
-                if e.code == "model_not_found":  # a probe for names still counts: one request, no tokens
-                    await self.limiter.admit(rec, NO_MODEL, {})
-                raise
-            pinned = await self.apis.pin(rec, endpoint, plan, body)  # continues a stored response: its engine
-            self.finalizer.begin(rec)
-            model = plan.candidates[0]
-            self.apis.prepare(endpoint, body)  # gateway/apis/: the output upper bound, the response id
-            await self.limiter.admit(rec, model, body)  # 429 (or 503 when failing closed) refuses here
-            stream = registry.streams(endpoint, body)
-            n = body.get("n", 1) if endpoint in ("chat", "completions") else 1
-            lk = await self.cache.lookup(rec, model, endpoint, body, headers.get(b"cache-control"), stream)
-            try:
-                if stream:
-                    await self._stream(rec, plan, endpoint, body, send, lk, n, watcher.cancel, pinned)
-                    self.finalizer.finalize(rec)  # a stream that failed mid-way (a complete one already is)
-                    return
-                if lk.entry is not None:
-                    data = lk.entry.body
-                else:
-                    try:
-                        data, tally = await self.executor.call(rec, plan, endpoint, body, n)
-                    except GatewayError as e:
-                        raise self.apis.pinned_failure(body, pinned, e) from None
-                    tally.write(rec)
-                    await self.apis.served(rec, endpoint, body)
-                watcher.cancel()  # the answer is here: a client leaving now changes nothing
-                rec.status = 200
-                self.finalizer.finalize(rec)
-                self.cache.store(lk, rec, "json", data)
-            finally:
-                self.cache.release(lk)
-            if self.ledger_gate is not None:
-                await self.ledger_gate.wait()
-            await _respond(send, 200, data, final_headers(rec))
-        except GatewayError as e:
-            if watcher is not None:
-                watcher.cancel()  # answering now: the end of the response must not look like the client leaving
-            await self._error(rec, e, send)
-        except ClientGone:
-            rec.outcome, rec.status = "client_left_before_response", 499
-            self.finalizer.finalize(rec)
-        except asyncio.CancelledError:
-            if watcher is None or not watcher.done() or watcher.cancelled():
-                rec.outcome, rec.status = "gateway_shutdown", rec.status or 503  # cancelled from outside: stopping
-                self.finalizer.finalize(rec)
-                raise
-            task.uncancel()  # our own watcher: the client left
-            if not rec.outcome.startswith("client_left"):
-                rec.outcome = "client_left_before_response"
-            rec.status = 499
-            self.finalizer.finalize(rec)
-        except Exception:
-            log.exception("internal error in request %s", rec.request_id)
-            await self._error(rec, GatewayError(500, f"Internal gateway error (request id {rec.request_id}).",
-                                                type="api_error", code="internal_error"), send)
-        finally:
-            self.active.discard(task)
-            if watcher is not None:
-                watcher.cancel()
-
-    async def _error(self, rec: RequestRecord, e: GatewayError, send: Send) -> None:
-        rec.status, rec.error_code = e.status, e.code
-        rec.outcome = "timeout" if e.code == "upstream_timeout" else "error"
-        self.finalizer.finalize(rec)
-        await _respond(send, e.status, registry.error_body(rec.endpoint, e), {**final_headers(rec), **e.headers})
-
-    async def _plan(self, rec: RequestRecord, name: str, body: dict[str, Any], headers: dict[bytes, bytes]) -> Plan:
-        task_raw = headers.get(b"x-gateway-task")
-        metadata = body.get("metadata")
-        task = task_raw.decode("latin-1").strip().lower() if task_raw else (
-            str(metadata["task"]).lower() if isinstance(metadata, dict) and metadata.get("task") else None)
-        if task is not None and len(task) > MAX_MODEL_NAME:  # it goes to the log and the ledger: keep it short
-            raise errors.bad_request(f"The task name is longer than {MAX_MODEL_NAME} characters.",
-                                     param="x-gateway-task" if task_raw else "metadata.task")
-        deadline_ms = None
-        if (raw := headers.get(b"x-gateway-deadline-ms")) is not None:
-            try:
-                deadline_ms = float(raw)
-                if not 0 < deadline_ms < 1e9:
-                    raise ValueError
-            except ValueError:
-                raise errors.bad_request("Header x-gateway-deadline-ms must be a positive number of milliseconds.",
-                                         param="x-gateway-deadline-ms") from None
-        plan = await self.planner.plan(name, body, rec.tenant, task, deadline_ms, self.executor.count_tokens)
-        rec.primary_model = plan.requested.name
-        rec.route = plan.route.name if plan.route is not None else None
-        rec.task = task
-        rec.rule, rec.fallback_reason = plan.rule, plan.reason
-        rec.route_decisions = plan.decisions
-        rec.deadline_ms = None if plan.deadline_s is None else plan.deadline_s * 1e3
-        rec.predicted_ms = None if plan.predicted_s is None else plan.predicted_s * 1e3
-        return plan
-
-    async def _stream(self, rec: RequestRecord, plan: Plan, endpoint: Endpoint, body: dict[str, Any],
-                      send: Send, lk: Lookup, n: int, stop_watching: Callable[[], object],
-                      pinned: Location | None = None) -> None:
-        rec.stream = True
-        # Responses / Messages: their own named-event accountant (gateway/apis/); chat and completions below.
-        acct: StreamAccountant | EventAccountant | None = registry.accountant(endpoint, rec, lk.may_store)
-        if acct is None:
-            asked = body.get("stream_options") or {}
-            if not isinstance(asked, dict):
-                raise errors.bad_request("'stream_options' must be an object.", param="stream_options")
-            # A miss that may be stored keeps the upstream payloads (RecordingAccountant); a hit replays them.
-            usage, continuous = asked.get("include_usage") is True, asked.get("continuous_usage_stats") is True
-            acct = RecordingAccountant(rec, usage, continuous, n, lk.max_bytes) if lk.may_store else \
-                StreamAccountant(rec, usage, continuous, n)
-            body["stream_options"] = {**asked, "include_usage": True, "continuous_usage_stats": True}
-        stream = None
-        if lk.entry is None:
-            try:
-                stream = await self.executor.open_stream(rec, plan, endpoint, body, n)
-            except GatewayError as e:
-                raise self.apis.pinned_failure(body, pinned, e) from None
-            await self.apis.served(rec, endpoint, body)
-        rec.status = 200
-
-        ended = False
-
-        def on_done() -> bytes:
-            nonlocal ended
-            ended = True
-            line = self.finalizer.finalize(rec)
-            # Only called for a stream that completed; one that outgrew max_entry_bytes was not kept.
-            if isinstance(acct, RecordingAccountant):
-                if (recorded := acct.recorded()) is not None:
-                    self.cache.store(lk, rec, "sse", recorded)
-            elif (payloads := getattr(acct, "payloads", None)) is not None:  # Responses / Messages events
-                self.cache.store(lk, rec, "sse", b"\n".join(payloads))
-            return stream_trailer(line)
-
-        relay = None if stream is None else Relay(stream, rec, acct, on_done)
-        chunks = relay.chunks() if relay is not None else replay(lk.entry, acct, on_done)  # type: ignore[arg-type]
-        sending, t0 = False, 0.0
-        try:
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": _encode_headers({**early_headers(rec), "cache-control": "no-cache"}, SSE)})
-            async for chunk in chunks:
-                if ended and self.ledger_gate is not None:  # the trailer and [DONE] wait for the ledger
-                    await self.ledger_gate.wait()
-                sending, t0 = True, time.perf_counter()
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                waited = time.perf_counter() - t0
-                sending = False
-                if waited > _BLOCKED_S:  # the client's socket was full: it is not keeping up
-                    rec.client_wait_s += waited
-            stop_watching()  # the response is complete: the client closing now is not leaving early
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except asyncio.CancelledError:
-            if sending:  # left while a write to it was blocked
-                rec.client_wait_s += time.perf_counter() - t0
-            slow = sending or rec.client_wait_s >= _SLOW_READER_S
-            rec.outcome = "client_left_slow_reader" if slow else "client_left_midstream"
-            raise
-        finally:
-            await chunks.aclose()  # type: ignore[attr-defined]
-            if relay is not None:
-                await relay.abandon()  # no-op when the upstream side already ended
-                if not relay.completed:
-                    await self.apis.unfinished_stream(rec, endpoint, body, acct, self.pool)
-
-    def list_models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": m.owned_by,
-             "root": m.deployments[0].upstream_model}
-            for name, m in self.config.models.items()] + [
-            {"id": name, "object": "model", "created": 0, "owned_by": "gateway-route",
-             "root": r.candidates[0].name, "candidates": [c.name for c in r.candidates]}
-            for name, r in self.config.routes.items()]}
-
-
-USAGE_TIME_MAX = 253402300799.0  # 9999-12-31T23:59:59Z: the last instant an ISO date can name
-
-
-def _usage_time(value: str | None, name: str) -> float | None:
-    """A /v1/usage bound: unix seconds or an ISO 8601 date, finite, from 1970 to 9999 (else 400 naming it)."""
-    problem = f"{name} must be unix seconds (0 to {USAGE_TIME_MAX:.0f}) or an ISO 8601 date."
-    if value is not None and len(value) > 64:
-        raise errors.bad_request(problem, param=name)
-    try:
-        ts = parse_time(value)
-    except (ValueError, OverflowError):
-        raise errors.bad_request(problem, param=name) from None
-    if ts is not None and not (0.0 <= ts <= USAGE_TIME_MAX):  # also refuses nan (every comparison is false)
-        raise errors.bad_request(problem, param=name)
-    return ts
-
-
-class ClientGone(Exception):
-    """The client disconnected before its request body arrived."""
-
-
-async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[Any]) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            task.cancel()
-            return
-
-
-_BLOCKED_S = 0.002  # a send that took longer waited for the client's socket to drain
-_SLOW_READER_S = 0.05  # a client that held the stream back this long in all reads slowly
-
-_WANTED = frozenset({b"authorization", b"x-api-key", b"x-request-id", b"content-length", b"x-gateway-task",
-                     b"x-gateway-deadline-ms", b"cache-control"})
-JSON_CT = (b"content-type", b"application/json")
-SSE = (b"content-type", b"text/event-stream; charset=utf-8")
-
-
-_DUPLICATE = b":duplicate"  # names a must-be-single header that came twice (answered with a 400)
-
-
-def _wanted_headers(raw: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
-    headers: dict[bytes, bytes] = {}
-    for k, v in raw:
-        if k in _WANTED:
-            if k in headers and k in SINGLE_HEADERS:
-                headers[_DUPLICATE] = k
-            headers[k] = v
-    return headers
-
-
-def _encode_headers(headers: dict[str, str], content_type: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
-    return [content_type, *((k.encode(), v.encode()) for k, v in headers.items())]
-
-
-async def _respond(send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:
-    h = _encode_headers(headers, JSON_CT)
-    h.append((b"content-length", str(len(body)).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": h})
-    await send({"type": "http.response.body", "body": body})
-
-
-def _authorization(request: Request) -> str | None:
-    """A FastAPI route's Authorization header, refused when sent twice (as on the proxy routes)."""
-    if (dup := duplicated(request.scope["headers"])) is not None:
-        raise duplicate_header(dup)
-    return request.headers.get("authorization")
-
-
-class _Handled(Response):
-    """Lets a FastAPI route hand its request to Gateway.handle (the same code the fast path runs)."""
-
-    def __init__(self, gw: Gateway, endpoint: Endpoint) -> None:
-        self.gw, self.endpoint = gw, endpoint
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.gw.handle(scope, receive, send, self.endpoint)
+from gateway.pipeline import Gateway
+from gateway.protocol import UPSTREAM_PATHS, Endpoint
+from gateway.relay import DRAIN_S
+from gateway.routes import router
 
 
 class FastPath:
-    """ASGI entry: the three proxy routes go straight to Gateway.handle; everything else to FastAPI."""
+    """ASGI entry: the proxied endpoints go straight to Gateway.handle; everything else to FastAPI."""
 
-    ROUTES: dict[str, Endpoint] = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
-                                   "/v1/embeddings": "embeddings", "/v1/responses": "responses",
-                                   "/v1/messages": "messages", "/tokenize": "tokenize", "/detokenize": "detokenize"}
+    ROUTES: dict[str, Endpoint] = {path: endpoint for endpoint, path in UPSTREAM_PATHS.items()}
 
     def __init__(self, gw: Gateway, app: FastAPI) -> None:
         self.gw, self.app = gw, app
@@ -474,137 +46,64 @@ class FastPath:
         await self.app(scope, receive, send)
 
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Start the stages that talk to the network; on the way out, let cut requests write their records."""
+    gw: Gateway = app.state.gateway
+    await gw.pool.start()
+    gw.live.start(gw.pool.session)
+    await gw.store.start()
+    if gw.ledger.backend is not gw.store:
+        await gw.ledger.backend.start()  # the embedded SQLite file (or this process's memory)
+    await gw.ledger.start()
+    try:
+        yield
+    finally:
+        if gw.active:  # requests cut by shutdown are still draining vLLM and writing their records
+            await asyncio.wait(list(gw.active), timeout=DRAIN_S + 1.0)
+        await gw.live.close()
+        await gw.pool.close()
+        await gw.limiter.close()
+        await gw.cache.close()
+        await gw.ledger.close()  # writes what is still buffered, if the store answers
+        if gw.ledger.backend is not gw.store:
+            await gw.ledger.backend.close()
+        await gw.store.close()
+        gw.finalizer.request_log.close()
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return error_response(GatewayError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                                       code=code))
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    return error_response(errors.bad_request(str(exc)))
+
+
+async def _gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    return error_response(exc)
+
+
 def create_app(config: GatewayConfig | None = None) -> FastPath:
     """Build the app; with no config, load the file named by GATEWAY_CONFIG (uvicorn --factory workers)."""
     if config is None:
         config = load_config(os.environ["GATEWAY_CONFIG"])
     gw = Gateway(config)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await gw.pool.start()
-        gw.live.start(gw.pool.session)
-        await gw.store.start()
-        await gw.ledger.start()
-        try:
-            yield
-        finally:
-            if gw.active:  # requests cut by shutdown are still draining vLLM and writing their records
-                await asyncio.wait(list(gw.active), timeout=DRAIN_S + 1.0)
-            await gw.live.close()
-            await gw.pool.close()
-            await gw.limiter.close()
-            await gw.cache.close()
-            await gw.ledger.close()  # writes what is still buffered, if the store answers
-            await gw.store.close()
-            gw.finalizer.request_log.close()
-
     srv = config.server
     # No redirect on a trailing slash (its Location would come from the client's Host header): a 404.
     # /docs and /redoc load Swagger UI / ReDoc from a CDN, so they are off unless server.docs is set.
-    app = FastAPI(title="vLLM gateway", version="0.1.0", lifespan=lifespan, redirect_slashes=False,
+    app = FastAPI(title="vLLM gateway", version="0.1.0", lifespan=_lifespan, redirect_slashes=False,
                   openapi_url="/openapi.json" if srv.openapi else None,
                   docs_url="/docs" if srv.docs and srv.openapi else None,
                   redoc_url="/redoc" if srv.docs and srv.openapi else None)
-    install_openapi(app, [*config.models, *config.routes])
     app.state.gateway = gw
-
-    # Served by FastPath without routing; declared here too so that they appear in the OpenAPI description.
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return _Handled(gw, "chat")
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return _Handled(gw, "completions")
-
-    @app.post("/v1/embeddings")
-    async def embeddings(request: Request) -> Response:
-        return _Handled(gw, "embeddings")
-
-    @app.post("/v1/responses")
-    async def responses(request: Request) -> Response:
-        return _Handled(gw, "responses")
-
-    @app.post("/v1/messages")
-    async def messages(request: Request) -> Response:
-        return _Handled(gw, "messages")
-
-    @app.post("/tokenize")
-    async def tokenize(request: Request) -> Response:
-        return _Handled(gw, "tokenize")
-
-    @app.post("/detokenize")
-    async def detokenize(request: Request) -> Response:
-        return _Handled(gw, "detokenize")
-
-    @app.get("/v1/models")
-    async def models(request: Request) -> Response:
-        try:
-            gw.auth.authenticate(_authorization(request))
-        except GatewayError as e:
-            return Response(e.to_json(), status_code=e.status, media_type=JSON)
-        return Response(orjson.dumps(gw.list_models()), media_type=JSON)
-
-    @app.get("/v1/usage")
-    async def usage(request: Request) -> Response:
-        """Totals by tenant, model and day from the ledger; a tenant sees its own, an admin key all."""
-        try:
-            tenant, _ = gw.auth.authenticate(_authorization(request))
-            q = request.query_params
-            # Checked before anything reaches Redis: a bad value is this request's 400, never a store error.
-            start, end = _usage_time(q.get("start"), "start"), _usage_time(q.get("end"), "end")
-            if start is not None and end is not None and end < start:
-                raise errors.bad_request("end must not be before start.", param="end")
-            who = q.get("tenant") if tenant.admin else tenant.name
-            if who is not None and len(who) > 256:
-                raise errors.bad_request("tenant must be at most 256 characters.", param="tenant")
-            try:
-                await gw.ledger.flush()  # so that a caller sees its own latest requests
-                totals = await gw.ledger.usage(start, end, who)
-            except StoreCommandError:  # a bug (logged and counted by the store); limits stay on
-                raise GatewayError(500, "The usage ledger could not be read.", type="api_error",
-                                   code="ledger_error") from None
-            except StoreUnavailable:
-                raise GatewayError(503, "The usage ledger is unavailable right now.", type="api_error",
-                                   code="ledger_unavailable") from None
-        except GatewayError as e:
-            return Response(e.to_json(), status_code=e.status, media_type=JSON)
-        return Response(orjson.dumps(totals), media_type=JSON)
-
-    @app.get("/healthz")
-    async def healthz() -> Response:
-        return Response(b'{"status":"ok"}', media_type=JSON)
-
-    @app.get("/readyz", responses={503: {"description": "a model has no healthy deployment"}})
-    async def readyz() -> Response:
-        ready = gw.pool.ready_models()
-        ok = all(ready.values())
-        return Response(orjson.dumps({"ready": ok, "models": ready}), status_code=200 if ok else 503,
-                        media_type=JSON)
-
-    metrics_key = srv.metrics_key or None
-
-    @app.get("/metrics", responses={401: {"description": "server.metrics_key is set and was not sent"}})
-    async def metrics(request: Request) -> Response:
-        """Prometheus exposition; names tenants, spend and budgets, so server.metrics_key can guard it."""
-        if metrics_key is not None:
-            try:
-                if not bearer_matches(_authorization(request), metrics_key):
-                    raise errors.unauthorized("/metrics needs the metrics key: 'Authorization: Bearer <key>'.")
-            except GatewayError as e:
-                return Response(e.to_json(), status_code=e.status, media_type=JSON,
-                                headers={"www-authenticate": "Bearer"} if e.status == 401 else None)
-        return Response(gw.metrics.render(), media_type=CONTENT_TYPE)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        e = GatewayError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code)
-        return Response(e.to_json(), status_code=e.status, media_type=JSON)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-        return Response(errors.bad_request(str(exc)).to_json(), status_code=400, media_type=JSON)
-
+    app.include_router(router)
+    install_openapi(app, [*config.models, *config.routes])
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(GatewayError, _gateway_error)
     return FastPath(gw, app)

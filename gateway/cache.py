@@ -15,7 +15,7 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
@@ -87,7 +87,6 @@ class Lookup:
     future: asyncio.Future[Entry | None] | None = None  # set while this request leads a coalesced miss
     locked: bool = False  # holds the cross-replica stampede lock
     done: bool = False
-    payloads: list[bytes] = field(default_factory=list)
     max_bytes: int = 0  # a stream recorded for storing stops being kept past this (max_entry_bytes)
 
 

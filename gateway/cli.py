@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from gateway.config import ConfigError, load_config
+from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.server import HEADER_TIMEOUT_ENV
 
 
@@ -38,11 +38,32 @@ def check_config(path: str) -> int:
     return 0
 
 
+def shared_state_problem(cfg: GatewayConfig, workers: int) -> str | None:
+    """Why `workers` processes cannot run this config without a shared store, or None.
+
+    Without Redis the ledger is one SQLite file all workers share, but limits live in each process:
+    N workers would each allow the full limit. Refused rather than silently multiplied."""
+    f = cfg.features
+    if workers <= 1 or f.redis.url:
+        return None
+    if f.tenant_limits or f.key_limits:
+        return (f"--workers {workers} with rate limits or budgets needs a shared store: set redis.url, or run "
+                "one worker per process (limits in the in-process backend are per worker)")
+    if f.ledger.path == "memory":
+        return (f"--workers {workers} with ledger.path 'memory' would split the ledger between workers: "
+                "set redis.url, or leave ledger.path unset (a SQLite file all workers share)")
+    return None
+
+
 def serve(path: str, host: str, port: int, workers: int, log_level: str) -> int:
     try:
         cfg = load_config(path)  # fail fast, with the message, before any worker starts
     except ConfigError as e:
         print(e, file=sys.stderr)
+        return 2
+    problem = shared_state_problem(cfg, workers)
+    if problem:
+        print(f"gateway serve: {problem}", file=sys.stderr)
         return 2
     os.environ["GATEWAY_CONFIG"] = path
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

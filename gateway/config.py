@@ -104,6 +104,8 @@ class CacheSpec(_Strict):
     coalesce_wait_s: float = Field(30.0, gt=0, description="longest a coalesced request waits for the leader")
     max_entry_bytes: int = Field(1024 * 1024, ge=1024, description="larger answers are not stored")
     max_entries: int = Field(10000, ge=1, description="in-process backend only (LRU)")
+    max_bytes: int = Field(32 * 1024 * 1024, ge=1024 * 1024,
+                           description="in-process backend only: the LRU's bound in bytes (keys + values)")
 
 
 class LimitsDefaultsSpec(_Strict):
@@ -130,7 +132,7 @@ class RedisSpec(_Strict):
     on_failure: RedisFailureSpec = RedisFailureSpec()
     ledger_stream: str = "ledger"
     ledger_maxlen: int | None = Field(None, ge=1000, description="approximate trim; unset: keep everything")
-    ledger_buffer: int = Field(10000, ge=1, description="records kept in memory while Redis is away")
+    ledger_buffer: int = Field(10000, ge=1, description="records kept in memory while the ledger is away")
     ledger_flush_interval_s: float = Field(0.2, gt=0)
     ledger_before_response: bool = Field(True, description="a response's last bytes wait until its ledger record "
                                          "is in Redis (gateway/ledger_gate.py); off: up to one flush interval "
@@ -142,6 +144,19 @@ class RedisSpec(_Strict):
         from gateway.redis_client import check_url
 
         return check_url(v) if v else v
+
+
+class LedgerSpec(_Strict):
+    """The ledger without Redis (docs/redis.md, "The embedded backend"), and byte bounds for every backend."""
+
+    path: str | None = Field(None, description="SQLite file; default $GATEWAY_STATE_DIR/ledger.sqlite3 "
+                                               "(~/.cache/vllm-gateway); 'memory': this process only")
+    max_rows: int = Field(1_000_000, ge=1000, description="SQLite: the oldest records beyond this are deleted")
+    max_age_days: float = Field(400.0, gt=0, description="SQLite: records older than this are deleted")
+    usage_days: int = Field(400, ge=1, description="how long per-hour usage aggregates are kept (every backend)")
+    memory_bytes: int = Field(16 * 1024 * 1024, ge=65536, description="path 'memory': bytes of records kept")
+    buffer_bytes: int = Field(8 * 1024 * 1024, ge=65536,
+                              description="records waiting to be written, in bytes (beyond: dropped, counted)")
 
 
 class PrefixRoutingSpec(_Strict):
@@ -276,6 +291,7 @@ class GatewaySpec(_Strict):
     metrics_scrape_interval: float = Field(5.0, gt=0, description="seconds between scrapes of vLLM /metrics")
     redis: RedisSpec = RedisSpec()
     cache: CacheSpec = CacheSpec()
+    ledger: LedgerSpec = LedgerSpec()
     limits: LimitsDefaultsSpec = LimitsDefaultsSpec()
     tenants: dict[str, TenantSpec] = Field(default_factory=dict, description="per-tenant limits and cache")
 
@@ -383,10 +399,7 @@ class Features:
     cache_policies: dict[tuple[str, str], CachePolicy] = field(default_factory=dict)  # (tenant, model)
     tenant_limits: dict[str, Limits] = field(default_factory=dict)
     key_limits: dict[str, Limits] = field(default_factory=dict)  # by key fingerprint (12 hex digits)
-
-    @property
-    def redis_url(self) -> str | None:
-        return self.redis.url or None
+    ledger: LedgerSpec = field(default_factory=LedgerSpec)
 
     def cache_policy(self, tenant: str, model: str) -> CachePolicy:
         p = self.cache_policies.get((tenant, model))
@@ -400,7 +413,6 @@ class GatewayConfig:
     models: dict[str, Model]
     keys_by_sha256: dict[str, Tenant]
     auth_enabled: bool
-    tenants: tuple[str, ...] = field(default=())
     routes: dict[str, Route] = field(default_factory=dict)
     circuit_breaker: CircuitBreakerSpec = field(default_factory=CircuitBreakerSpec)
     metrics_scrape_interval: float = 5.0
@@ -536,7 +548,7 @@ def compile_config(spec: GatewaySpec, source: str) -> GatewayConfig:
     if not keys:
         log.warning("no API keys configured: authentication is OFF, every caller is tenant 'anonymous'")
     tenants = tuple(sorted({t.name for t in keys.values()} | ({"anonymous"} if not keys else set())))
-    return GatewayConfig(source, spec.server, models, keys, bool(keys), tenants, routes, spec.circuit_breaker,
+    return GatewayConfig(source, spec.server, models, keys, bool(keys), routes, spec.circuit_breaker,
                          spec.metrics_scrape_interval, compile_features(spec, models, keys, tenants))
 
 
@@ -569,4 +581,4 @@ def compile_features(spec: GatewaySpec, models: dict[str, Model], keys: dict[str
             mode = t.mode or rule.mode or spec.cache.mode
             ttl = t.ttl_s or rule.ttl_s or spec.cache.ttl_s
             policies[(tenant, name)] = CachePolicy(mode, ttl, f"shared:{t.scope}" if t.scope else f"tenant:{tenant}")
-    return Features(spec.redis, spec.cache, spec.limits, policies, tenant_limits, key_limits)
+    return Features(spec.redis, spec.cache, spec.limits, policies, tenant_limits, key_limits, spec.ledger)

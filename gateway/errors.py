@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import orjson
+from starlette.responses import Response
 
 
 class GatewayError(Exception):
@@ -67,3 +68,9 @@ def upstream_timeout(message: str) -> GatewayError:
 
 def overloaded(message: str) -> GatewayError:
     return GatewayError(503, message, type="api_error", code="overloaded")
+
+
+def error_response(e: GatewayError, headers: dict[str, str] | None = None) -> Response:
+    """The one way the gateway's own endpoints answer an error (the proxy path writes raw ASGI instead)."""
+    return Response(e.to_json(), status_code=e.status, media_type="application/json",
+                    headers={**e.headers, **(headers or {})} or None)

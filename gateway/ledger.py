@@ -1,9 +1,12 @@
-"""Usage ledger: every finished request's record appended to a stream (bounded buffer, flush loop), usage, export.
+"""Usage ledger: each finished request's record buffered (bounded by bytes), written in batches with usage sums.
 
-`append` is called by the finalizer and never blocks: the record (its log dict, no prompt text) goes
-into a bounded in-memory buffer; a background task writes the buffer to the store in batches. While
-the store is away the buffer keeps the records and the loop retries; what overflows the buffer is
-counted (gateway_ledger_dropped_total). Usage totals and exports read the stream back.
+`append` is called by the finalizer and never blocks: the record's JSON line (no prompt text) goes into
+a buffer bounded by records and by bytes; a background task writes it in batches to the ledger backend
+(Redis, else the embedded SQLite file, see build_ledger_backend). Each batch carries the per (tenant,
+day, hour, model) sums of its records (gateway/usage.py) and is written with them in one transaction,
+so `/v1/usage` reads aggregates instead of scanning. A batch is frozen once taken and re-sent as it is
+until a write succeeds: the backend applies a (writer, sequence) pair at most once. While the backend
+is away the buffer keeps the records; what overflows is counted (gateway_ledger_dropped_total).
 """
 
 from __future__ import annotations
@@ -11,23 +14,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import itertools
 import logging
+import os
+import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import IO, Any
+from pathlib import Path
+from typing import IO, Any, Protocol
 
 import orjson
 
-from gateway.store import Store, StoreUnavailable
+from gateway import usage
+from gateway.config import GatewayConfig
+from gateway.store import StoreUnavailable
 
 log = logging.getLogger("gateway.ledger")
 
 BATCH = 500
 READ_BATCH = 2000
-# Records reach the stream after they finished (buffered while the store was away): a time-range
-# query also scans stream ids up to this much older than its start, then filters on the record's ts.
-LATE_MARGIN_MS = 6 * 3600 * 1000
+SEEN_WINDOW = 100_000
+# Records reach the ledger after they finished (buffered while the backend was away): a time-range
+# read also looks at entries written up to this much before its start, then filters on the record's ts.
+LATE_MARGIN_S = 6 * 3600
 
 CSV_FIELDS = ("ts", "request_id", "tenant", "api_key", "endpoint", "requested_model", "served_model",
               "upstream_model", "deployment", "stream", "status", "outcome", "error_code", "cache",
@@ -38,29 +49,76 @@ CSV_FIELDS = ("ts", "request_id", "tenant", "api_key", "endpoint", "requested_mo
               "e2e_ms", "ttft_ms", "tpot_ms", "overhead_ms")
 
 
+class LedgerBackend(Protocol):
+    """Where batches go: the Redis stream + hashes, the SQLite file, or (path: memory) this process."""
+
+    name: str
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+
+    async def ledger_write(self, writer: str, seq: int, entries: Sequence[bytes], groups: usage.Groups) -> None:
+        """Append the entries and add the groups to the aggregates, atomically; (writer, seq) at most once."""
+        ...
+
+    async def ledger_read(self, cursor: str | None, start_ts: float | None,
+                          count: int) -> tuple[list[bytes], str | None]:
+        """Up to `count` entries after `cursor` (None: from start_ts - margin); the next cursor, None at the end."""
+        ...
+
+    async def usage_groups(self, tenant: str | None, lo_hour: int | None, hi_hour: int | None) -> usage.Groups:
+        """The aggregates of one tenant (None: all) in hours [lo_hour, hi_hour) (None: unbounded)."""
+        ...
+
+
+@dataclass(slots=True)
+class _Batch:
+    seq: int
+    lines: list[bytes]
+    size: int
+    groups: usage.Groups
+
+
 class Ledger:
-    def __init__(self, store: Store, capacity: int, flush_interval_s: float,
-                 on_buffered: Callable[[int], None], on_dropped: Callable[[int], None]) -> None:
-        self.store = store
+    def __init__(self, backend: LedgerBackend, capacity: int, flush_interval_s: float,
+                 on_buffered: Callable[[int], None], on_dropped: Callable[[int], None],
+                 max_bytes: int = 8 * 1024 * 1024) -> None:
+        self.backend = backend
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self.interval = flush_interval_s
         self.buffer: deque[bytes] = deque()
+        self.buffered_bytes = 0  # in `buffer` and the pending batch
         self.dropped = 0
+        self.writer = uuid.uuid4().hex[:16]  # this process, for the backend's at-most-once check
+        self._seq = itertools.count(1)
+        self._pending: _Batch | None = None
         self._on_buffered = on_buffered
         self._on_dropped = on_dropped
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
+        self._last_drop_log = 0.0
+
+    def __len__(self) -> int:
+        return len(self.buffer) + (len(self._pending.lines) if self._pending else 0)
 
     def append(self, line: bytes) -> None:
         """From the finalizer: queue the record's JSON line; drop (and count) it only if the buffer is full."""
-        if len(self.buffer) >= self.capacity:
+        if len(self) >= self.capacity or self.buffered_bytes + len(line) > self.max_bytes:
             self.dropped += 1
             self._on_dropped(1)
-            log.error("ledger buffer full (%d records): a record was dropped", self.capacity)
+            now = asyncio.get_running_loop().time()
+            if now - self._last_drop_log >= 10.0:
+                self._last_drop_log = now
+                log.error("ledger buffer full (%d records, %d bytes): records are being dropped (%d so far)",
+                          len(self), self.buffered_bytes, self.dropped)
             return
-        self.buffer.append(line)
-        self._on_buffered(len(self.buffer))
+        # orjson.dumps returns bytes that keep a ~16 KB allocation whatever their length: held for
+        # seconds (or while the backend is away) that is 16x the line. A copy is exactly its length.
+        self.buffer.append(bytes(memoryview(line)))
+        self.buffered_bytes += len(line)
+        self._on_buffered(len(self))
         if len(self.buffer) >= BATCH:
             self._wake.set()
 
@@ -74,8 +132,8 @@ class Ledger:
                 await self._task
         with contextlib.suppress(StoreUnavailable):
             await self.flush()
-        if self.buffer:
-            log.error("ledger: %d records could not be written before shutdown", len(self.buffer))
+        if len(self):
+            log.error("ledger: %d records could not be written before shutdown", len(self))
 
     async def _loop(self) -> None:
         while True:
@@ -87,24 +145,39 @@ class Ledger:
             except StoreUnavailable:
                 await asyncio.sleep(min(1.0, self.interval * 5))  # back off; the records stay buffered
 
+    def _take(self) -> _Batch:
+        lines = [self.buffer.popleft() for _ in range(min(BATCH, len(self.buffer)))]
+        records = []
+        for line in lines:
+            try:
+                records.append(orjson.loads(line))
+            except orjson.JSONDecodeError:  # never expected: the finalizer wrote it
+                log.error("ledger: a record is not valid JSON; kept in the ledger, left out of the usage sums")
+        return _Batch(next(self._seq), lines, sum(map(len, lines)), usage.fold(records))
+
     async def flush(self) -> None:
-        """Write everything buffered; on failure the unwritten records stay, in order."""
+        """Write everything buffered; on failure the unwritten records stay (the taken batch unchanged)."""
         async with self._flush_lock:
-            while self.buffer:
-                batch = [self.buffer[i] for i in range(min(BATCH, len(self.buffer)))]
-                await self.store.ledger_append(batch)
-                for _ in batch:
-                    self.buffer.popleft()
-                self._on_buffered(len(self.buffer))
+            while self._pending is not None or self.buffer:
+                if self._pending is None:
+                    self._pending = self._take()
+                b = self._pending
+                await self.backend.ledger_write(self.writer, b.seq, b.lines, b.groups)
+                self._pending = None
+                self.buffered_bytes -= b.size
+                self._on_buffered(len(self))
 
     async def records(self, start_ts: float | None = None, end_ts: float | None = None,
                       tenant: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """Ledger records with start_ts <= ts < end_ts (unix seconds), optionally of one tenant."""
-        cursor = "-" if start_ts is None else str(max(0, int(start_ts * 1000) - LATE_MARGIN_MS))
-        seen: set[tuple[str, float]] = set()  # a batch re-sent after a lost reply is written twice
+        # A batch re-sent after a lost reply is in the stream twice, a few batches apart: remembering the
+        # last SEEN_WINDOW records finds the repeats without growing with the ledger.
+        seen: set[tuple[str, float]] = set()
+        order: deque[tuple[str, float]] = deque()
+        cursor: str | None = None
         while True:
-            rows = await self.store.ledger_range(cursor, "+", READ_BATCH)
-            for _, raw in rows:
+            rows, cursor = await self.backend.ledger_read(cursor, start_ts, READ_BATCH)
+            for raw in rows:
                 r = orjson.loads(raw)
                 ts = r.get("ts", 0.0)
                 if (start_ts is not None and ts < start_ts) or (end_ts is not None and ts >= end_ts):
@@ -115,33 +188,18 @@ class Ledger:
                 if ident in seen:
                     continue
                 seen.add(ident)
+                order.append(ident)
+                if len(order) > SEEN_WINDOW:
+                    seen.discard(order.popleft())
                 yield r
-            if len(rows) < READ_BATCH:
+            if cursor is None:
                 return
-            cursor = "(" + rows[-1][0]
 
     async def usage(self, start_ts: float | None, end_ts: float | None, tenant: str | None) -> dict[str, Any]:
-        """Totals by tenant, model and UTC day. Tokens served from the gateway's cache are counted apart:
-        prompt/completion tokens and cost are what vLLM processed (they match its own counters)."""
-        groups: dict[tuple[str, str, str], dict[str, Any]] = {}
-        async for r in self.records(start_ts, end_ts, tenant):
-            day = datetime.fromtimestamp(r["ts"], UTC).strftime("%Y-%m-%d")
-            model = r.get("served_model") or r.get("requested_model") or "_unknown"
-            g = groups.get((r["tenant"], model, day))
-            if g is None:
-                g = groups[(r["tenant"], model, day)] = {
-                    "tenant": r["tenant"], "model": model, "day": day, **_zero()}
-            _add(g, r)
-        data = sorted(groups.values(), key=lambda g: (g["day"], g["tenant"], g["model"]))
-        totals = _zero()
-        for g in data:
-            for k in totals:
-                if k not in ("cost_usd", "saved_usd"):
-                    totals[k] += g[k]
-        totals["cost_usd"] = totals["cost_pico_usd"] / 10**12
-        totals["saved_usd"] = totals["saved_pico_usd"] / 10**12
-        return {"object": "usage", "tenant": tenant, "start": start_ts, "end": end_ts, "data": data,
-                "totals": totals}
+        """Totals by tenant, model and UTC day, from the aggregates, over whole UTC hours (see gateway/usage.py)."""
+        lo, hi = usage.hour_bounds(start_ts, end_ts)
+        groups = await self.backend.usage_groups(tenant, lo, hi)
+        return usage.response(groups, tenant, start_ts, end_ts)
 
     async def export(self, out: IO[str], fmt: str, start_ts: float | None = None, end_ts: float | None = None,
                      tenant: str | None = None) -> int:
@@ -158,34 +216,6 @@ class Ledger:
         return n
 
 
-def _zero() -> dict[str, Any]:
-    return {"requests": 0, "errors": 0, "cache_hits": 0, "prompt_tokens": 0, "completion_tokens": 0,
-            "cached_prompt_tokens": 0, "cache_hit_prompt_tokens": 0, "cache_hit_completion_tokens": 0,
-            "cost_usd": 0.0, "saved_usd": 0.0, "cost_pico_usd": 0, "saved_pico_usd": 0,
-            "fanout_prompt_tokens": 0, "wasted_prompt_tokens": 0, "wasted_completion_tokens": 0,
-            "wasted_cost_pico_usd": 0, "prefix_saved_pico_usd": 0}
-
-
-def _add(g: dict[str, Any], r: dict[str, Any]) -> None:
-    g["requests"] += 1
-    if r.get("status", 0) >= 400:
-        g["errors"] += 1
-    if r.get("cache") == "hit":
-        g["cache_hits"] += 1
-        g["cache_hit_prompt_tokens"] += r.get("prompt_tokens", 0)
-        g["cache_hit_completion_tokens"] += r.get("completion_tokens", 0)
-    else:
-        g["prompt_tokens"] += r.get("prompt_tokens", 0)
-        g["completion_tokens"] += r.get("completion_tokens", 0)
-        g["cached_prompt_tokens"] += r.get("cached_tokens", 0)
-    # Money adds up exactly in pico-USD integers; the USD figures are derived from them.
-    for k in ("cost_pico_usd", "saved_pico_usd", "fanout_prompt_tokens", "wasted_prompt_tokens",
-              "wasted_completion_tokens", "wasted_cost_pico_usd", "prefix_saved_pico_usd"):
-        g[k] += r.get(k, 0)
-    g["cost_usd"] = g["cost_pico_usd"] / 10**12
-    g["saved_usd"] = g["saved_pico_usd"] / 10**12
-
-
 def parse_time(value: str | None) -> float | None:
     """Unix seconds, or an ISO 8601 date/time (UTC unless it says otherwise)."""
     if value is None or value == "":
@@ -200,11 +230,32 @@ def parse_time(value: str | None) -> float | None:
     return dt.timestamp()
 
 
+def sqlite_path(config: GatewayConfig) -> str:
+    """The embedded ledger's file: ledger.path, else ledger.sqlite3 in $GATEWAY_STATE_DIR (~/.cache/vllm-gateway)."""
+    p = config.features.ledger.path
+    if p:
+        return p
+    state = os.environ.get("GATEWAY_STATE_DIR") or str(Path.home() / ".cache" / "vllm-gateway")
+    return str(Path(state) / "ledger.sqlite3")
+
+
+def build_ledger_backend(config: GatewayConfig, store: Any) -> LedgerBackend:
+    """Redis (the store itself) when a URL is set; else the SQLite file, or this process with `path: memory`."""
+    if config.features.redis.url:
+        return store  # type: ignore[no-any-return]
+    spec = config.features.ledger
+    if spec.path == "memory":
+        from gateway.ledger_memory import MemoryLedger
+
+        return MemoryLedger(spec.memory_bytes, spec.usage_days)
+    from gateway.ledger_sqlite import SqliteLedger
+
+    return SqliteLedger(sqlite_path(config), spec.max_rows, spec.max_age_days, spec.usage_days)
+
 
 def export_command(config_path: str, fmt: str, out_path: str, start: str | None, end: str | None,
                    tenant: str | None) -> int:
-    """`gateway ledger-export`: read the ledger of the config's Redis and write it out."""
-    import asyncio
+    """`gateway ledger-export`: read the ledger of the config's Redis or SQLite file and write it out."""
     import sys
 
     from gateway.config import ConfigError, load_config
@@ -216,28 +267,31 @@ def export_command(config_path: str, fmt: str, out_path: str, start: str | None,
         print(e, file=sys.stderr)
         return 2
     r = cfg.features.redis
-    if not r.url:
-        print("gateway ledger-export: the config names no redis.url (the in-process ledger lives only inside "
-              "a running gateway; use GET /v1/usage)", file=sys.stderr)
+    if not r.url and cfg.features.ledger.path == "memory":
+        print("gateway ledger-export: ledger.path is 'memory' (the ledger lives only inside a running gateway; "
+              "use GET /v1/usage)", file=sys.stderr)
         return 2
 
     def on_error(op: str, e: BaseException) -> None:
-        print(f"redis {op} failed: {e}", file=sys.stderr)
+        print(f"ledger {op} failed: {e}", file=sys.stderr)
 
     async def run() -> int:
-        store = RedisStore(r.url or "", r.key_prefix, max(r.timeout_s, 5.0), 0.0, r.ledger_stream, None, on_error)
-        ledger = Ledger(store, 1, 1.0, lambda n: None, lambda n: None)
+        store = RedisStore(r.url, r.key_prefix, max(r.timeout_s, 5.0), 0.0, r.ledger_stream, None,
+                           on_error) if r.url else None
+        backend = build_ledger_backend(cfg, store)
+        ledger = Ledger(backend, 1, 1.0, lambda n: None, lambda n: None)
         try:
             if out_path == "-":
                 return await ledger.export(sys.stdout, fmt, parse_time(start), parse_time(end), tenant)
             with open(out_path, "w", newline="") as f:
                 return await ledger.export(f, fmt, parse_time(start), parse_time(end), tenant)
         finally:
-            await store.close()
+            await backend.close()
 
     try:
         n = asyncio.run(run())
-    except StoreUnavailable:
+    except StoreUnavailable as e:
+        print(e, file=sys.stderr)
         return 1
     print(f"{n} records", file=sys.stderr)
     return 0

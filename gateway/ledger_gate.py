@@ -35,12 +35,12 @@ class LedgerGate:
 
     async def wait(self) -> None:
         """Return once every record appended so far is written, the store failed, or max_wait_s passed."""
-        if not self.ledger.buffer or time.monotonic() < self._skip_until:
+        if not len(self.ledger) or time.monotonic() < self._skip_until:  # buffered or in the batch being written
             return
         mine = self._started  # a drain started before this call may have taken its batch without our record
         try:
             async with asyncio.timeout(self.max_wait_s):
-                while self.ledger.buffer and time.monotonic() >= self._skip_until:
+                while len(self.ledger) and time.monotonic() >= self._skip_until:
                     if self._drain is None or self._drain.done():
                         self._started += 1
                         self._drain = asyncio.ensure_future(self._drain_buffer())

@@ -133,6 +133,7 @@ class GatewayMetrics:
         return model if model in self._models else UNKNOWN_MODEL
 
     def observe(self, rec: RequestRecord) -> None:
+        """Every metric of one finished request, from its record."""
         model = self.model_label(rec.served_model or rec.requested_model)
         dep = rec.deployment if rec.deployment in self._deployments else NO_DEPLOYMENT
         key = (model, dep, rec.tenant, rec.status)
@@ -144,18 +145,27 @@ class GatewayMetrics:
                  self.e2e.labels(model, dep), self.ttft.labels(model, dep), self.tpot.labels(model, dep),
                  self.overhead.labels(model, dep), self.queue.labels(model, dep))
             self._children[key] = c
-        requests, prompt, completion, cached, cost, e2e, ttft, tpot, overhead, queue = c
-        requests.inc()
+        c[0].inc()
+        self.outcomes.labels(model, rec.outcome).inc()
+        self._tokens(rec, model, c)
+        self._money_and_routing(rec, model, dep, c[4])
+        self._waste(rec)
+        self._latency(rec, c)
+
+    def _tokens(self, rec: RequestRecord, model: str, c: tuple[Any, ...]) -> None:
+        _, prompt, completion, cached = c[:4]
         if rec.cache == "hit":  # vLLM processed none of a hit's tokens: they go to gateway_cache_tokens_total
             self.cache_tokens.labels(model, rec.tenant, "prompt").inc(rec.prompt_tokens)
             self.cache_tokens.labels(model, rec.tenant, "completion").inc(rec.completion_tokens)
-        else:
-            if rec.prompt_tokens:
-                prompt.inc(rec.prompt_tokens)
-            if rec.completion_tokens:
-                completion.inc(rec.completion_tokens)
-            if rec.cached_tokens:
-                cached.inc(rec.cached_tokens)
+            return
+        if rec.prompt_tokens:
+            prompt.inc(rec.prompt_tokens)
+        if rec.completion_tokens:
+            completion.inc(rec.completion_tokens)
+        if rec.cached_tokens:
+            cached.inc(rec.cached_tokens)
+
+    def _money_and_routing(self, rec: RequestRecord, model: str, dep: str, cost: Any) -> None:
         if rec.cache is not None:
             self.cache_requests.labels(model, rec.tenant, rec.cache).inc()
             if rec.saved_pico_usd:
@@ -166,7 +176,17 @@ class GatewayMetrics:
             cost.inc(usd(rec.cost_pico_usd))
         if rec.fanout_prompt_tokens:
             self.fanout_prompt_tokens.labels(model, dep, rec.tenant).inc(rec.fanout_prompt_tokens)
-        self.outcomes.labels(model, rec.outcome).inc()
+        if rec.prefix_saved_pico_usd:
+            self.prefix_saved.labels(model, dep, rec.tenant).inc(usd(rec.prefix_saved_pico_usd))
+        if rec.balance is not None:
+            self.balance_decisions.labels(model, dep, rec.balance).inc()
+        if rec.counterfactual_cost_pico_usd:
+            self.counterfactual_cost.labels(model, dep, rec.tenant).inc(usd(rec.counterfactual_cost_pico_usd))
+        if rec.primary_model is not None and rec.served_model is not None and rec.primary_model != rec.served_model:
+            self.fallbacks.labels(rec.primary_model, rec.served_model, rec.rule or "unknown").inc()
+
+    def _waste(self, rec: RequestRecord) -> None:
+        """What vLLM did for attempts the gateway abandoned (a client gone early is billed instead)."""
         for a in rec.attempts:
             if a.outcome == "ok" or not (a.prompt_tokens or a.completion_tokens or a.cost_pico_usd):
                 continue
@@ -178,6 +198,10 @@ class GatewayMetrics:
             self.wasted_completion_tokens.labels(*wl).inc(a.completion_tokens)
             if a.cost_pico_usd:
                 self.wasted_cost.labels(*wl).inc(usd(a.cost_pico_usd))
+
+    @staticmethod
+    def _latency(rec: RequestRecord, c: tuple[Any, ...]) -> None:
+        e2e, ttft, tpot, overhead, queue = c[5:]
         e2e.observe(rec.e2e_s)
         overhead.observe(rec.overhead_s)
         if rec.deployment is not None:
@@ -186,14 +210,6 @@ class GatewayMetrics:
             ttft.observe(rec.ttft_s)
         if rec.tpot_s is not None:
             tpot.observe(rec.tpot_s)
-        if rec.prefix_saved_pico_usd:
-            self.prefix_saved.labels(model, dep, rec.tenant).inc(usd(rec.prefix_saved_pico_usd))
-        if rec.balance is not None:
-            self.balance_decisions.labels(model, dep, rec.balance).inc()
-        if rec.counterfactual_cost_pico_usd:
-            self.counterfactual_cost.labels(model, dep, rec.tenant).inc(usd(rec.counterfactual_cost_pico_usd))
-        if rec.primary_model is not None and rec.served_model is not None and rec.primary_model != rec.served_model:
-            self.fallbacks.labels(rec.primary_model, rec.served_model, rec.rule or "unknown").inc()
 
     def render(self) -> bytes:
         if multiprocess_dir():

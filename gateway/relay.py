@@ -29,7 +29,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.relay")
 
-DRAIN_S = 0.5  # how long a left stream may take to deliver what vLLM wrote before it saw the EOF
+# A left stream delivers what vLLM wrote before it saw the EOF: at most DRAIN_S in all (a slow reader may
+# leave megabytes in the buffers), and it stops as soon as nothing arrived for DRAIN_IDLE_S (an upstream
+# that stalled has nothing more to say; vLLM itself closes within milliseconds of the EOF).
+DRAIN_S = 3.0
+DRAIN_IDLE_S = 0.25
 
 
 class SSEReader:
@@ -125,10 +129,15 @@ async def drain(resp: aiohttp.ClientResponse, reader: SSEReader, on_line: Callab
     try:
         if transport is not None and transport.can_write_eof():
             transport.write_eof()
-        async with asyncio.timeout(DRAIN_S):
-            while (batch := await reader.next_lines()) is not None:
-                for line in batch:
-                    on_line(line)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + DRAIN_S
+        while True:
+            async with asyncio.timeout(min(DRAIN_IDLE_S, max(0.0, end - loop.time()))):
+                batch = await reader.next_lines()
+            if batch is None:
+                break
+            for line in batch:
+                on_line(line)
     except (TimeoutError, aiohttp.ClientError, OSError):
         pass  # vLLM closed mid-chunk (it aborted), or took too long: what was read is what counts
     finally:

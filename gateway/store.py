@@ -2,20 +2,21 @@
 
 Every limit check and update is one atomic Lua script (admit, settle), so any number of gateway
 replicas sharing one Redis enforce one limit. Window arithmetic uses Redis's own clock (TIME). See
-docs/redis.md for the key layout. The in-process backend implements the same operations for a single
-gateway process without Redis (nothing shared across replicas, nothing survives a restart).
+docs/redis.md for the key layout. The Redis backend also holds the ledger (stream + per-tenant usage
+hashes). The in-process backend implements the cache and limit operations for a single gateway
+process without Redis (nothing shared across replicas, nothing survives a restart).
 """
 
 from __future__ import annotations
 
 import calendar
-import itertools
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from gateway import usage
 from gateway.config import GatewayConfig
 from gateway.limit_store import (
     ADMIT_LUA,
@@ -36,6 +37,10 @@ from gateway.limit_store import (
 log = logging.getLogger("gateway.store")
 
 LIMIT_NAMES = ("concurrency", "rpm", "tpm", "budget_day", "budget_month")
+
+
+# What a cached entry costs beyond its key and value: the OrderedDict node, the tuple, the str and bytes headers.
+ENTRY_OVERHEAD = 200
 
 
 class StoreUnavailable(Exception):
@@ -64,8 +69,6 @@ class Store(Protocol):
     async def cache_unlock(self, key: str) -> None: ...
     async def admit(self, scopes: Sequence[Scope], a: Admission) -> AdmitResult: ...
     async def settle(self, scopes: Sequence[Scope], s: Settlement, retry: bool = False) -> list[ScopeState]: ...
-    async def ledger_append(self, entries: Sequence[bytes]) -> None: ...
-    async def ledger_range(self, start: str, end: str, count: int) -> list[tuple[str, bytes]]: ...
 
 
 # ------------------------------------------------------------------------------------------------ Lua
@@ -76,6 +79,31 @@ local v = redis.call('GET', KEYS[1])
 if v then return {v, 0} end
 if tonumber(ARGV[1]) > 0 and redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then return {false, 1} end
 return {false, 0}
+"""
+
+# One tenant's share of a ledger batch: add its per-hour sums to the tenant's day hashes, once per
+# (writer, sequence). KEYS: writers hash, days zset, then one hash per day.  ARGV: writer, seq, ttl_s,
+# oldest day kept, then per day hash: day, number of fields, field, value, ...
+USAGE_LUA = """
+local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if last >= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[1], 7 * 86400)
+local ttl = tonumber(ARGV[3])
+local a = 5
+for k = 3, #KEYS do
+  local day, n = ARGV[a], tonumber(ARGV[a + 1])
+  a = a + 2
+  for j = 1, n do
+    redis.call('HINCRBY', KEYS[k], ARGV[a], ARGV[a + 1])
+    a = a + 2
+  end
+  redis.call('EXPIRE', KEYS[k], ttl)
+  redis.call('ZADD', KEYS[2], day, day)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[4])
+redis.call('EXPIRE', KEYS[2], ttl)
+return 1
 """
 
 # Store an entry and release its stampede lock.
@@ -103,7 +131,8 @@ class RedisStore:
     name = "redis"
 
     def __init__(self, url: str, prefix: str, timeout_s: float, down_for_s: float, ledger_stream: str,
-                 ledger_maxlen: int | None, on_error: Callable[[str, BaseException], None]) -> None:
+                 ledger_maxlen: int | None, on_error: Callable[[str, BaseException], None],
+                 usage_days: int = 400) -> None:
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
 
@@ -112,6 +141,7 @@ class RedisStore:
         self.prefix = prefix
         self.stream = prefix + ledger_stream
         self.maxlen = ledger_maxlen
+        self.usage_ttl_s = usage_days * 86400
         self.down_for_s = down_for_s
         self.down_until = 0.0
         self._on_error = on_error
@@ -123,6 +153,7 @@ class RedisStore:
         self._settle = self.client.register_script(SETTLE_LUA)
         self._lookup = self.client.register_script(LOOKUP_LUA)
         self._put = self.client.register_script(PUT_LUA)
+        self._usage = self.client.register_script(USAGE_LUA)
 
     async def start(self) -> None:
         try:
@@ -183,33 +214,102 @@ class RedisStore:
         r = await self._run("settle", lambda: self._settle(keys=keys, args=settle_args(scopes, s)), probe=retry)
         return parse_states(r, len(scopes))
 
-    async def ledger_append(self, entries: Sequence[bytes]) -> None:
+    # ---- ledger (gateway/ledger.py LedgerBackend): the stream for export, per-tenant day hashes for usage
+
+    def _tenant(self, tenant: str) -> str:
+        return f"{self.prefix}{{t:{tenant}}}"  # hash tag: a tenant's usage keys share one Cluster slot
+
+    async def ledger_write(self, writer: str, seq: int, entries: Sequence[bytes], groups: usage.Groups) -> None:
+        """One MULTI: each tenant's sums (USAGE_LUA, at most once per writer/seq) and the stream entries.
+        After a lost reply the batch comes again: the sums skip it, the stream gets it twice (readers
+        drop the repeats by request id and ts)."""
+        by_tenant: dict[str, dict[int, list[Any]]] = {}
+        for (t, day, hour, model), g in groups.items():
+            fields = by_tenant.setdefault(t, {}).setdefault(day, [])
+            for c, v in g.items():
+                if v:
+                    fields += [f"{hour:02d}|{model}|{c}", v]
+        oldest = usage.day_hour(time.time() - self.usage_ttl_s)[0]
+
         async def go() -> None:
             async with self.client.pipeline(transaction=True) as p:
+                if by_tenant:
+                    p.sadd(self.prefix + "u:tenants", *by_tenant)
+                for t, days in by_tenant.items():
+                    base = self._tenant(t)
+                    args: list[Any] = [writer, seq, self.usage_ttl_s, oldest]
+                    for day, fields in days.items():
+                        args += [day, len(fields) // 2, *fields]
+                    await self._usage(keys=[base + ":uw", base + ":u:days", *(f"{base}:u:{d}" for d in days)],
+                                      args=args, client=p)
                 for e in entries:
                     p.xadd(self.stream, {"r": e}, maxlen=self.maxlen, approximate=True)
                 await p.execute()
 
         await self._run("ledger_append", go, probe=True)
 
-    async def ledger_range(self, start: str, end: str, count: int) -> list[tuple[str, bytes]]:
-        rows = await self._run("ledger_read", lambda: self.client.xrange(self.stream, start, end, count), probe=True)
-        return [(i.decode() if isinstance(i, bytes) else i, f[b"r"]) for i, f in rows]
+    async def ledger_read(self, cursor: str | None, start_ts: float | None,
+                          count: int) -> tuple[list[bytes], str | None]:
+        if cursor is None:
+            cursor = "-" if start_ts is None else str(max(0, int((start_ts - 6 * 3600) * 1000)))
+        start = cursor
+        rows = await self._run("ledger_read", lambda: self.client.xrange(self.stream, start, "+", count), probe=True)
+        if len(rows) < count:
+            return [f[b"r"] for _, f in rows], None
+        last = rows[-1][0]
+        return [f[b"r"] for _, f in rows], "(" + (last.decode() if isinstance(last, bytes) else last)
+
+    async def usage_groups(self, tenant: str | None, lo_hour: int | None, hi_hour: int | None) -> usage.Groups:
+        """Reads only the day hashes in range: a month is ~31 HGETALLs per tenant in one pipeline."""
+        lo_day = "-inf" if lo_hour is None else str(usage.day_hour(lo_hour * 3600)[0])
+        hi_day = "+inf" if hi_hour is None else str(usage.day_hour(hi_hour * 3600)[0])
+
+        async def go() -> usage.Groups:
+            if tenant is not None:
+                tenants = [tenant]
+            else:
+                members = await self.client.smembers(self.prefix + "u:tenants")
+                tenants = sorted(t.decode() if isinstance(t, bytes) else t for t in members)
+            async with self.client.pipeline(transaction=False) as p:
+                for t in tenants:
+                    p.zrangebyscore(self._tenant(t) + ":u:days", lo_day, hi_day)
+                day_lists = await p.execute()
+            wanted = [(t, int(d)) for t, days in zip(tenants, day_lists, strict=True) for d in days]
+            async with self.client.pipeline(transaction=False) as p:
+                for t, d in wanted:
+                    p.hgetall(f"{self._tenant(t)}:u:{d}")
+                hashes = await p.execute()
+            out: usage.Groups = {}
+            for (t, day), h in zip(wanted, hashes, strict=True):
+                for f, v in h.items():
+                    hh, rest = f.decode().split("|", 1)
+                    model, counter = rest.rsplit("|", 1)
+                    hour = int(hh)
+                    if counter in usage.COUNTERS and usage.in_range(day, hour, lo_hour, hi_hour):
+                        out.setdefault((t, day, hour, model), dict.fromkeys(usage.COUNTERS, 0))[counter] = int(v)
+            return out
+
+        return await self._run("usage_read", go, probe=True)  # type: ignore[no-any-return]
 
 
 class InMemoryStore:
-    """The same operations in one process: the embedded default when no Redis URL is configured."""
+    """Cache and limits in one process: the embedded default when no Redis URL is configured.
+
+    Bounded by bytes and time, never by the number of requests served: the cache is an LRU within
+    `max_cache_bytes` (and `max_cache_entries`); stampede locks past their expiry are swept once a
+    minute. Limits: gateway/limit_store.py. (The embedded ledger is gateway/ledger_sqlite.py.)
+    """
 
     name = "memory"
 
-    def __init__(self, max_cache_entries: int = 10000, max_ledger: int = 100_000) -> None:
+    def __init__(self, max_cache_entries: int = 10000, max_cache_bytes: int = 32 * 1024 * 1024) -> None:
         self.cache: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        self.cache_bytes = 0
         self.locks: dict[str, float] = {}
         self.limits = MemoryLimits()
         self.max_cache_entries = max_cache_entries
-        self.ledger: list[tuple[str, bytes]] = []
-        self.max_ledger = max_ledger
-        self._seq = itertools.count()
+        self.max_cache_bytes = max_cache_bytes
+        self._next_sweep = 0.0
 
     async def start(self) -> None:
         pass
@@ -220,11 +320,19 @@ class InMemoryStore:
     async def ping(self) -> None:
         pass
 
+    def _sweep(self, now: float) -> None:
+        """Forget expired stampede locks (a miss that never stored nor unlocked would leave its key)."""
+        self._next_sweep = now + 60.0
+        for k in [k for k, exp in self.locks.items() if exp < now]:
+            del self.locks[k]
+
     async def cache_lookup(self, key: str, lock_ms: int) -> tuple[bytes | None, bool]:
         v = await self.cache_get(key)
         if v is not None:
             return v, False
         now = time.time()
+        if now >= self._next_sweep:
+            self._sweep(now)
         if lock_ms > 0 and self.locks.get(key, 0) < now:
             self.locks[key] = now + lock_ms / 1000
             return None, True
@@ -238,11 +346,18 @@ class InMemoryStore:
         return v[0]
 
     async def cache_put(self, key: str, value: bytes, ttl_s: float) -> None:
-        self.cache[key] = (value, time.time() + ttl_s)
-        self.cache.move_to_end(key)
-        while len(self.cache) > self.max_cache_entries:
-            self.cache.popitem(last=False)
         self.locks.pop(key, None)
+        cost = len(value) + len(key) + ENTRY_OVERHEAD
+        if cost > self.max_cache_bytes:
+            return
+        old = self.cache.pop(key, None)
+        if old is not None:
+            self.cache_bytes -= len(old[0]) + len(key) + ENTRY_OVERHEAD
+        self.cache[key] = (value, time.time() + ttl_s)
+        self.cache_bytes += cost
+        while len(self.cache) > self.max_cache_entries or self.cache_bytes > self.max_cache_bytes:
+            k, (v, _) = self.cache.popitem(last=False)
+            self.cache_bytes -= len(v) + len(k) + ENTRY_OVERHEAD
 
     async def cache_unlock(self, key: str) -> None:
         self.locks.pop(key, None)
@@ -252,35 +367,6 @@ class InMemoryStore:
 
     async def settle(self, scopes: Sequence[Scope], s: Settlement, retry: bool = False) -> list[ScopeState]:
         return self.limits.settle(scopes, s)
-
-    async def ledger_append(self, entries: Sequence[bytes]) -> None:
-        ms = int(time.time() * 1000)
-        for e in entries:
-            self.ledger.append((f"{ms}-{next(self._seq)}", e))
-        if len(self.ledger) > self.max_ledger:
-            del self.ledger[: len(self.ledger) - self.max_ledger]
-
-    async def ledger_range(self, start: str, end: str, count: int) -> list[tuple[str, bytes]]:
-        lo, hi = _id_key(start, 0), _id_key(end, 1 << 62)
-        exclusive = start.startswith("(")
-        out = []
-        for i, e in self.ledger:
-            k = _id_key(i, 0)
-            if (k > lo if exclusive else k >= lo) and k <= hi:
-                out.append((i, e))
-                if len(out) >= count:
-                    break
-        return out
-
-
-def _id_key(stream_id: str, default_seq: int) -> tuple[int, int]:
-    s = stream_id.lstrip("(")
-    if s == "-":
-        return (0, 0)
-    if s == "+":
-        return (1 << 62, 1 << 62)
-    ms, _, seq = s.partition("-")
-    return (int(ms), int(seq) if seq else default_seq)
 
 
 def month_end_s(now: float) -> float:
@@ -295,5 +381,6 @@ def build_store(config: GatewayConfig, on_error: Callable[[str, BaseException], 
     """Redis when config names a URL; otherwise the in-process backend (one process, nothing survives)."""
     r = config.features.redis
     if r.url:
-        return RedisStore(r.url, r.key_prefix, r.timeout_s, r.down_for_s, r.ledger_stream, r.ledger_maxlen, on_error)
-    return InMemoryStore(config.features.cache.max_entries)
+        return RedisStore(r.url, r.key_prefix, r.timeout_s, r.down_for_s, r.ledger_stream, r.ledger_maxlen, on_error,
+                          config.features.ledger.usage_days)
+    return InMemoryStore(config.features.cache.max_entries, config.features.cache.max_bytes)

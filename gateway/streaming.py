@@ -182,7 +182,7 @@ def tally_body(body: Any, n: int) -> UsageTally:
 class StreamAccountant:
     """Reads each upstream chunk once, tallies usage, marks token times, and returns the bytes to relay (or None)."""
 
-    __slots__ = ("rec", "tally", "want_usage", "want_continuous", "last_token_at", "saw_usage_chunk",
+    __slots__ = ("rec", "tally", "want_usage", "want_continuous", "last_token_at",
                  "upstream_error")
 
     finished = False  # chat and completions end with `data: [DONE]`, which the relay reads itself
@@ -194,7 +194,6 @@ class StreamAccountant:
         self.want_usage = want_usage
         self.want_continuous = want_continuous
         self.last_token_at: float | None = None
-        self.saw_usage_chunk = False
         self.upstream_error: dict[str, Any] | None = None
 
     def on_data(self, payload: bytes) -> bytes | None:
@@ -225,7 +224,6 @@ class StreamAccountant:
                 return sse_data(obj)
             return b"data: " + payload + b"\n\n"
         if usage is not None:  # the final usage-only chunk (choices: [])
-            self.saw_usage_chunk = True
             return b"data: " + payload + b"\n\n" if self.want_usage else None
         return b"data: " + payload + b"\n\n"
 

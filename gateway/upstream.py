@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aiohttp
 
@@ -29,8 +28,6 @@ class DeploymentState:
     busy_share_s: float = 0.0  # the busy clock: grows by 1/in_flight per second while in_flight > 0
     busy_at: float = 0.0
     healthy: bool | None = None  # None until the first health check answers
-    last_health_error: str | None = None
-    health_checked_at: float = field(default=0.0)
 
     @property
     def name(self) -> str:
@@ -111,13 +108,12 @@ class UpstreamPool:
         for s in self.states.values():
             by_url.setdefault(s.spec.url, []).append(s)
         results = await asyncio.gather(*(self._check(url, group[0]) for url, group in by_url.items()))
-        now = time.time()
         for group, (ok, err) in zip(by_url.values(), results, strict=True):
             for s in group:
                 if s.healthy is not ok:
                     log.log(logging.INFO if ok else logging.WARNING, "deployment %s is %s%s", s.name,
                             "healthy" if ok else "unhealthy", f": {err}" if err else "")
-                s.healthy, s.last_health_error, s.health_checked_at = ok, err, now
+                s.healthy = ok
         if self._on_checked is not None:
             self._on_checked(self)
 

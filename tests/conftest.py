@@ -132,7 +132,8 @@ def start_gateway(tmp: Path, config: dict[str, Any], workers: int = 1,
                                    **config.get("server", {})}}
     cfg_path = tmp / f"gateway-{port}.yaml"
     cfg_path.write_text(yaml.safe_dump(config))
-    proc_env = {**os.environ, **(env or {})}
+    # Each gateway its own state dir: the embedded SQLite ledger is per test unless a test shares one.
+    proc_env = {**os.environ, "GATEWAY_STATE_DIR": str(tmp / f"state-{port}"), **(env or {})}
     proc_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(cfg_path),
                              "--port", str(port), "--workers", str(workers), "--log-level", "warning"],

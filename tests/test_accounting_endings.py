@@ -48,8 +48,14 @@ def vllm_side(rec: dict[str, Any]) -> tuple[int, int]:
 
 
 def settle(f: FakeUpstream, before: tuple[int, int]) -> tuple[int, int]:
-    time.sleep(0.3)  # the fake notices a closed connection at its next write
-    after = counters(f)
+    """The fake's counters once they stop moving (it notices a closed connection at its next write)."""
+    after, deadline = counters(f), time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        again = counters(f)
+        if again == after:
+            break
+        after = again
     return after[0] - before[0], after[1] - before[1]
 
 
@@ -137,7 +143,8 @@ def test_slow_reader_that_leaves_is_its_own_outcome_and_billed_what_vllm_did(
         fake: FakeUpstream, gateway_factory: Callable[..., GatewayProcess]) -> None:
     gw = gateway_factory(simple_config(fake.url))
     before = counters(fake)
-    body = orjson.dumps({"model": "m1", "prompt": "p", "n": 16, "max_tokens": 1800, "stream": True})
+    # ~25 MB of chunks: more than every buffer between the fake, the gateway and this client holds
+    body = orjson.dumps({"model": "m1", "prompt": "p", "n": 64, "max_tokens": 1800, "stream": True})
     host, port = gw.url.removeprefix("http://").split(":")
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a client that reads slowly: tiny window
@@ -145,7 +152,15 @@ def test_slow_reader_that_leaves_is_its_own_outcome_and_billed_what_vllm_did(
     s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
               b"X-Request-Id: slow-reader\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     assert b"200 OK" in s.recv(1024)
-    time.sleep(3)  # not reading: the gateway's writes block while vLLM keeps generating
+    # Not reading: the gateway's writes block, then its reads, then the upstream's writes. Leave once
+    # the back-pressure has reached the upstream (its counter stops), however slow the machine is.
+    last, deadline = -1, time.monotonic() + 60
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = fake.counters()["generation_tokens"]
+        if now == last:
+            break
+        last = now
     s.close()
     rec = gw.record("slow-reader", timeout=10)
     assert rec["outcome"] == "client_left_slow_reader", rec

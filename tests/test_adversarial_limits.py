@@ -87,7 +87,8 @@ async def test_a_redis_command_error_is_that_commands_error_never_an_outage(redi
     store = RedisStore(redis_server.url, redis_prefix, 2.0, 5.0, "ledger", None, lambda op, e: errors.append(op))
     try:
         with pytest.raises(StoreCommandError):
-            await store.ledger_range("100000000000000000000", "+", 10)  # not a valid stream ID
+            await store._run("ledger_read", lambda: store.client.xrange(  # not a valid stream ID
+                redis_prefix + "ledger", "100000000000000000000", "+", 10))
         assert store.down_until == 0.0 and errors == ["ledger_read"]
         scope = Scope(redis_prefix + "{t:x}:rl:t", redis_prefix + "{t:x}", Limits(rpm=1), "x")
         r = await store.admit([scope], Admission("l1", 1, 0, 60_000))  # limits still checked right after

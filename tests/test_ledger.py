@@ -97,7 +97,7 @@ def test_ledger_totals_equal_records_equal_metrics(gateway_factory: Callable[...
     assert {row["tenant"] for row in everyone["data"]} >= {"team-a", "team-b", "unauthenticated"}
     assert usage(gw, ADMIN, tenant="team-b")["totals"]["requests"] == 1
     assert usage(gw, A, tenant="team-b")["totals"]["requests"] == len(mine)  # a tenant cannot look elsewhere
-    assert usage(gw, ADMIN, start=t0 + 3600)["totals"]["requests"] == 0
+    assert usage(gw, ADMIN, start=t0 + 7200)["totals"]["requests"] == 0  # whole hours: rounded down to t0's next
     assert usage(gw, ADMIN, start=t0 - 1, end=time.time() + 1)["totals"]["requests"] == len(records)
 
     # the CLI export holds every record, without prompt text

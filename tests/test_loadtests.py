@@ -16,6 +16,7 @@ if importlib.util.find_spec("locust") is None or importlib.util.find_spec("matpl
 
 from loadtests import prompts  # noqa: E402
 from loadtests.run import run  # noqa: E402
+from tests.conftest import FakeUpstream  # noqa: E402
 
 
 def test_prompt_file_is_repeatable(tmp_path: Path) -> None:
@@ -104,3 +105,29 @@ def test_replicas_scenario_smoke(tmp_path: Path) -> None:
     assert (tmp_path / "haproxy.cfg").exists() and (tmp_path / "sentinel-0.conf").exists()
     # through HAProxy a stream's first token is not held back (option http-no-delay): the fake answers in 40 ms
     assert summary["ttft_p50_ms"] < 180
+
+
+def test_bare_passthrough_relays_json_and_streams(upstream: FakeUpstream) -> None:
+    """The benchmark's floor must do the same work as the gateway: whole answers and every stream chunk."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tests.conftest import ROOT, free_port, stop, wait_http
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "loadtests.passthrough", "--port", str(port),
+                             "--upstream", upstream.url], cwd=ROOT)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
+        body = {"model": "m1", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5}
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=10)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", timeout=10,
+                          json={**body, "stream": True}) as s:
+            lines = [ln for ln in s.iter_lines() if ln.startswith("data: ")]
+        assert s.headers["content-type"].startswith("text/event-stream")
+        assert lines[-1] == "data: [DONE]" and len(lines) >= 6
+    finally:
+        stop(proc)

@@ -25,7 +25,7 @@ from gateway.upstream import DeploymentState
 if TYPE_CHECKING:
     from starlette.types import Receive, Scope, Send
 
-    from gateway.app import Gateway
+    from gateway.pipeline import Gateway
 
 PATH = re.compile(r"/v1/responses/([A-Za-z0-9_\-]{1,256})(/cancel)?")
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
@@ -36,7 +36,7 @@ def matches(path: str) -> bool:
 
 
 async def handle(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> None:
-    from gateway.app import _respond  # the one place that writes a JSON answer
+    from gateway.asgi import respond as _respond  # the one place that writes a JSON answer
 
     headers = dict(scope["headers"])
     rid = headers.get(b"x-request-id")

@@ -286,27 +286,9 @@ class FakeVLLM:
                 if i and self.b.itl_ms:
                     await asyncio.sleep(self.b.itl_ms / 1e3)
                 for idx in range(choices_total):
-                    if sent == self.b.die_after_chunks:
-                        assert request.transport is not None
-                        request.transport.abort()
+                    if await self._fault(sent, request, resp):
                         return resp
-                    if sent == self.b.stall_after_chunks:
-                        await asyncio.sleep(3600)
-                    if sent == self.b.malformed_after_chunks:
-                        await resp.write(b"data: {not json\n\n")
-                        return resp
-                    if sent == self.b.error_event_after_chunks:
-                        await send({"error": {"message": "injected engine error", "type": "InternalServerError",
-                                              "code": 500}})
-                        await resp.write(b"data: [DONE]\n\n")
-                        return resp
-                    finish = "length" if i == n - 1 else None
-                    if chat:
-                        choice: dict[str, Any] = {"index": idx, "delta": {"content": f"tok{i} "}, "logprobs": None,
-                                                  "finish_reason": finish}
-                    else:
-                        choice = {"index": idx, "text": f"tok{i} ", "logprobs": None, "finish_reason": finish}
-                    chunk: dict[str, Any] = {**base, "choices": [choice]}
+                    chunk = _token_chunk(base, chat, idx, i, "length" if i == n - 1 else None)
                     if continuous:
                         chunk["usage"] = usage(idx, i + 1)
                     await send(chunk)
@@ -319,6 +301,34 @@ class FakeVLLM:
         except (ConnectionResetError, ConnectionError):
             pass  # the client (the gateway) went away: like vLLM, just stop
         return resp
+
+
+    async def _fault(self, sent: int, request: web.Request, resp: web.StreamResponse) -> bool:
+        """The injected mid-stream fault due after `sent` token chunks, if any; True: the stream is over."""
+        if sent == self.b.die_after_chunks:
+            assert request.transport is not None
+            request.transport.abort()
+            return True
+        if sent == self.b.stall_after_chunks:
+            await asyncio.sleep(3600)
+        if sent == self.b.malformed_after_chunks:
+            await resp.write(b"data: {not json\n\n")
+            return True
+        if sent == self.b.error_event_after_chunks:
+            await resp.write(b"data: " + orjson.dumps({"error": {"message": "injected engine error",
+                                                                  "type": "InternalServerError", "code": 500}})
+                             + b"\n\ndata: [DONE]\n\n")
+            return True
+        return False
+
+
+def _token_chunk(base: dict[str, Any], chat: bool, idx: int, i: int, finish: str | None) -> dict[str, Any]:
+    if chat:
+        choice: dict[str, Any] = {"index": idx, "delta": {"content": f"tok{i} "}, "logprobs": None,
+                                  "finish_reason": finish}
+    else:
+        choice = {"index": idx, "text": f"tok{i} ", "logprobs": None, "finish_reason": finish}
+    return {**base, "choices": [choice]}
 
 
 def _json(obj: Any, status: int = 200) -> web.Response:

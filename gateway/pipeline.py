@@ -1,0 +1,413 @@
+"""The request's path, one stage after another (each stage is the module named after it):
+
+    parse + validate (protocol.py, guards.py) -> authenticate (auth.py) -> plan (routing/policy.py)
+      -> admit: limits and budgets (limits.py) -> cache lookup (cache.py)
+      -> execute: attempts and fallback (execute.py) -> relay the stream (relay.py, streaming.py)
+      -> finalize: price, record, log, metrics, ledger, settle (finalize.py)
+
+`Gateway` holds the stages, built once per worker from the compiled config; `handle` runs one request
+through them and answers through raw ASGI (no framework on the hot path). App assembly is in app.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from starlette.types import Receive, Scope, Send
+
+from gateway import errors
+from gateway.apis import registry
+from gateway.apis.events import EventAccountant
+from gateway.apis.registry import Apis
+from gateway.apis.stored import Location
+from gateway.asgi import (
+    DUPLICATE,
+    SSE,
+    ClientGone,
+    cancel_on_disconnect,
+    encode_headers,
+    respond,
+    wanted_headers,
+)
+from gateway.auth import Authenticator
+from gateway.cache import Lookup, RecordingAccountant, build_cache, replay
+from gateway.config import GatewayConfig, Model, Pricing
+from gateway.deadline import Watchdog
+from gateway.errors import GatewayError
+from gateway.execute import Executor
+from gateway.finalize import Finalizer, RequestLog, early_headers, final_headers, stream_trailer
+from gateway.guards import check_depth, duplicate_header
+from gateway.ledger import Ledger, build_ledger_backend
+from gateway.ledger_gate import LedgerGate
+from gateway.limits import build_limiter
+from gateway.metrics import GatewayMetrics
+from gateway.protocol import MAX_MODEL_NAME, Endpoint, validate_request
+from gateway.record import RequestRecord
+from gateway.relay import Relay
+from gateway.routing.balance import Balancing
+from gateway.routing.breaker import BreakerState, CircuitBreaker
+from gateway.routing.live import LiveStats
+from gateway.routing.policy import Plan, Planner
+from gateway.store import build_store
+from gateway.streaming import StreamAccountant
+from gateway.upstream import UpstreamPool
+
+log = logging.getLogger("gateway")
+
+# What an unknown-model request is charged as: one request against rpm/concurrency, no tokens, no cost.
+NO_MODEL = Model("_unknown", (), Pricing(), "none")
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+
+
+_BLOCKED_S = 0.002  # a send that took longer waited for the client's socket to drain
+_SLOW_READER_S = 0.05  # a client that held the stream back this long in all reads slowly
+
+
+class Gateway:
+    """Everything one worker needs to serve, built once at start-up from the compiled config."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.max_body = config.server.max_body_bytes
+        self.body_timeout = config.server.body_timeout
+        self.body_watchdog = Watchdog(self.body_timeout)
+        self.max_depth = config.server.max_json_depth
+        self.auth = Authenticator(config)
+        deployments = {d.name for m in config.models.values() for d in m.deployments}
+        self.metrics = GatewayMetrics(set(config.models), deployments)
+        # Response cache, limits and budgets, usage ledger: one store (Redis, or in-process without a URL).
+        f = config.features
+        self._redis_logged: dict[str, float] = {}
+        self.store = build_store(config, self._redis_error)
+        self.cache = build_cache(config, self.store, self.metrics.cache_corrupt.inc)
+        self.apis = Apis(config, self.store)  # Responses / Messages / tokenizer: stored responses, upper bound
+        self.limiter = build_limiter(config, self.store, self._spend_seen, self.metrics,
+                                     window=lambda m: self.planner.window(m))  # planner: built below
+        self.ledger = Ledger(build_ledger_backend(config, self.store), f.redis.ledger_buffer,
+                             f.redis.ledger_flush_interval_s, self.metrics.ledger_buffered.set,
+                             self.metrics.ledger_dropped.inc, f.ledger.buffer_bytes)
+        # A response ends only once its ledger record is in Redis (a killed replica loses no finished request).
+        self.ledger_gate = LedgerGate(self.ledger, f.redis.timeout_s * 2, max(f.redis.down_for_s, 0.5)) \
+            if self.store.name == "redis" and f.redis.ledger_before_response else None
+        # Upstreams, their breakers and live figures, and the routing rules over them.
+        self.pool = UpstreamPool(config, on_checked=self._health_checked)
+        self.breakers = {name: CircuitBreaker(name, config.circuit_breaker, self._breaker_changed)
+                         for name in self.pool.states}
+        self.live = LiveStats(config)
+        self.executor = Executor(self.pool, self.breakers, Balancing(config, self.live, self.breakers))
+        self.planner = Planner(config, self.live, self.breakers, budget_fraction=self.limiter.budget_used_fraction,
+                               in_flight=lambda name: self.pool.states[name].in_flight)
+        # Finalize: the record goes to the log and the ledger, then limits settle and routing learns.
+        self.finalizer = Finalizer(config, self.metrics, RequestLog(config.server.request_log))
+        self.finalizer.record_sinks.append(self.ledger.append)
+        self.finalizer.observers += [self.limiter.settle, self._observe_latency]
+        self.active: set[asyncio.Task[Any]] = set()  # requests being served (shutdown waits for their accounts)
+        self._set_static_gauges()
+
+    def _set_static_gauges(self) -> None:
+        for name, m in self.config.models.items():
+            self.metrics.model_info.labels(name, m.tier).set(1)
+        for name in self.breakers:
+            self.metrics.breaker_state.labels(name).set(0)
+        for tenant, lim in self.config.features.tenant_limits.items():
+            for period, budget in (("day", lim.budget_day), ("month", lim.budget_month)):
+                if budget:
+                    self.metrics.tenant_budget.labels(tenant, period).set(budget)
+
+    def _redis_error(self, operation: str, exc: BaseException) -> None:
+        self.metrics.redis_errors.labels(operation).inc()
+        now = time.monotonic()
+        if now - self._redis_logged.get(operation, 0.0) >= 10.0:  # one line per operation per 10 s
+            self._redis_logged[operation] = now
+            log.warning("redis %s failed: %s: %s", operation, type(exc).__name__, exc)
+
+    def _spend_seen(self, tenant: str, period: str, usd: float) -> None:
+        self.metrics.tenant_spend.labels(tenant, period).set(usd)
+
+    def _breaker_changed(self, deployment: str, state: BreakerState) -> None:
+        log.warning("circuit breaker of %s is now %s", deployment, state.name.lower())
+        self.metrics.breaker_state.labels(deployment).set(int(state))
+
+    def _observe_latency(self, rec: RequestRecord) -> None:
+        """Feed the deadline rule's live figures from successful requests."""
+        if rec.status != 200 or rec.deployment is None:
+            return
+        if rec.stream:
+            self.live.get(rec.deployment).observe(rec.ttft_s, rec.tpot_s)
+        elif rec.completion_tokens > 0 and rec.endpoint != "embeddings":
+            self.live.get(rec.deployment).observe(None, rec.upstream_s / rec.completion_tokens)
+
+    def _health_checked(self, pool: UpstreamPool) -> None:
+        for name, state in pool.states.items():
+            self.metrics.upstream_healthy.labels(name).set(1 if state.healthy else 0)
+
+    async def read_json(self, headers: dict[bytes, bytes], receive: Receive) -> Any:
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            raise errors.payload_too_large(self.max_body)
+        chunks: list[bytes] = []
+        size = 0
+        # One deadline for the whole body, first message included: a client that sends its headers
+        # (say Content-Length: 100) and then nothing, or trickles the body (slowloris), is cut off.
+        task = asyncio.current_task()
+        assert task is not None
+        self.body_watchdog.watch(task)
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientGone()
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_body:
+                    raise errors.payload_too_large(self.max_body)
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+        except asyncio.CancelledError:
+            if not self.body_watchdog.done(task):
+                raise  # cancelled from outside (shutdown), not by the body deadline
+            task.uncancel()
+            raise GatewayError(408, f"The request body did not arrive within {self.body_timeout:g}s.",
+                               code="request_timeout") from None
+        finally:
+            self.body_watchdog.done(task)
+        raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if not raw:
+            raise errors.bad_request("Request body is empty; expected a JSON object.")
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            raise errors.bad_request(f"Request body is not valid JSON: {e.msg}", code="invalid_json") from None
+        check_depth(raw, body, self.max_depth)  # before anything (orjson.dumps included) walks the body
+        return body
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, endpoint: Endpoint) -> None:
+        """One request through the stages, in order; every way it can end is recorded once."""
+        headers = wanted_headers(scope["headers"])
+        rid = headers.get(b"x-request-id")
+        rec = RequestRecord(rid.decode() if rid and _REQUEST_ID.fullmatch(rid) else uuid.uuid4().hex, endpoint)
+        task = asyncio.current_task()
+        assert task is not None
+        self.active.add(task)
+        watcher: asyncio.Task[None] | None = None
+        try:
+            self._authenticate(rec, headers)  # parse (the headers) + authenticate
+            body = await self.read_json(headers, receive)  # parse (the body)
+            # From here on the client leaving cancels this task, wherever it is: limits, queue, vLLM, relay.
+            watcher = asyncio.create_task(cancel_on_disconnect(receive, task))
+            plan, pinned = await self._plan_and_admit(rec, endpoint, body, headers)  # validate, plan, admit
+            stream = registry.streams(endpoint, body)
+            n = body.get("n", 1) if endpoint in ("chat", "completions") else 1
+            lk = await self.cache.lookup(rec, plan.candidates[0], endpoint, body, headers.get(b"cache-control"),
+                                         stream)
+            try:
+                if stream:  # execute + relay + finalize, the answer going out as it comes
+                    await self._stream(rec, plan, endpoint, body, send, lk, n, watcher.cancel, pinned)
+                    self.finalizer.finalize(rec)  # a stream that failed mid-way (a complete one already is)
+                    return
+                data = await self._answer(rec, plan, endpoint, body, lk, n, pinned)  # execute (or the cache)
+                watcher.cancel()  # the answer is here: a client leaving now changes nothing
+                rec.status = 200
+                self.finalizer.finalize(rec)
+                self.cache.store(lk, rec, "json", data)
+            finally:
+                self.cache.release(lk)
+            if self.ledger_gate is not None:
+                await self.ledger_gate.wait()
+            await respond(send, 200, data, final_headers(rec))
+        except GatewayError as e:
+            if watcher is not None:
+                watcher.cancel()  # answering now: the end of the response must not look like the client leaving
+            await self._error(rec, e, send)
+        except ClientGone:
+            rec.outcome, rec.status = "client_left_before_response", 499
+            self.finalizer.finalize(rec)
+        except asyncio.CancelledError:
+            if not self._client_left(rec, task, watcher):
+                raise  # cancelled from outside: the server is stopping
+        except Exception:
+            log.exception("internal error in request %s", rec.request_id)
+            await self._error(rec, GatewayError(500, f"Internal gateway error (request id {rec.request_id}).",
+                                                type="api_error", code="internal_error"), send)
+        finally:
+            self.active.discard(task)
+            if watcher is not None:
+                watcher.cancel()
+
+    def _authenticate(self, rec: RequestRecord, headers: dict[bytes, bytes]) -> None:
+        if DUPLICATE in headers:
+            raise duplicate_header(headers[DUPLICATE])
+        auth = headers.get(b"authorization")
+        if auth is None and b"x-api-key" in headers:  # how the anthropic SDK sends its key
+            auth = b"Bearer " + headers[b"x-api-key"]
+        tenant, key_hash = self.auth.authenticate(auth.decode("latin-1") if auth else None)
+        rec.tenant, rec.api_key_hash = tenant.name, key_hash
+
+    async def _plan_and_admit(self, rec: RequestRecord, endpoint: Endpoint, body: dict[str, Any],
+                              headers: dict[bytes, bytes]) -> tuple[Plan, Location | None]:
+        """Validate, plan (models and deployments in fallback order), then admit (limits and budgets)."""
+        req = validate_request(endpoint, body)
+        rec.requested_model = req.model
+        try:
+            plan = await self._plan(rec, req.model, body, headers)
+        except GatewayError as e:
+            if e.code == "model_not_found":  # a probe for names still counts: one request, no tokens
+                await self.limiter.admit(rec, NO_MODEL, {})
+            raise
+        pinned = await self.apis.pin(rec, endpoint, plan, body)  # continues a stored response: its engine
+        self.finalizer.begin(rec)
+        self.apis.prepare(endpoint, body)  # gateway/apis/: the output upper bound, the response id
+        await self.limiter.admit(rec, plan.candidates[0], body)  # 429 (or 503 when failing closed) refuses here
+        return plan, pinned
+
+    async def _answer(self, rec: RequestRecord, plan: Plan, endpoint: Endpoint, body: dict[str, Any], lk: Lookup,
+                      n: int, pinned: Location | None) -> bytes:
+        """A non-streaming answer: the cache's, or vLLM's (its usage copied into the record)."""
+        if lk.entry is not None:
+            return lk.entry.body
+        try:
+            data, tally = await self.executor.call(rec, plan, endpoint, body, n)
+        except GatewayError as e:
+            raise self.apis.pinned_failure(body, pinned, e) from None
+        tally.write(rec)
+        await self.apis.served(rec, endpoint, body)
+        return data
+
+    def _client_left(self, rec: RequestRecord, task: asyncio.Task[Any], watcher: asyncio.Task[None] | None) -> bool:
+        """This task was cancelled: by our watcher (the client left: recorded, True) or from outside (False)."""
+        if watcher is None or not watcher.done() or watcher.cancelled():
+            rec.outcome, rec.status = "gateway_shutdown", rec.status or 503
+            self.finalizer.finalize(rec)
+            return False
+        task.uncancel()
+        if not rec.outcome.startswith("client_left"):
+            rec.outcome = "client_left_before_response"
+        rec.status = 499
+        self.finalizer.finalize(rec)
+        return True
+
+    async def _error(self, rec: RequestRecord, e: GatewayError, send: Send) -> None:
+        rec.status, rec.error_code = e.status, e.code
+        rec.outcome = "timeout" if e.code == "upstream_timeout" else "error"
+        self.finalizer.finalize(rec)
+        await respond(send, e.status, registry.error_body(rec.endpoint, e), {**final_headers(rec), **e.headers})
+
+    async def _plan(self, rec: RequestRecord, name: str, body: dict[str, Any], headers: dict[bytes, bytes]) -> Plan:
+        task_raw = headers.get(b"x-gateway-task")
+        metadata = body.get("metadata")
+        task = task_raw.decode("latin-1").strip().lower() if task_raw else (
+            str(metadata["task"]).lower() if isinstance(metadata, dict) and metadata.get("task") else None)
+        if task is not None and len(task) > MAX_MODEL_NAME:  # it goes to the log and the ledger: keep it short
+            raise errors.bad_request(f"The task name is longer than {MAX_MODEL_NAME} characters.",
+                                     param="x-gateway-task" if task_raw else "metadata.task")
+        deadline_ms = None
+        if (raw := headers.get(b"x-gateway-deadline-ms")) is not None:
+            try:
+                deadline_ms = float(raw)
+                if not 0 < deadline_ms < 1e9:
+                    raise ValueError
+            except ValueError:
+                raise errors.bad_request("Header x-gateway-deadline-ms must be a positive number of milliseconds.",
+                                         param="x-gateway-deadline-ms") from None
+        plan = await self.planner.plan(name, body, rec.tenant, task, deadline_ms, self.executor.count_tokens)
+        rec.primary_model = plan.requested.name
+        rec.route = plan.route.name if plan.route is not None else None
+        rec.task = task
+        rec.rule, rec.fallback_reason = plan.rule, plan.reason
+        rec.route_decisions = plan.decisions
+        rec.deadline_ms = None if plan.deadline_s is None else plan.deadline_s * 1e3
+        rec.predicted_ms = None if plan.predicted_s is None else plan.predicted_s * 1e3
+        return plan
+
+    async def _stream(self, rec: RequestRecord, plan: Plan, endpoint: Endpoint, body: dict[str, Any],
+                      send: Send, lk: Lookup, n: int, stop_watching: Callable[[], object],
+                      pinned: Location | None = None) -> None:
+        rec.stream = True
+        acct = _accountant(rec, endpoint, body, lk, n)
+        stream = None
+        if lk.entry is None:
+            try:
+                stream = await self.executor.open_stream(rec, plan, endpoint, body, n)
+            except GatewayError as e:
+                raise self.apis.pinned_failure(body, pinned, e) from None
+            await self.apis.served(rec, endpoint, body)
+        rec.status = 200
+
+        ended = False
+
+        def on_done() -> bytes:
+            nonlocal ended
+            ended = True
+            line = self.finalizer.finalize(rec)
+            # Only called for a stream that completed; one that outgrew max_entry_bytes was not kept.
+            if isinstance(acct, RecordingAccountant):
+                if (recorded := acct.recorded()) is not None:
+                    self.cache.store(lk, rec, "sse", recorded)
+            elif (payloads := getattr(acct, "payloads", None)) is not None:  # Responses / Messages events
+                self.cache.store(lk, rec, "sse", b"\n".join(payloads))
+            return stream_trailer(line)
+
+        relay = None if stream is None else Relay(stream, rec, acct, on_done)
+        chunks = relay.chunks() if relay is not None else replay(lk.entry, acct, on_done)  # type: ignore[arg-type]
+        sending, t0 = False, 0.0
+        try:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": encode_headers({**early_headers(rec), "cache-control": "no-cache"}, SSE)})
+            async for chunk in chunks:
+                if ended and self.ledger_gate is not None:  # the trailer and [DONE] wait for the ledger
+                    await self.ledger_gate.wait()
+                sending, t0 = True, time.perf_counter()
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                waited = time.perf_counter() - t0
+                sending = False
+                if waited > _BLOCKED_S:  # the client's socket was full: it is not keeping up
+                    rec.client_wait_s += waited
+            stop_watching()  # the response is complete: the client closing now is not leaving early
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if sending:  # left while a write to it was blocked
+                rec.client_wait_s += time.perf_counter() - t0
+            slow = sending or rec.client_wait_s >= _SLOW_READER_S
+            rec.outcome = "client_left_slow_reader" if slow else "client_left_midstream"
+            raise
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+            if relay is not None:
+                await relay.abandon()  # no-op when the upstream side already ended
+                if not relay.completed:
+                    await self.apis.unfinished_stream(rec, endpoint, body, acct, self.pool)
+
+    def list_models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": m.owned_by,
+             "root": m.deployments[0].upstream_model}
+            for name, m in self.config.models.items()] + [
+            {"id": name, "object": "model", "created": 0, "owned_by": "gateway-route",
+             "root": r.candidates[0].name, "candidates": [c.name for c in r.candidates]}
+            for name, r in self.config.routes.items()]}
+
+
+def _accountant(rec: RequestRecord, endpoint: Endpoint, body: dict[str, Any], lk: Lookup,
+                n: int) -> StreamAccountant | EventAccountant:
+    """Who reads the stream: Responses / Messages have their own named-event accountant (gateway/apis/);
+    chat and completions always get vLLM's usage in every chunk, and the client only what it asked for."""
+    acct = registry.accountant(endpoint, rec, lk.may_store)
+    if acct is not None:
+        return acct
+    asked = body.get("stream_options") or {}
+    if not isinstance(asked, dict):
+        raise errors.bad_request("'stream_options' must be an object.", param="stream_options")
+    # A miss that may be stored keeps the upstream payloads (RecordingAccountant); a hit replays them.
+    usage, continuous = asked.get("include_usage") is True, asked.get("continuous_usage_stats") is True
+    body["stream_options"] = {**asked, "include_usage": True, "continuous_usage_stats": True}
+    if lk.may_store:
+        return RecordingAccountant(rec, usage, continuous, n, lk.max_bytes)
+    return StreamAccountant(rec, usage, continuous, n)
