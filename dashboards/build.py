@@ -8,6 +8,12 @@ rules cannot drift apart. Every query filters with the template variables; a var
 `.+`, so a filter on a label a metric does not carry matches nothing (and the tests notice).
 vLLM series carry a `deployment` label added by the scrape config (deploy/prometheus/README.md),
 equal to the gateway's name for the deployment that engine serves.
+
+Why the JSON is written here and not with Grafana's typed builder (grafana-foundation-sdk): every
+panel is one row of a table that also defines the recording rule it reads and the promtool/Prometheus
+tests that query it; the builder would add a second description of each panel next to that table.
+Instead tests/test_dashboards_schema.py loads every written dashboard into the SDK's typed models and
+fails on any field Grafana's schema does not know, which is the check the builder would give.
 """
 
 from __future__ import annotations

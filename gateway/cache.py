@@ -68,11 +68,11 @@ class Entry:
 
     def apply(self, rec: RequestRecord) -> None:
         """A hit: the record carries the answer's tokens (marked cached), costs 0 and saves what it cost."""
-        rec.cache = "hit"
-        rec.served_model, rec.upstream_model = self.served_model, self.upstream_model
-        rec.prompt_tokens, rec.completion_tokens = self.prompt_tokens, self.completion_tokens
-        rec.cached_tokens, rec.usage_reported = self.cached_tokens, True
-        rec.saved_pico_usd = self.cost_pico_usd
+        rec.end.cache = "hit"
+        rec.routing.served_model, rec.routing.upstream_model = self.served_model, self.upstream_model
+        rec.usage.prompt_tokens, rec.usage.completion_tokens = self.prompt_tokens, self.completion_tokens
+        rec.usage.cached_tokens, rec.usage.usage_reported = self.cached_tokens, True
+        rec.money.saved_pico_usd = self.cost_pico_usd
 
 
 @dataclass(slots=True, eq=False)
@@ -106,7 +106,7 @@ class NullCache:
 
     async def lookup(self, rec: RequestRecord, model: Model, endpoint: str, body: dict[str, Any],
                      cache_control: bytes | None, stream: bool) -> Lookup:
-        rec.cache = "bypass"
+        rec.end.cache = "bypass"
         return NO_LOOKUP
 
     def store(self, lk: Lookup, rec: RequestRecord, kind: str, body: bytes) -> None:
@@ -163,15 +163,15 @@ class StoreCache:
 
     async def lookup(self, rec: RequestRecord, model: Model, endpoint: str, body: dict[str, Any],
                      cache_control: bytes | None, stream: bool) -> Lookup:
-        policy = self.features.cache_policy(rec.tenant, model.name)
+        policy = self.features.cache_policy(rec.identity.tenant, model.name)
         if not cacheable(policy.mode, endpoint, body):
-            rec.cache = "bypass"
+            rec.end.cache = "bypass"
             return NO_LOOKUP
         no_cache, no_store = parse_cache_control(cache_control)
         key = cache_key(policy.scope, model, endpoint, stream, body)
         lk = Lookup(key, model.name, policy.ttl_s, not no_store, max_bytes=self.max_entry)
         if no_cache:
-            rec.cache = "bypass"
+            rec.end.cache = "bypass"
             return lk
         coalesce = self.coalesce and not stream  # a follower of a stream would lose its time to first token
         if coalesce:
@@ -195,10 +195,10 @@ class StoreCache:
             if self.fail_closed:
                 raise GatewayError(503, "The response cache is unavailable.", type="api_error",
                                    code="cache_unavailable") from e
-            rec.cache = "bypass"
+            rec.end.cache = "bypass"
             return Lookup()
         if entry is None:
-            rec.cache = "miss"
+            rec.end.cache = "miss"
             return lk
         entry.apply(rec)
         lk.entry, lk.may_store = entry, False
@@ -239,11 +239,12 @@ class StoreCache:
 
     def store(self, lk: Lookup, rec: RequestRecord, kind: str, body: bytes) -> None:
         """Keep a finished, successful answer (never one that ended in error or came from another model)."""
-        if (lk.key is None or not lk.may_store or lk.done or rec.status != 200 or rec.outcome != "ok"
-                or rec.served_model != lk.model or len(body) > self.max_entry):
+        if (lk.key is None or not lk.may_store or lk.done or rec.end.status != 200 or rec.end.outcome != "ok"
+                or rec.routing.served_model != lk.model or len(body) > self.max_entry):
             return
-        entry = Entry(kind, body, rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens, rec.cost_pico_usd,
-                      rec.served_model or "", rec.upstream_model)
+        u = rec.usage
+        entry = Entry(kind, body, u.prompt_tokens, u.completion_tokens, u.cached_tokens, rec.money.cost_pico_usd,
+                      rec.routing.served_model or "", rec.routing.upstream_model)
         self._resolve(lk, entry)
         lk.done = True
         self._background(self._put(lk.key, entry.encode(), lk.ttl_s))

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         return check_config(args.file)
     if args.command == "ledger-export":
-        from gateway.ledger import export_command
+        from gateway.ledger_export import export_command
 
         return export_command(_config_path(args.config), args.format, args.out, args.start, args.end, args.tenant)
     return serve(_config_path(args.config), args.host, args.port, args.workers, args.log_level)

@@ -86,7 +86,7 @@ class Executor:
                     f"and no slot freed within {self.queue_timeout:g}s"), blame=None) from None
             finally:
                 waited = time.perf_counter() - t0
-                rec.queue_s += waited
+                rec.timing.queue_s += waited
                 att.queue_s += waited
         else:
             await state.slots.acquire()
@@ -111,7 +111,7 @@ class Executor:
                 att = Attempt(state.name, upstream_model, "ok", 0.0, public_model=model.name)
                 if not breaker.allow():
                     att.outcome = "circuit_open"
-                    rec.attempts.append(att)
+                    rec.routing.attempts.append(att)
                     continue
                 made += 1
                 verdict: bool | None = None  # None: the deployment was never really tried
@@ -124,21 +124,21 @@ class Executor:
                 except _Retryable as r:
                     verdict = r.blame
                     att.outcome = r.reason
-                    rec.attempts.append(att)
+                    rec.routing.attempts.append(att)
                     last = r.error
                     continue
                 except GatewayError as e:
                     verdict = e.status < 500  # a 4xx means the deployment itself is fine
                     att.outcome = f"error_{e.status}"
-                    rec.attempts.append(att)
+                    rec.routing.attempts.append(att)
                     raise
                 except asyncio.CancelledError:
                     att.outcome = "abandoned"  # the client left or the gateway is stopping
-                    rec.attempts.append(att)
+                    rec.routing.attempts.append(att)
                     raise
                 finally:
                     breaker.settle(verdict)
-                rec.attempts.append(att)
+                rec.routing.attempts.append(att)
                 self._served_by(rec, plan, model, state)
                 return result
         return self._give_up(rec, plan, last, made)
@@ -159,22 +159,22 @@ class Executor:
             now = time.perf_counter()
             att.gpu_s = state.finished(now, reading)
             att.seconds = now - t0
-            rec.gpu_s += att.gpu_s
+            rec.timing.gpu_s += att.gpu_s
             state.slots.release()
 
         try:
             result = await call
         except BaseException:
             finish()
-            rec.upstream_s += att.seconds
+            rec.timing.upstream_s += att.seconds
             raise
         if stream:
             assert isinstance(result, UpstreamStream)
             result.finish = finish
-            rec.upstream_s += time.perf_counter() - t0
+            rec.timing.upstream_s += time.perf_counter() - t0
         else:
             finish()
-            rec.upstream_s += att.seconds
+            rec.timing.upstream_s += att.seconds
         return result
 
     @staticmethod
@@ -200,7 +200,7 @@ class Executor:
         try:
             async with self.pool.session.post(
                 state.spec.url + path, data=payload, timeout=state.timeout,
-                headers={**state.headers, "Content-Type": JSON, "X-Request-Id": rec.request_id},
+                headers={**state.headers, "Content-Type": JSON, "X-Request-Id": rec.identity.request_id},
             ) as resp:
                 data = await resp.read()
                 status = resp.status
@@ -292,7 +292,7 @@ class Executor:
             async with asyncio.timeout(first_token):
                 resp = await self.pool.session.post(
                     state.spec.url + path, data=payload, timeout=state.stream_timeout,
-                    headers={**state.headers, "Content-Type": JSON, "X-Request-Id": rec.request_id},
+                    headers={**state.headers, "Content-Type": JSON, "X-Request-Id": rec.identity.request_id},
                 )
                 if resp.status >= 400:
                     data = await resp.read()
@@ -334,14 +334,14 @@ class Executor:
 
     @staticmethod
     def _served_by(rec: RequestRecord, plan: Plan, model: Model, state: DeploymentState) -> None:
-        rec.served_model = model.name
-        rec.deployment = state.name
-        rec.upstream_model = state.spec.upstream_model
-        failed = [a for a in rec.attempts if a.outcome != "ok"]
+        rec.routing.served_model = model.name
+        rec.routing.deployment = state.name
+        rec.routing.upstream_model = state.spec.upstream_model
+        failed = [a for a in rec.routing.attempts if a.outcome != "ok"]
         if failed:
-            rec.fallback_reason = failed[-1].outcome
+            rec.routing.fallback_reason = failed[-1].outcome
             if model is not plan.candidates[0]:
-                rec.rule = "failure_fallback"
+                rec.routing.rule = "failure_fallback"
 
 
 def _unset() -> None:

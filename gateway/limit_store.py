@@ -383,8 +383,15 @@ class MemoryLimits:
         return AdmitResult(True, states)
 
     def _charge(self, key: str, pico: int) -> int:
+        if key not in self.spend and len(self.spend) >= 2 * len(self.logs) + 16:
+            self._forget_past_periods()
         self.spend[key] = self.spend.get(key, 0) + pico
         return self.spend[key]
+
+    def _forget_past_periods(self) -> None:
+        """Spend of past days and months is no longer checked: keep the map to the current periods."""
+        _, day, month = self._now()
+        self.spend = {k: v for k, v in self.spend.items() if k.endswith((f":d:{day}", f":m:{month}"))}
 
     def settle(self, scopes: Sequence[Scope], st: Settlement) -> list[ScopeState]:
         now, day, month = self._now()

@@ -83,7 +83,8 @@ class NullLimiter:
     async def admit(self, rec: RequestRecord, model: Model, body: dict[str, Any]) -> None:
         b = self.bounds.of(model)
         # the prompt estimate only matters to keep a default bound inside a known context window
-        bound_output(body, rec.endpoint, b, estimate_prompt_tokens(body, rec.endpoint, b) if b.context_window else None)
+        endpoint = rec.identity.endpoint
+        bound_output(body, endpoint, b, estimate_prompt_tokens(body, endpoint, b) if b.context_window else None)
 
     def settle(self, rec: RequestRecord) -> None:
         return None
@@ -139,19 +140,19 @@ class StoreLimiter:
                      min(to_pico(lim.budget_month), MAX_PICO))
 
     def scopes(self, rec: RequestRecord) -> tuple[Scope, ...]:
-        key = rec.api_key_hash or ""
-        got = self._scopes.get((rec.tenant, key))
+        key = rec.identity.api_key_hash or ""
+        got = self._scopes.get((rec.identity.tenant, key))
         if got is None:
-            k, t = self._key_limits.get(key), self._tenant_limits.get(rec.tenant)
+            k, t = self._key_limits.get(key), self._tenant_limits.get(rec.identity.tenant)
             got = tuple(s for s in (
-                self._scope(rec.tenant, "k", key, k, False) if k is not None else None,
-                self._scope(rec.tenant, "t", "", t, True) if t is not None else None) if s is not None)
+                self._scope(rec.identity.tenant, "k", key, k, False) if k is not None else None,
+                self._scope(rec.identity.tenant, "t", "", t, True) if t is not None else None) if s is not None)
             if len(self._scopes) < 100_000:  # keys and tenants come from config: bounded anyway
-                self._scopes[(rec.tenant, key)] = got
+                self._scopes[(rec.identity.tenant, key)] = got
         return got
 
     async def admit(self, rec: RequestRecord, model: Model, body: dict[str, Any]) -> None:
-        prompt, completion = reserve(body, rec.endpoint, self.bounds.of(model))  # bounds the body sent
+        prompt, completion = reserve(body, rec.identity.endpoint, self.bounds.of(model))  # bounds the body sent
         scopes = self.scopes(rec)
         if not scopes:
             return
@@ -168,8 +169,8 @@ class StoreLimiter:
         except StoreCommandError as e:
             # Redis refused this command: a bug to fix, never a reason to stop enforcing limits
             self._release(res)
-            log.error("limit check failed for request %s: %s", rec.request_id, e)
-            raise GatewayError(500, f"Limits could not be checked (request id {rec.request_id}).",
+            log.error("limit check failed for request %s: %s", rec.identity.request_id, e)
+            raise GatewayError(500, f"Limits could not be checked (request id {rec.identity.request_id}).",
                                type="api_error", code="limits_error") from None
         except StoreUnavailable as e:
             if self.fail_closed:
@@ -177,10 +178,10 @@ class StoreLimiter:
                     self._release(res)  # Redis may still run the admission it queued: undo it then
                 raise GatewayError(503, "Rate limits cannot be checked right now (limit store unavailable).",
                                    type="api_error", code="limits_unavailable") from e
-            rec.limited_by = "skipped"
+            rec.end.limited_by = "skipped"
             rec.reservation = res  # settle counts the real usage once Redis answers (and undoes a late admit)
             if self._metrics is not None:
-                self._metrics.limits_fail_open.labels(rec.tenant).inc()
+                self._metrics.limits_fail_open.labels(rec.identity.tenant).inc()
             self._log.warning("fail_open", "limit store unavailable: admitting without limits "
                               "(redis.on_failure.limits: open): %s", e)
             return
@@ -188,7 +189,7 @@ class StoreLimiter:
         rec.ratelimit_headers = self._headers(scopes, r)
         if not r.ok:
             scope = scopes[max(0, r.refused_scope)]
-            rec.limited_by = r.refused_limit or "rpm"
+            rec.end.limited_by = r.refused_limit or "rpm"
             raise self._refusal(scope, r, tokens, rec.ratelimit_headers)
         rec.reservation = res
 
@@ -198,9 +199,9 @@ class StoreLimiter:
         if not isinstance(res, Reservation):
             return
         rec.reservation = None
-        hit = rec.cache == "hit"  # a cache hit used no vLLM tokens and costs nothing
-        tokens = 0 if hit else min(MAX_PICO, max(0, rec.prompt_tokens) + max(0, rec.completion_tokens))
-        cost = 0 if hit else min(MAX_PICO, max(0, rec.cost_pico_usd))  # what the tenant is billed
+        hit = rec.end.cache == "hit"  # a cache hit used no vLLM tokens and costs nothing
+        tokens = 0 if hit else min(MAX_PICO, max(0, rec.usage.prompt_tokens) + max(0, rec.usage.completion_tokens))
+        cost = 0 if hit else min(MAX_PICO, max(0, rec.money.cost_pico_usd))  # what the tenant is billed
         self._submit(res, Settlement(res.lease, res.tokens, res.cost, tokens, cost, True, TOMBSTONE_MS))
 
     def _release(self, res: Reservation) -> None:

@@ -134,19 +134,19 @@ class GatewayMetrics:
 
     def observe(self, rec: RequestRecord) -> None:
         """Every metric of one finished request, from its record."""
-        model = self.model_label(rec.served_model or rec.requested_model)
-        dep = rec.deployment if rec.deployment in self._deployments else NO_DEPLOYMENT
-        key = (model, dep, rec.tenant, rec.status)
+        model = self.model_label(rec.routing.served_model or rec.identity.requested_model)
+        dep = rec.routing.deployment if rec.routing.deployment in self._deployments else NO_DEPLOYMENT
+        key = (model, dep, rec.identity.tenant, rec.end.status)
         c = self._children.get(key)
         if c is None:
-            mdt = (model, dep, rec.tenant)
-            c = (self.requests.labels(*mdt, str(rec.status)), self.prompt_tokens.labels(*mdt),
+            mdt = (model, dep, rec.identity.tenant)
+            c = (self.requests.labels(*mdt, str(rec.end.status)), self.prompt_tokens.labels(*mdt),
                  self.completion_tokens.labels(*mdt), self.cached_tokens.labels(*mdt), self.cost.labels(*mdt),
                  self.e2e.labels(model, dep), self.ttft.labels(model, dep), self.tpot.labels(model, dep),
                  self.overhead.labels(model, dep), self.queue.labels(model, dep))
             self._children[key] = c
         c[0].inc()
-        self.outcomes.labels(model, rec.outcome).inc()
+        self.outcomes.labels(model, rec.end.outcome).inc()
         self._tokens(rec, model, c)
         self._money_and_routing(rec, model, dep, c[4])
         self._waste(rec)
@@ -154,43 +154,45 @@ class GatewayMetrics:
 
     def _tokens(self, rec: RequestRecord, model: str, c: tuple[Any, ...]) -> None:
         _, prompt, completion, cached = c[:4]
-        if rec.cache == "hit":  # vLLM processed none of a hit's tokens: they go to gateway_cache_tokens_total
-            self.cache_tokens.labels(model, rec.tenant, "prompt").inc(rec.prompt_tokens)
-            self.cache_tokens.labels(model, rec.tenant, "completion").inc(rec.completion_tokens)
+        if rec.end.cache == "hit":  # vLLM processed none of a hit's tokens: they go to gateway_cache_tokens_total
+            self.cache_tokens.labels(model, rec.identity.tenant, "prompt").inc(rec.usage.prompt_tokens)
+            self.cache_tokens.labels(model, rec.identity.tenant, "completion").inc(rec.usage.completion_tokens)
             return
-        if rec.prompt_tokens:
-            prompt.inc(rec.prompt_tokens)
-        if rec.completion_tokens:
-            completion.inc(rec.completion_tokens)
-        if rec.cached_tokens:
-            cached.inc(rec.cached_tokens)
+        if rec.usage.prompt_tokens:
+            prompt.inc(rec.usage.prompt_tokens)
+        if rec.usage.completion_tokens:
+            completion.inc(rec.usage.completion_tokens)
+        if rec.usage.cached_tokens:
+            cached.inc(rec.usage.cached_tokens)
 
     def _money_and_routing(self, rec: RequestRecord, model: str, dep: str, cost: Any) -> None:
-        if rec.cache is not None:
-            self.cache_requests.labels(model, rec.tenant, rec.cache).inc()
-            if rec.saved_pico_usd:
-                self.cache_saved.labels(model, rec.tenant).inc(usd(rec.saved_pico_usd))
-        if rec.limited_by is not None and rec.limited_by != "skipped":
-            self.ratelimit_refusals.labels(rec.tenant, rec.limited_by).inc()
-        if rec.cost_pico_usd:
-            cost.inc(usd(rec.cost_pico_usd))
-        if rec.fanout_prompt_tokens:
-            self.fanout_prompt_tokens.labels(model, dep, rec.tenant).inc(rec.fanout_prompt_tokens)
-        if rec.prefix_saved_pico_usd:
-            self.prefix_saved.labels(model, dep, rec.tenant).inc(usd(rec.prefix_saved_pico_usd))
-        if rec.balance is not None:
-            self.balance_decisions.labels(model, dep, rec.balance).inc()
-        if rec.counterfactual_cost_pico_usd:
-            self.counterfactual_cost.labels(model, dep, rec.tenant).inc(usd(rec.counterfactual_cost_pico_usd))
-        if rec.primary_model is not None and rec.served_model is not None and rec.primary_model != rec.served_model:
-            self.fallbacks.labels(rec.primary_model, rec.served_model, rec.rule or "unknown").inc()
+        if rec.end.cache is not None:
+            self.cache_requests.labels(model, rec.identity.tenant, rec.end.cache).inc()
+            if rec.money.saved_pico_usd:
+                self.cache_saved.labels(model, rec.identity.tenant).inc(usd(rec.money.saved_pico_usd))
+        if rec.end.limited_by is not None and rec.end.limited_by != "skipped":
+            self.ratelimit_refusals.labels(rec.identity.tenant, rec.end.limited_by).inc()
+        if rec.money.cost_pico_usd:
+            cost.inc(usd(rec.money.cost_pico_usd))
+        if rec.usage.fanout_prompt_tokens:
+            self.fanout_prompt_tokens.labels(model, dep, rec.identity.tenant).inc(rec.usage.fanout_prompt_tokens)
+        if rec.money.prefix_saved_pico_usd:
+            self.prefix_saved.labels(model, dep, rec.identity.tenant).inc(usd(rec.money.prefix_saved_pico_usd))
+        if rec.routing.balance is not None:
+            self.balance_decisions.labels(model, dep, rec.routing.balance).inc()
+        if rec.money.counterfactual_cost_pico_usd:
+            self.counterfactual_cost.labels(model, dep, rec.identity.tenant).inc(
+                usd(rec.money.counterfactual_cost_pico_usd))
+        r = rec.routing
+        if r.primary_model is not None and r.served_model is not None and r.primary_model != r.served_model:
+            self.fallbacks.labels(r.primary_model, r.served_model, r.rule or "unknown").inc()
 
     def _waste(self, rec: RequestRecord) -> None:
         """What vLLM did for attempts the gateway abandoned (a client gone early is billed instead)."""
-        for a in rec.attempts:
+        for a in rec.routing.attempts:
             if a.outcome == "ok" or not (a.prompt_tokens or a.completion_tokens or a.cost_pico_usd):
                 continue
-            if a.outcome == "abandoned" and rec.outcome == "client_left_before_response":
+            if a.outcome == "abandoned" and rec.end.outcome == "client_left_before_response":
                 continue  # billed to the request, not waste
             wl = (self.model_label(a.public_model), a.deployment if a.deployment in self._deployments
                   else NO_DEPLOYMENT, a.outcome)
@@ -202,14 +204,14 @@ class GatewayMetrics:
     @staticmethod
     def _latency(rec: RequestRecord, c: tuple[Any, ...]) -> None:
         e2e, ttft, tpot, overhead, queue = c[5:]
-        e2e.observe(rec.e2e_s)
-        overhead.observe(rec.overhead_s)
-        if rec.deployment is not None:
-            queue.observe(rec.queue_s)
-        if rec.ttft_s is not None:
-            ttft.observe(rec.ttft_s)
-        if rec.tpot_s is not None:
-            tpot.observe(rec.tpot_s)
+        e2e.observe(rec.timing.e2e_s)
+        overhead.observe(rec.timing.overhead_s)
+        if rec.routing.deployment is not None:
+            queue.observe(rec.timing.queue_s)
+        if rec.timing.ttft_s is not None:
+            ttft.observe(rec.timing.ttft_s)
+        if rec.timing.tpot_s is not None:
+            tpot.observe(rec.timing.tpot_s)
 
     def render(self) -> bytes:
         if multiprocess_dir():

@@ -137,12 +137,12 @@ class Gateway:
 
     def _observe_latency(self, rec: RequestRecord) -> None:
         """Feed the deadline rule's live figures from successful requests."""
-        if rec.status != 200 or rec.deployment is None:
+        if rec.end.status != 200 or rec.routing.deployment is None:
             return
-        if rec.stream:
-            self.live.get(rec.deployment).observe(rec.ttft_s, rec.tpot_s)
-        elif rec.completion_tokens > 0 and rec.endpoint != "embeddings":
-            self.live.get(rec.deployment).observe(None, rec.upstream_s / rec.completion_tokens)
+        if rec.identity.stream:
+            self.live.get(rec.routing.deployment).observe(rec.timing.ttft_s, rec.timing.tpot_s)
+        elif rec.usage.completion_tokens > 0 and rec.identity.endpoint != "embeddings":
+            self.live.get(rec.routing.deployment).observe(None, rec.timing.upstream_s / rec.usage.completion_tokens)
 
     def _health_checked(self, pool: UpstreamPool) -> None:
         for name, state in pool.states.items():
@@ -215,7 +215,7 @@ class Gateway:
                     return
                 data = await self._answer(rec, plan, endpoint, body, lk, n, pinned)  # execute (or the cache)
                 watcher.cancel()  # the answer is here: a client leaving now changes nothing
-                rec.status = 200
+                rec.end.status = 200
                 self.finalizer.finalize(rec)
                 self.cache.store(lk, rec, "json", data)
             finally:
@@ -228,14 +228,14 @@ class Gateway:
                 watcher.cancel()  # answering now: the end of the response must not look like the client leaving
             await self._error(rec, e, send)
         except ClientGone:
-            rec.outcome, rec.status = "client_left_before_response", 499
+            rec.end.outcome, rec.end.status = "client_left_before_response", 499
             self.finalizer.finalize(rec)
         except asyncio.CancelledError:
             if not self._client_left(rec, task, watcher):
                 raise  # cancelled from outside: the server is stopping
         except Exception:
-            log.exception("internal error in request %s", rec.request_id)
-            await self._error(rec, GatewayError(500, f"Internal gateway error (request id {rec.request_id}).",
+            log.exception("internal error in request %s", rec.identity.request_id)
+            await self._error(rec, GatewayError(500, f"Internal gateway error (request id {rec.identity.request_id}).",
                                                 type="api_error", code="internal_error"), send)
         finally:
             self.active.discard(task)
@@ -249,13 +249,13 @@ class Gateway:
         if auth is None and b"x-api-key" in headers:  # how the anthropic SDK sends its key
             auth = b"Bearer " + headers[b"x-api-key"]
         tenant, key_hash = self.auth.authenticate(auth.decode("latin-1") if auth else None)
-        rec.tenant, rec.api_key_hash = tenant.name, key_hash
+        rec.identity.tenant, rec.identity.api_key_hash = tenant.name, key_hash
 
     async def _plan_and_admit(self, rec: RequestRecord, endpoint: Endpoint, body: dict[str, Any],
                               headers: dict[bytes, bytes]) -> tuple[Plan, Location | None]:
         """Validate, plan (models and deployments in fallback order), then admit (limits and budgets)."""
         req = validate_request(endpoint, body)
-        rec.requested_model = req.model
+        rec.identity.requested_model = req.model
         try:
             plan = await self._plan(rec, req.model, body, headers)
         except GatewayError as e:
@@ -284,21 +284,22 @@ class Gateway:
     def _client_left(self, rec: RequestRecord, task: asyncio.Task[Any], watcher: asyncio.Task[None] | None) -> bool:
         """This task was cancelled: by our watcher (the client left: recorded, True) or from outside (False)."""
         if watcher is None or not watcher.done() or watcher.cancelled():
-            rec.outcome, rec.status = "gateway_shutdown", rec.status or 503
+            rec.end.outcome, rec.end.status = "gateway_shutdown", rec.end.status or 503
             self.finalizer.finalize(rec)
             return False
         task.uncancel()
-        if not rec.outcome.startswith("client_left"):
-            rec.outcome = "client_left_before_response"
-        rec.status = 499
+        if not rec.end.outcome.startswith("client_left"):
+            rec.end.outcome = "client_left_before_response"
+        rec.end.status = 499
         self.finalizer.finalize(rec)
         return True
 
     async def _error(self, rec: RequestRecord, e: GatewayError, send: Send) -> None:
-        rec.status, rec.error_code = e.status, e.code
-        rec.outcome = "timeout" if e.code == "upstream_timeout" else "error"
+        rec.end.status, rec.end.error_code = e.status, e.code
+        rec.end.outcome = "timeout" if e.code == "upstream_timeout" else "error"
         self.finalizer.finalize(rec)
-        await respond(send, e.status, registry.error_body(rec.endpoint, e), {**final_headers(rec), **e.headers})
+        body = registry.error_body(rec.identity.endpoint, e)
+        await respond(send, e.status, body, {**final_headers(rec), **e.headers})
 
     async def _plan(self, rec: RequestRecord, name: str, body: dict[str, Any], headers: dict[bytes, bytes]) -> Plan:
         task_raw = headers.get(b"x-gateway-task")
@@ -317,20 +318,20 @@ class Gateway:
             except ValueError:
                 raise errors.bad_request("Header x-gateway-deadline-ms must be a positive number of milliseconds.",
                                          param="x-gateway-deadline-ms") from None
-        plan = await self.planner.plan(name, body, rec.tenant, task, deadline_ms, self.executor.count_tokens)
-        rec.primary_model = plan.requested.name
-        rec.route = plan.route.name if plan.route is not None else None
-        rec.task = task
-        rec.rule, rec.fallback_reason = plan.rule, plan.reason
-        rec.route_decisions = plan.decisions
-        rec.deadline_ms = None if plan.deadline_s is None else plan.deadline_s * 1e3
-        rec.predicted_ms = None if plan.predicted_s is None else plan.predicted_s * 1e3
+        plan = await self.planner.plan(name, body, rec.identity.tenant, task, deadline_ms, self.executor.count_tokens)
+        rec.routing.primary_model = plan.requested.name
+        rec.routing.route = plan.route.name if plan.route is not None else None
+        rec.routing.task = task
+        rec.routing.rule, rec.routing.fallback_reason = plan.rule, plan.reason
+        rec.routing.route_decisions = plan.decisions
+        rec.routing.deadline_ms = None if plan.deadline_s is None else plan.deadline_s * 1e3
+        rec.routing.predicted_ms = None if plan.predicted_s is None else plan.predicted_s * 1e3
         return plan
 
     async def _stream(self, rec: RequestRecord, plan: Plan, endpoint: Endpoint, body: dict[str, Any],
                       send: Send, lk: Lookup, n: int, stop_watching: Callable[[], object],
                       pinned: Location | None = None) -> None:
-        rec.stream = True
+        rec.identity.stream = True
         acct = _accountant(rec, endpoint, body, lk, n)
         stream = None
         if lk.entry is None:
@@ -339,7 +340,7 @@ class Gateway:
             except GatewayError as e:
                 raise self.apis.pinned_failure(body, pinned, e) from None
             await self.apis.served(rec, endpoint, body)
-        rec.status = 200
+        rec.end.status = 200
 
         ended = False
 
@@ -369,14 +370,14 @@ class Gateway:
                 waited = time.perf_counter() - t0
                 sending = False
                 if waited > _BLOCKED_S:  # the client's socket was full: it is not keeping up
-                    rec.client_wait_s += waited
+                    rec.timing.client_wait_s += waited
             stop_watching()  # the response is complete: the client closing now is not leaving early
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if sending:  # left while a write to it was blocked
-                rec.client_wait_s += time.perf_counter() - t0
-            slow = sending or rec.client_wait_s >= _SLOW_READER_S
-            rec.outcome = "client_left_slow_reader" if slow else "client_left_midstream"
+                rec.timing.client_wait_s += time.perf_counter() - t0
+            slow = sending or rec.timing.client_wait_s >= _SLOW_READER_S
+            rec.end.outcome = "client_left_slow_reader" if slow else "client_left_midstream"
             raise
         finally:
             await chunks.aclose()  # type: ignore[attr-defined]

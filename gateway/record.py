@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 from gateway.money import usd
+
+if TYPE_CHECKING:
+    from gateway.limits import Reservation
 
 
 @dataclass(slots=True)
@@ -43,37 +46,42 @@ OUTCOMES = (
 
 
 @dataclass(slots=True)
-class RequestRecord:
+class Identity:
+    """Who asked for what."""
+
     request_id: str
     endpoint: str
-    started: float = field(default_factory=time.perf_counter)  # monotonic origin of every duration
-    wall_time: float = field(default_factory=time.time)
     tenant: str = "unauthenticated"
     api_key_hash: str | None = None  # first 12 hex digits of the key's SHA-256, never the key
     requested_model: str | None = None
+    stream: bool = False
+    wall_time: float = field(default_factory=time.time)
+
+
+@dataclass(slots=True)
+class Routing:
+    """Where it went and why: the model and deployment that answered, the rule that moved it, each attempt."""
+
     served_model: str | None = None  # public model name that answered
     upstream_model: str | None = None  # the name vLLM knows (base model or LoRA adapter)
     deployment: str | None = None
-    gpu_s: float = 0.0  # this request's share of its deployment's busy time (GPU-time cost basis)
-    stream: bool = False
-    in_flight: bool = False  # counted in gateway_requests_in_flight{model=requested_model}
-    status: int = 0
-    error_code: str | None = None
-    outcome: str = "ok"  # one of OUTCOMES: how the request ended
     attempts: list[Attempt] = field(default_factory=list)
-    # routing: what moved the request off its first candidate, and what that candidate would have cost
     route: str | None = None
-    primary_model: str | None = None
+    primary_model: str | None = None  # the first candidate (what the counterfactual cost is priced at)
     rule: str | None = None
     fallback_reason: str | None = None
     route_decisions: list[str] = field(default_factory=list)
     task: str | None = None
     deadline_ms: float | None = None
     predicted_ms: float | None = None
-    counterfactual_cost_pico_usd: int = 0
     balance: str | None = None  # how the deployment was chosen (routing/balance.py): least_outstanding, affinity, ...
     prefix_blocks_matched: int = 0  # prompt blocks the chosen deployment was sent before (balance: prefix)
-    # durations in seconds (None when not applicable, e.g. no token ever arrived)
+
+
+@dataclass(slots=True)
+class Timing:
+    """Durations in seconds (None when not applicable, e.g. no token ever arrived); logged in ms."""
+
     queue_s: float = 0.0
     upstream_s: float = 0.0  # time spent waiting on vLLM (connect, headers, every chunk read)
     ttft_s: float | None = None
@@ -81,7 +89,13 @@ class RequestRecord:
     e2e_s: float = 0.0
     overhead_s: float = 0.0
     client_wait_s: float = 0.0  # time blocked writing to a client that read slowly (back-pressure)
-    # tokens exactly as vLLM's usage reported them
+    gpu_s: float = 0.0  # this request's share of its deployment's busy time (GPU-time cost basis)
+
+
+@dataclass(slots=True)
+class Usage:
+    """Tokens exactly as vLLM's usage reported them, and the work vLLM did that nobody is billed for."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
@@ -90,94 +104,93 @@ class RequestRecord:
     wasted_completion_tokens: int = 0
     usage_reported: bool = False
     usage_invalid: bool = False  # vLLM sent usage that could not be true (negative, absurd): not billed
-    cost_pico_usd: int = 0  # exact money: pico-USD (gateway/money.py)
+
+
+@dataclass(slots=True)
+class Money:
+    """Exact pico-USD (gateway/money.py); the log adds each amount's USD twin."""
+
+    cost_pico_usd: int = 0
     wasted_cost_pico_usd: int = 0
-    # what vLLM's prefix cache saved: cached tokens at the prompt price minus what they were billed
-    prefix_saved_pico_usd: int = 0
-    # response cache, rate limits and budgets (gateway/cache.py, gateway/limits.py)
+    counterfactual_cost_pico_usd: int = 0  # what the first candidate would have charged for the same tokens
+    saved_pico_usd: int = 0  # on a cache hit: what the answer cost when it was made (the hit itself costs 0)
+    prefix_saved_pico_usd: int = 0  # what vLLM's prefix cache saved: cached tokens at the prompt price
+
+
+@dataclass(slots=True)
+class Ending:
+    """How the request ended (OUTCOMES), and the stages that can end it early (cache, limits)."""
+
+    status: int = 0
+    outcome: str = "ok"
+    error_code: str | None = None
     cache: str | None = None  # hit | miss | bypass (None: the request never reached the cache stage)
-    saved_pico_usd: int = 0  # on a hit: what the answer cost when it was made (the hit itself costs 0)
     limited_by: str | None = None  # the limit that refused it (rpm, tpm, ...), or "skipped" (store down)
-    ratelimit_headers: dict[str, str] | None = None  # x-ratelimit-* as of admission
-    reservation: Any = None  # what admission reserved; settled (and cleared) at finalize
-    final_line: bytes | None = None  # the record's JSON line, once finalized (finalize runs once)
+
+
+PARTS = ("identity", "routing", "timing", "usage", "money", "end")
+_LOG_NAMES = {"api_key_hash": "api_key", "wall_time": "ts"}
+
+
+class RequestRecord:
+    """The one record of a request, in typed parts; the log line, headers, metrics and ledger read it."""
+
+    __slots__ = (*PARTS, "started", "in_flight", "ratelimit_headers", "reservation", "final_line")
+
+    def __init__(self, request_id: str, endpoint: str, tenant: str = "unauthenticated") -> None:
+        self.identity = Identity(request_id, endpoint, tenant)
+        self.routing = Routing()
+        self.timing = Timing()
+        self.usage = Usage()
+        self.money = Money()
+        self.end = Ending()
+        self.started = time.perf_counter()  # monotonic origin of every duration
+        # working state of the stages, not logged
+        self.in_flight = False  # counted in gateway_requests_in_flight{model=requested_model}
+        self.ratelimit_headers: dict[str, str] | None = None  # x-ratelimit-* as of admission
+        self.reservation: Reservation | None = None  # what admission reserved; settled at finalize
+        self.final_line: bytes | None = None  # the record's JSON line, once finalized (finalize runs once)
 
     @property
     def cost_usd(self) -> float:
-        return usd(self.cost_pico_usd)
+        return usd(self.money.cost_pico_usd)
 
     @property
     def saved_usd(self) -> float:
-        return usd(self.saved_pico_usd)
+        return usd(self.money.saved_pico_usd)
 
     def finish(self, now: float | None = None) -> None:
-        end = time.perf_counter() if now is None else now
-        self.e2e_s = end - self.started
-        self.overhead_s = max(0.0, self.e2e_s - self.upstream_s - self.queue_s - self.client_wait_s)
+        t = self.timing
+        t.e2e_s = (time.perf_counter() if now is None else now) - self.started
+        t.overhead_s = max(0.0, t.e2e_s - t.upstream_s - t.queue_s - t.client_wait_s)
 
     def mark_first_token(self, now: float) -> None:
-        if self.ttft_s is None:
-            self.ttft_s = now - self.started
+        if self.timing.ttft_s is None:
+            self.timing.ttft_s = now - self.started
 
     def mark_tokens_done(self, now: float) -> None:
         """Mean time per output token after the first: (last - first) / (n - 1)."""
-        if self.ttft_s is not None and self.completion_tokens > 1:
-            self.tpot_s = max(0.0, (now - self.started - self.ttft_s) / (self.completion_tokens - 1))
+        t, n = self.timing, self.usage.completion_tokens
+        if t.ttft_s is not None and n > 1:
+            t.tpot_s = max(0.0, (now - self.started - t.ttft_s) / (n - 1))
 
     def to_log(self) -> dict[str, Any]:
-        return {
-            "ts": round(self.wall_time, 6),
-            "request_id": self.request_id,
-            "endpoint": self.endpoint,
-            "tenant": self.tenant,
-            "api_key": self.api_key_hash,
-            "requested_model": self.requested_model,
-            "served_model": self.served_model,
-            "upstream_model": self.upstream_model,
-            "deployment": self.deployment,
-            "stream": self.stream,
-            "status": self.status,
-            "outcome": self.outcome,
-            "error_code": self.error_code,
-            "attempts": [_attempt_log(a) for a in self.attempts],
-            "route": self.route,
-            "primary_model": self.primary_model,
-            "rule": self.rule,
-            "fallback_reason": self.fallback_reason,
-            "route_decisions": self.route_decisions,
-            "task": self.task,
-            "deadline_ms": self.deadline_ms,
-            "predicted_ms": self.predicted_ms,
-            "balance": self.balance,
-            "prefix_blocks_matched": self.prefix_blocks_matched,
-            "counterfactual_cost_usd": usd(self.counterfactual_cost_pico_usd),
-            "counterfactual_cost_pico_usd": self.counterfactual_cost_pico_usd,
-            "queue_ms": _ms(self.queue_s),
-            "ttft_ms": _ms(self.ttft_s),
-            "tpot_ms": _ms(self.tpot_s),
-            "e2e_ms": _ms(self.e2e_s),
-            "upstream_ms": _ms(self.upstream_s),
-            "overhead_ms": _ms(self.overhead_s),
-            "client_wait_ms": _ms(self.client_wait_s),
-            "gpu_ms": _ms(self.gpu_s),
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "cached_tokens": self.cached_tokens,
-            "fanout_prompt_tokens": self.fanout_prompt_tokens,
-            "wasted_prompt_tokens": self.wasted_prompt_tokens,
-            "wasted_completion_tokens": self.wasted_completion_tokens,
-            "usage_reported": self.usage_reported,
-            "usage_invalid": self.usage_invalid,
-            "cost_usd": usd(self.cost_pico_usd),
-            "cost_pico_usd": self.cost_pico_usd,
-            "wasted_cost_pico_usd": self.wasted_cost_pico_usd,
-            "prefix_saved_usd": usd(self.prefix_saved_pico_usd),
-            "prefix_saved_pico_usd": self.prefix_saved_pico_usd,
-            "cache": self.cache,
-            "saved_usd": usd(self.saved_pico_usd),
-            "saved_pico_usd": self.saved_pico_usd,
-            "limited_by": self.limited_by,
-        }
+        """The log line, derived from the parts: durations in ms, money with its USD twin, attempts summarised."""
+        out: dict[str, Any] = {}
+        for part in PARTS:
+            obj = getattr(self, part)
+            for f in fields(obj):
+                name, value = f.name, getattr(obj, f.name)
+                if name == "wall_time":
+                    value = round(value, 6)
+                elif name == "attempts":
+                    value = [_attempt_log(a) for a in value]
+                elif name.endswith("_s"):
+                    name, value = name[:-2] + "_ms", _ms(value)
+                elif name.endswith("_pico_usd"):
+                    out[name[:-9] + "_usd"] = usd(value)
+                out[_LOG_NAMES.get(name, name)] = value
+        return out
 
 
 def _attempt_log(a: Attempt) -> dict[str, Any]:

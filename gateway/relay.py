@@ -200,7 +200,7 @@ class Relay:
                 try:
                     batch = await stream.reader.next_lines()
                 finally:
-                    rec.upstream_s += time.perf_counter() - t0
+                    rec.timing.upstream_s += time.perf_counter() - t0
             self.ended = True
             self._close()
             if self.completed:
@@ -209,8 +209,8 @@ class Relay:
                 return
             if acct.upstream_error is not None:
                 acct.done()
-                rec.outcome, rec.status = "upstream_failed_midstream", 502
-                rec.error_code = str(acct.upstream_error.get("code") or "upstream_error")
+                rec.end.outcome, rec.end.status = "upstream_failed_midstream", 502
+                rec.end.error_code = str(acct.upstream_error.get("code") or "upstream_error")
                 if acct.end_marker:
                     yield acct.end_marker
                 return
@@ -220,7 +220,8 @@ class Relay:
             self.ended = True
             self._close()
             acct.done()
-            rec.outcome, rec.status, rec.error_code = "upstream_failed_midstream", 502, "upstream_stream_broken"
+            end = rec.end
+            end.outcome, end.status, end.error_code = "upstream_failed_midstream", 502, "upstream_stream_broken"
             reason = str(e) if isinstance(e, MalformedStream) else type(e).__name__
             err = errors.GatewayError(502, f"upstream {stream.state.name} failed mid-stream: {reason}",
                                       type="api_error", code="upstream_stream_broken")
@@ -242,7 +243,7 @@ class Relay:
         try:
             await drain(self.stream.response, self.stream.reader, on_line)
         finally:
-            self.rec.upstream_s += time.perf_counter() - t0
+            self.rec.timing.upstream_s += time.perf_counter() - t0
             self.acct.done()
             self.stream.finish()
 

@@ -158,16 +158,18 @@ class UsageTally:
     def write(self, rec: RequestRecord) -> None:
         """Copy the figures into the record (the request's own, billed usage)."""
         if self.invalid:
-            if not rec.usage_invalid:
-                log.warning("request %s: upstream usage not believed", rec.request_id)
-            rec.usage_invalid, rec.usage_reported = True, False
-            rec.prompt_tokens = rec.completion_tokens = rec.cached_tokens = rec.fanout_prompt_tokens = 0
+            if not rec.usage.usage_invalid:
+                log.warning("request %s: upstream usage not believed", rec.identity.request_id)
+            u = rec.usage
+            u.usage_invalid, u.usage_reported = True, False
+            u.prompt_tokens = u.completion_tokens = u.cached_tokens = u.fanout_prompt_tokens = 0
             return
         if not self.reported:
             return
-        rec.usage_reported = True
-        rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens = self.prompt, self.completion, self.cached
-        rec.fanout_prompt_tokens = self.fanout_prompt
+        u = rec.usage
+        u.usage_reported = True
+        u.prompt_tokens, u.completion_tokens, u.cached_tokens = self.prompt, self.completion, self.cached
+        u.fanout_prompt_tokens = self.fanout_prompt
 
 
 def tally_body(body: Any, n: int) -> UsageTally:
@@ -214,7 +216,7 @@ class StreamAccountant:
             try:
                 self.tally.add(usage, choices)
             except AbsurdUsage as e:
-                log.warning("request %s: upstream usage not believed (%s)", self.rec.request_id, e)
+                log.warning("request %s: upstream usage not believed (%s)", self.rec.identity.request_id, e)
         if choices:
             if isinstance(choices, list) and chunk_has_token(choices):
                 self.rec.mark_first_token(now)

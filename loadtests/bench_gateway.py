@@ -14,7 +14,7 @@ minus the upstream's own), max non-streaming req/s (wrk, 16 connections) and CPU
 The headline: gateway req/s / pass-through req/s, which means the same on any machine (absolute
 figures differ up to 3x between machines of one kind, and this machine is shared).
 
-    .venv/bin/python loadtests/bench_gateway.py [--targets all] [--requests 100000] [--rates 300] \
+    .venv/bin/python -m loadtests.bench_gateway [--targets all] [--requests 100000] [--rates 300] \
         [--duration 10] [--out FILE.json]
 """
 
@@ -38,7 +38,6 @@ from typing import Any
 import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 from loadtests.bench_drivers import cpu_seconds, open_loop, rss_mb, streams, wrk, wrk_requests  # noqa: E402
 from loadtests.bench_policy import policy_figures  # noqa: E402
 from loadtests.netutil import free_port, wait_http  # noqa: E402

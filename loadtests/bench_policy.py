@@ -1,6 +1,6 @@
 """Benchmark: the plan stage's cost per request, 10 candidates, every rule enabled (in-process, no I/O).
 
-    .venv/bin/python loadtests/bench_policy.py [--n 20000]
+    .venv/bin/python -m loadtests.bench_policy [--n 20000]
 
 Rules exercised on every request: task (a task the route maps), budget pressure (the tenant is over the
 threshold, so candidates are re-sorted by price), context length (the byte bound decides: no
@@ -13,12 +13,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway.config import parse_config  # noqa: E402
 from gateway.routing.breaker import CircuitBreaker  # noqa: E402

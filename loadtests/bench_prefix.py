@@ -232,8 +232,7 @@ def main() -> None:
     ap.add_argument("--order", default="lo,px", help="phase order, e.g. px,lo")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
-    sys.path.insert(0, str(ROOT / "deploy" / "local"))
-    import engines  # type: ignore[import-not-found]
+    from deploy.local import engines
 
     engine_b = None
     gateway = None

@@ -72,10 +72,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
-    sys.path.insert(0, str(ROOT / "deploy" / "local"))
     import subprocess
 
-    import engines  # type: ignore[import-not-found]
+    from deploy.local import engines
 
     engines.ensure_ready(verbose=False)
     port, gw_port = free_port(), free_port()

@@ -1,10 +1,11 @@
-"""Small helpers the load scripts share: a free local port, and waiting for a server to answer."""
+"""Small helpers the load scripts and the tests share: a free local port, and waiting for a server to answer."""
 
 from __future__ import annotations
 
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 
 
@@ -24,7 +25,10 @@ def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen[bytes] | N
             with urllib.request.urlopen(url, timeout=1) as r:
                 if r.status < 500:
                     return
+        except urllib.error.HTTPError as e:  # it answered, if only with a 4xx
+            if e.code < 500:
+                return
         except OSError:
             pass
-        time.sleep(0.1)
+        time.sleep(0.05)
     raise TimeoutError(f"{url} did not answer within {timeout}s")

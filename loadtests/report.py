@@ -127,6 +127,16 @@ def plots(records: list[dict[str, Any]], out_dir: Path, events: list[dict[str, A
             ax.annotate(e["what"], (e["t"], 1), xycoords=("data", "axes fraction"), fontsize=7, color="red",
                         va="top", rotation=90)
 
+    def save(fig: Any, axes: tuple[Any, ...], name: str) -> None:
+        """Events marked and a grid on every axis, then the PNG."""
+        for ax in axes:
+            mark(ax)
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=90)
+        plt.close(fig)
+        written.append(name)
+
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
     for p, style in ((50, "-"), (95, "--"), (99, ":")):
         a1.plot(t, [pct([r["e2e_ms"] for r in b[i] if r["ok"]], p) for i in xs], style, label=f"p{p}")
@@ -140,13 +150,7 @@ def plots(records: list[dict[str, Any]], out_dir: Path, events: list[dict[str, A
     a2.set_ylabel("time to first token (ms)")
     a2.set_xlabel("seconds since start")
     a2.legend(fontsize=8)
-    for ax in (a1, a2):
-        mark(ax)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "latency.png", dpi=90)
-    plt.close(fig)
-    written.append("latency.png")
+    save(fig, (a1, a2), "latency.png")
 
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     a1.plot(t, [sum(r["ok"] for r in b[i]) / width for i in xs], label="ok")
@@ -166,13 +170,7 @@ def plots(records: list[dict[str, Any]], out_dir: Path, events: list[dict[str, A
     a2.set_ylabel("completion tokens/s")
     a2.set_xlabel("seconds since start")
     a2.legend(fontsize=8)
-    for ax in (a1, a2):
-        mark(ax)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "throughput.png", dpi=90)
-    plt.close(fig)
-    written.append("throughput.png")
+    save(fig, (a1, a2), "throughput.png")
 
     fig, ax = plt.subplots(figsize=(9, 3.5))
     gen = {i: [r for r in b[i] if r["ok"] and r.get("kind") != "embed"] for i in xs}
@@ -186,12 +184,7 @@ def plots(records: list[dict[str, Any]], out_dir: Path, events: list[dict[str, A
     ax.set_xlabel("seconds since start")
     ax.set_title("Fallbacks and cache hits")
     ax.legend()
-    mark(ax)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "rates.png", dpi=90)
-    plt.close(fig)
-    written.append("rates.png")
+    save(fig, (ax,), "rates.png")
 
     s = summarise(records)
     names = sorted(s["by_model"])

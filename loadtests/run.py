@@ -132,8 +132,7 @@ class Stack:
 
     def scaleout(self, config: dict[str, Any], replicas: int) -> tuple[str, list[subprocess.Popen[bytes]]]:
         """Gateway replicas behind HAProxy sharing Redis with a replica and Sentinel (deploy/local/scaleout.py)."""
-        sys.path.insert(0, str(ROOT / "deploy" / "local"))
-        from scaleout import ScaleOut  # type: ignore[import-not-found]
+        from deploy.local.scaleout import ScaleOut
 
         cfg = {**config, "redis": {k: v for k, v in config.get("redis", {}).items() if k != "url"}}
         so = ScaleOut(self.run_dir, replicas=replicas, gateway_config=cfg, upstream_url="(in the config)")
@@ -154,7 +153,7 @@ class Stack:
                 proc.kill()
                 proc.wait()
         if self.engines:
-            import engines  # type: ignore[import-not-found]
+            from deploy.local import engines
 
             for e in self.engines:
                 engines.stop(e)
@@ -191,8 +190,7 @@ def fake_config(stack: Stack, sc: Scenario) -> Setup:
 
 
 def local_config(stack: Stack, sc: Scenario) -> Setup:
-    sys.path.insert(0, str(ROOT / "deploy" / "local"))
-    import engines  # type: ignore[import-not-found]
+    from deploy.local import engines
 
     engines.ensure_ready(verbose=False)
     chat_port, emb_port = free_port(), free_port()

@@ -5,7 +5,7 @@ cache, some bad requests and client disconnects) at a fixed concurrency against 
 and samples the gateway's own /metrics every interval: resident memory, open file descriptors and
 live asyncio tasks. Growth is measured from the first sample after warm-up to the last.
 
-    .venv/bin/python loadtests/soak.py --minutes 30 [--redis-url redis://127.0.0.1:6379/9] [--out FILE.json]
+    .venv/bin/python -m loadtests.soak --minutes 30 [--redis-url redis://127.0.0.1:6379/9] [--out FILE.json]
 
 Exit status 1 when memory grew more than --max-growth (default 5%) or fds/tasks grew, or any
 request failed unexpectedly.
@@ -29,7 +29,6 @@ import aiohttp
 import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from loadtests.netutil import free_port, wait_http  # noqa: E402
 

@@ -6,10 +6,6 @@
 #   VLLM_URL=http://host:8000 VLLM_MODEL=name .venv/bin/gateway serve --config deploy/examples/single-vllm.yaml
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${GATEWAY_VENV:-.venv}
-if [ ! -x "$VENV/bin/gateway" ]; then
-  echo "[run] installing the gateway into $VENV"
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check -e . 2>&1 | grep -v '^WARNING: Location' || true
-fi
-exec "$VENV/bin/python" deploy/local/stack.py up "$@"
+. scripts/venv.sh
+[ -x "$VENV/bin/gateway" ] || ensure_venv ""
+exec "$VENV/bin/python" -m deploy.local.stack up "$@"

@@ -3,13 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-VENV=${GATEWAY_VENV:-.venv}
-if [ ! -x "$VENV/bin/python" ]; then
-  echo "== creating $VENV"
-  python3 -m venv "$VENV"
-fi
-echo "== installing the gateway and its test dependencies"
-"$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test,load]' 2>&1 | grep -v -E '^(WARNING: Location|\s*$)' || true
+. scripts/venv.sh
+ensure_venv "test,load"
 
 # Real Redis: the one on 127.0.0.1:6379, or one we start (tests that need a private one start their own).
 if ! command -v redis-server >/dev/null; then

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,27 +16,11 @@ import orjson
 import pytest
 import yaml
 
+from loadtests.netutil import free_port, wait_http
+
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
-        try:
-            if httpx.get(url, timeout=1.0).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"{url} did not answer within {timeout}s")
+__all__ = ["free_port", "wait_http"]  # the load scripts' helpers, re-exported for the tests
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -177,6 +160,22 @@ def gateway(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) ->
     gw = start_gateway(tmp_path_factory.mktemp("gw"), cfg)
     yield gw
     stop(gw.proc)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeUpstream]:
+    """A private test upstream for one test (its counters and switches are the test's alone)."""
+    f = start_fake_upstream(["m1"])
+    yield f
+    f.kill()
+
+
+@pytest.fixture
+def fake_b() -> Iterator[FakeUpstream]:
+    """A second private test upstream (a second deployment of the same model)."""
+    f = start_fake_upstream(["m1"])
+    yield f
+    f.kill()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -19,21 +19,7 @@ import pytest
 
 from gateway.config import CircuitBreakerSpec
 from gateway.routing.breaker import BreakerState, CircuitBreaker
-from tests.conftest import FakeUpstream, GatewayProcess, metric_value, simple_config, start_fake_upstream, stop
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeUpstream]:
-    f = start_fake_upstream(["m1"])
-    yield f
-    f.kill()
-
-
-@pytest.fixture
-def fake_b() -> Iterator[FakeUpstream]:
-    f = start_fake_upstream(["m1"])
-    yield f
-    f.kill()
+from tests.conftest import FakeUpstream, GatewayProcess, metric_value, simple_config, stop
 
 
 def counters(f: FakeUpstream) -> tuple[int, int]:

@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import httpx
 import orjson
 import pytest
 
-from tests.conftest import FakeUpstream, GatewayProcess, metric_value, simple_config, start_fake_upstream
+from tests.conftest import FakeUpstream, GatewayProcess, metric_value, simple_config
 
 CHAT = {"model": "m1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6}
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeUpstream]:
-    f = start_fake_upstream(["m1"])
-    yield f
-    f.kill()
 
 
 @pytest.fixture

@@ -196,6 +196,11 @@ async def test_in_process_cache_and_locks_are_bounded() -> None:
     store._next_sweep = 0.0
     await store.cache_lookup("another", 1000)
     assert "abandoned" not in store.locks and "another" in store.locks
+    # limits: the spend of past days and months is forgotten, not kept for ever
+    for day in range(20):
+        store.limits.spend[f"gw:{{t:a}}:rl:t:d:2020{day:04d}"] = 5
+    store.limits._charge("gw:{t:a}:rl:t:d:20991231", 1)
+    assert not any(k.endswith("d:20200001") for k in store.limits.spend)
 
 
 def test_memory_ledger_keeps_a_byte_budget() -> None:

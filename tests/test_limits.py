@@ -168,7 +168,7 @@ tenants: {anonymous: {limits: {rpm: 2, budget_day_usd: 10}}}
         rec = RequestRecord(f"r{i}", "chat", tenant="anonymous")
         await lim.admit(rec, model, body)
         assert rec.reservation is not None
-        rec.completion_tokens, rec.cost_pico_usd = 2, 2 * 10**12
+        rec.usage.completion_tokens, rec.money.cost_pico_usd = 2, 2 * 10**12
         lim.settle(rec)
     await lim.close()
     assert lim.budget_used_fraction("anonymous") == pytest.approx(0.4)

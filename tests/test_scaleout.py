@@ -23,8 +23,7 @@ import orjson
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "deploy" / "local"))
-from scaleout import ScaleOut, missing_tools  # noqa: E402
+from deploy.local.scaleout import ScaleOut, missing_tools  # noqa: E402
 
 if missing := missing_tools():
     pytest.skip(f"needs Debian packages {' '.join(missing)} (scripts/test.sh installs them)", allow_module_level=True)

@@ -8,18 +8,14 @@ prompt-token details on, so usage carries `prompt_tokens_details.cached_tokens`.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from deploy.local import engines
 from tests.conftest import free_port, metric_value
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "deploy" / "local"))
-import engines  # noqa: E402
 
 __all__ = ["engines", "stack_config", "vllm", "vllm_counter"]
 

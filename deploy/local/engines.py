@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Start/stop real vLLM CPU engines for local development and integration tests.
 
-Stdlib only, no gateway imports: import it from pytest fixtures via ``sys.path`` or run it as a CLI::
+Stdlib only, no gateway imports (it also runs under the engine venv): import it as `deploy.local.engines`
+or run it as a CLI::
 
     python deploy/local/engines.py prepare                 # venv + models (cached; ~seconds when warm)
     python deploy/local/engines.py up-engines [--chat-port 8101 --embed-port 8102] [--detach]
@@ -10,7 +11,7 @@ Stdlib only, no gateway imports: import it from pytest fixtures via ``sys.path``
 
 Library use::
 
-    import engines
+    from deploy.local import engines
     engines.ensure_ready()
     chat = engines.start_chat_engine(8101)                 # serves "smollm2" + LoRA "sentiment"
     emb = engines.start_embedding_engine(8102)             # serves "minilm" (384-dim embeddings)

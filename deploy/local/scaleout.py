@@ -12,7 +12,7 @@ one work directory (the machine's own Redis on 6379 is never touched):
                   never sent twice), stats and its own Prometheus exporter on /metrics of a second port
 
 The upstream is the test upstream (gateway/testing/fake_vllm.py) or URLs of running vLLM engines.
-Used by `python deploy/local/stack.py up --replicas 3 --lb haproxy`, by the `replicas` load test
+Used by `python -m deploy.local.stack up --replicas 3 --lb haproxy`, by the `replicas` load test
 (loadtests/run.py) and by tests/test_scaleout.py.
 """
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """The local CPU stack in one command: real vLLM engines, Redis, and the gateway in front of them.
 
-    python deploy/local/stack.py up [--port 8000] [--chat-port 8101] [--embed-port 8102] [--chat-replicas 2]
-    python deploy/local/stack.py up --replicas 3 --lb haproxy [--upstream fake|vllm]
-    python deploy/local/stack.py down        # stops what a detached `up --detach` started
+    python -m deploy.local.stack up [--port 8000] [--chat-port 8101] [--embed-port 8102] [--chat-replicas 2]
+    python -m deploy.local.stack up --replicas 3 --lb haproxy [--upstream fake|vllm]
+    python -m deploy.local.stack down        # stops what a detached `up --detach` started
 
 `up` prepares the models (cached after the first run), starts vLLM serving SmolLM2 with its LoRA
 adapter (twice with --chat-replicas 2: the second on --chat-port-b, and `smollm2` then balances
@@ -34,9 +34,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-sys.path.insert(0, str(HERE))
-import engines  # noqa: E402
-import scaleout  # noqa: E402
+
+from deploy.local import engines, scaleout  # noqa: E402  (run as `python -m deploy.local.stack`)
 
 
 def say(msg: str) -> None:

@@ -90,7 +90,7 @@ class EventAccountant:
         try:
             self.tally.add(usage, None if final else [{"index": 0}])
         except AbsurdUsage as e:
-            log.warning("request %s: upstream usage not believed (%s)", self.rec.request_id, e)
+            log.warning("request %s: upstream usage not believed (%s)", self.rec.identity.request_id, e)
 
     def done(self) -> None:
         """The stream ended (in any way): the record gets the tallied usage and the time per output token."""

@@ -97,9 +97,9 @@ class Apis:
         prev = body.get("previous_response_id") if endpoint == "responses" else None
         if not isinstance(prev, str):
             return None
-        loc = await self.locator.locate(prev, rec.tenant)
+        loc = await self.locator.locate(prev, rec.identity.tenant)
         pin_to_engine(plan, prev, loc, self.configured_urls)
-        rec.route_decisions = plan.decisions
+        rec.routing.route_decisions = plan.decisions
         return loc
 
     @staticmethod
@@ -114,9 +114,9 @@ class Apis:
         """A Responses stream that ended before its usage (client gone, upstream dead): vLLM prefilled the
         prompt, but no event said how long it was. Count it, so that leaving early never makes it free."""
         if (endpoint != "responses" or not isinstance(acct, responses.ResponsesAccountant) or acct.tally.final
-                or acct.deltas == 0 or rec.deployment is None):
+                or acct.deltas == 0 or rec.routing.deployment is None):
             return
-        prompt = await responses.count_prompt(pool.session, pool.states[rec.deployment], body)
+        prompt = await responses.count_prompt(pool.session, pool.states[rec.routing.deployment], body)
         if prompt is not None:
             acct.prompt = prompt
             acct.add_usage({"prompt_tokens": prompt, "completion_tokens": acct.deltas}, final=False)
@@ -124,9 +124,10 @@ class Apis:
 
     async def served(self, rec: RequestRecord, endpoint: str, body: dict[str, Any]) -> None:
         """After an engine accepted the request: remember where a stored response lives."""
-        if endpoint != "responses" or not responses.wants_store(body) or rec.deployment is None:
+        deployment = rec.routing.deployment
+        if endpoint != "responses" or not responses.wants_store(body) or deployment is None:
             return
         response_id = body.get("request_id")
         if isinstance(response_id, str):
-            await self.locator.remember(response_id, Location(rec.deployment, self.urls[rec.deployment], rec.tenant,
-                                                              rec.served_model or ""))
+            await self.locator.remember(response_id, Location(deployment, self.urls[deployment], rec.identity.tenant,
+                                                              rec.routing.served_model or ""))

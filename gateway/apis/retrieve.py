@@ -47,7 +47,7 @@ async def handle(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> Non
     try:
         auth = headers.get(b"authorization")
         tenant, key_hash = gw.auth.authenticate(auth.decode("latin-1") if auth else None)
-        rec.tenant, rec.api_key_hash = tenant.name, key_hash
+        rec.identity.tenant, rec.identity.api_key_hash = tenant.name, key_hash
         if m is None:
             raise GatewayError(404, f"{scope['method']} {scope['path']}: Not Found", code="not_found")
         if scope["method"] != ("POST" if cancel else "GET"):
@@ -59,14 +59,14 @@ async def handle(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> Non
         response_id = m.group(1)
         loc = await gw.apis.locator.locate(response_id, tenant.name)
         state = _engine(gw, loc, response_id)
-        rec.requested_model = rec.served_model = loc.model
-        rec.deployment, rec.upstream_model = state.name, state.spec.upstream_model
+        rec.identity.requested_model = rec.routing.served_model = loc.model
+        rec.routing.deployment, rec.routing.upstream_model = state.name, state.spec.upstream_model
         data = await _forward(gw, rec, state, response_id, cancel)
-        rec.status = 200
+        rec.end.status = 200
         gw.finalizer.finalize(rec)
         await _respond(send, 200, data, final_headers(rec))
     except GatewayError as e:
-        rec.status, rec.error_code, rec.outcome = e.status, e.code, "error"
+        rec.end.status, rec.end.error_code, rec.end.outcome = e.status, e.code, "error"
         gw.finalizer.finalize(rec)
         await _respond(send, e.status, e.to_json(), {**final_headers(rec), **e.headers})
 
@@ -89,7 +89,7 @@ async def _forward(gw: Gateway, rec: RequestRecord, state: DeploymentState, resp
     outcome = "ok"
     try:
         async with gw.pool.session.request("POST" if cancel else "GET", url, timeout=state.timeout,
-                                           headers={**state.headers, "X-Request-Id": rec.request_id}) as resp:
+                                           headers={**state.headers, "X-Request-Id": rec.identity.request_id}) as resp:
             data = await resp.read()
             status = resp.status
     except (TimeoutError, aiohttp.ClientError) as e:
@@ -98,8 +98,8 @@ async def _forward(gw: Gateway, rec: RequestRecord, state: DeploymentState, resp
                            f"answer now ({type(e).__name__}).", type="api_error",
                            code="stored_response_unavailable") from None
     finally:
-        rec.upstream_s += time.perf_counter() - t0
-        rec.attempts.append(Attempt(state.name, state.spec.upstream_model, outcome, time.perf_counter() - t0))
+        rec.timing.upstream_s += time.perf_counter() - t0
+        rec.routing.attempts.append(Attempt(state.name, state.spec.upstream_model, outcome, time.perf_counter() - t0))
     if status == 404:
         raise not_found(response_id, f" on deployment '{state.name}' (vLLM keeps stored responses in memory: "
                         "the engine may have restarted, or it runs without VLLM_ENABLE_RESPONSES_API_STORE=1)")

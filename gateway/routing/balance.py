@@ -49,7 +49,7 @@ class LeastOutstanding:
         if len(states) > 1:
             states.sort(key=lambda s: (s.healthy is False, s.load()))
             if rec is not None:
-                rec.balance = "least_outstanding"
+                rec.routing.balance = "least_outstanding"
         return states
 
 
@@ -214,8 +214,8 @@ class PrefixAffinity:
         matched = self.index(first.name).matched(blocks)
         self.index(first.name).add(blocks, matched, now)
         if rec is not None:
-            rec.balance = decision
-            rec.prefix_blocks_matched = matched
+            rec.routing.balance = decision
+            rec.routing.prefix_blocks_matched = matched
         rest = sorted((s for s in states if s is not first), key=lambda s: (s.healthy is False, s.load()))
         return [first, *rest]
 

@@ -1,0 +1,1 @@
+"""Deployment assets; deploy/local is importable as `deploy.local` (engines, scaleout, stack)."""

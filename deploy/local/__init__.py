@@ -1,0 +1,1 @@
+"""The local CPU stack: real vLLM engines (engines.py), the gateway (stack.py), the scale-out stack (scaleout.py)."""
