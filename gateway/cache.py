@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -24,7 +24,6 @@ from gateway.config import GatewayConfig, Model
 from gateway.errors import GatewayError
 from gateway.record import RequestRecord
 from gateway.store import Store, StoreUnavailable
-from gateway.streaming import StreamAccountant
 
 log = logging.getLogger("gateway.cache")
 
@@ -285,45 +284,6 @@ class StoreCache:
     async def close(self) -> None:
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
-
-
-class RecordingAccountant(StreamAccountant):
-    """The stream accountant that also keeps each upstream payload, for storing a complete stream.
-
-    It stops keeping them (and frees what it kept) once they pass `max_bytes`: such a stream could
-    not be stored anyway, and a long one would otherwise sit in memory whole until it ends.
-    """
-
-    __slots__ = ("payloads", "_left")
-
-    def __init__(self, rec: RequestRecord, want_usage: bool, want_continuous: bool, n: int = 1,
-                 max_bytes: int = 1 << 62) -> None:
-        super().__init__(rec, want_usage, want_continuous, n)
-        self.payloads: list[bytes] | None = []
-        self._left = max_bytes
-
-    def on_data(self, payload: bytes) -> bytes | None:
-        if self.payloads is not None:
-            self._left -= len(payload) + 1  # + the newline that joins them in the entry
-            if self._left >= -1:
-                self.payloads.append(payload)
-            else:
-                self.payloads = None
-        return super().on_data(payload)
-
-    def recorded(self) -> bytes | None:
-        """The entry body (payloads, one a line), or None when the stream outgrew max_bytes."""
-        return None if self.payloads is None else b"\n".join(self.payloads)
-
-
-async def replay(entry: Entry, acct: Any, on_done: Callable[[], bytes]) -> AsyncIterator[bytes]:
-    """A hit answered as the original stream: the same chunks through the accountant, trailer, end marker."""
-    for payload in entry.payloads():
-        out = acct.on_data(payload)
-        if out is not None:
-            yield out
-    acct.done()
-    yield on_done() + acct.end_marker
 
 
 def build_cache(config: GatewayConfig, store: Store, on_corrupt: Callable[[], None] = lambda: None) -> ResponseCache:

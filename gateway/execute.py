@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -23,38 +21,19 @@ from gateway import errors
 from gateway.apis import registry
 from gateway.config import Model
 from gateway.errors import GatewayError
-from gateway.protocol import UPSTREAM_PATHS, Endpoint, upstream_error
+from gateway.protocol import UPSTREAM_PATHS, Endpoint
 from gateway.record import Attempt, RequestRecord
-from gateway.relay import FirstChunkError, SSEReader, UpstreamStream, drain, read_until_first_token, tally_lines
+from gateway.relay import UpstreamStream, open_upstream_stream, tally_lines
 from gateway.routing.balance import Balancing
 from gateway.routing.breaker import BreakerState, CircuitBreaker
 from gateway.routing.policy import Plan
 from gateway.streaming import UsageTally
 from gateway.upstream import DeploymentState, UpstreamPool
+from gateway.upstream_errors import Retryable, not_connected, refused
 
 T = TypeVar("T")
 log = logging.getLogger("gateway.execute")
 JSON = "application/json"
-
-
-def _connect_error(state: DeploymentState, e: aiohttp.ClientConnectorError) -> _Retryable:
-    """The client hears the deployment's name only; its address and the OS error go to our own log."""
-    log.warning("cannot connect to deployment %s: %s", state.name, e.os_error.strerror or e)
-    return _Retryable("connect_error", errors.upstream_unavailable(
-        f"cannot connect to deployment {state.name}: {_reason(e)}"))
-
-
-class _Retryable(Exception):
-    """This attempt failed in a way the next deployment may not: record why and move on.
-
-    `blame` is what the deployment's circuit breaker learns: False (the deployment failed), or None
-    (the gateway's own doing, e.g. its queue was full: says nothing about the deployment's health).
-    """
-
-    def __init__(self, reason: str, error: GatewayError, blame: bool | None = False) -> None:
-        self.reason = reason
-        self.error = error
-        self.blame = blame
 
 
 class Executor:
@@ -81,7 +60,7 @@ class Executor:
                 async with asyncio.timeout(self.queue_timeout):
                     await state.slots.acquire()
             except TimeoutError:
-                raise _Retryable("queue_timeout", errors.overloaded(
+                raise Retryable("queue_timeout", errors.overloaded(
                     f"deployment {state.name} is at its concurrency limit ({state.spec.max_concurrency}) "
                     f"and no slot freed within {self.queue_timeout:g}s"), blame=None) from None
             finally:
@@ -121,7 +100,7 @@ class Executor:
                     await self._acquire(state, rec, att)
                     result = await self._timed(state, rec, att, stream, attempt(state, payload, att))
                     verdict = True
-                except _Retryable as r:
+                except Retryable as r:
                     verdict = r.blame
                     att.outcome = r.reason
                     rec.routing.attempts.append(att)
@@ -204,11 +183,8 @@ class Executor:
             ) as resp:
                 data = await resp.read()
                 status = resp.status
-        except aiohttp.ClientConnectorError as e:
-            raise _connect_error(state, e) from None
-        except aiohttp.ConnectionTimeoutError:
-            raise _Retryable("connect_timeout", errors.upstream_unavailable(
-                f"cannot connect to deployment {state.name}: connect timeout")) from None
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
+            raise not_connected(state, e) from None
         except (TimeoutError, aiohttp.ServerTimeoutError):
             # The whole request took longer than the deployment's total timeout: vLLM did (some of) the work,
             # so repeating it elsewhere could double the cost; give an honest 504. vLLM reports no usage
@@ -220,17 +196,14 @@ class Executor:
             att.usage = "unknown"
             raise
         except aiohttp.ClientError as e:
-            raise _Retryable("upstream_disconnected", errors.upstream_unavailable(
+            raise Retryable("upstream_disconnected", errors.upstream_unavailable(
                 f"deployment {state.name} failed: {type(e).__name__}")) from None
         if status >= 400:
-            err = upstream_error(status, _json_or_none(data), state.name)
-            if status >= 500 or status == 429:
-                raise _Retryable(f"upstream_{status}", err)
-            raise err
+            raise refused(state, status, data)
         try:
             parsed = orjson.loads(data)
         except orjson.JSONDecodeError:
-            raise _Retryable("malformed_response", errors.upstream_unavailable(
+            raise Retryable("malformed_response", errors.upstream_unavailable(
                 f"deployment {state.name} returned a body that is not JSON")) from None
         return data, registry.tally_response(endpoint, parsed, n)
 
@@ -238,9 +211,13 @@ class Executor:
                           body: dict[str, Any], n: int = 1) -> UpstreamStream:
         """Start a stream on the first deployment that answers with its first token; it keeps its slot."""
         path = UPSTREAM_PATHS[endpoint]
+        started = registry.first_output(endpoint)
+
+        def tally_of(seen: list[bytes]) -> UsageTally:
+            return registry.tally_stream_lines(endpoint, seen) or tally_lines(seen, n)
 
         async def attempt(state: DeploymentState, payload: bytes, att: Attempt) -> UpstreamStream:
-            return await self._open(state, path, rec, payload, att, n, endpoint)
+            return await open_upstream_stream(self.pool.session, state, path, rec, payload, att, started, tally_of)
 
         return await self._attempt_in_order(rec, plan, body, attempt, stream=True)
 
@@ -266,72 +243,6 @@ class Executor:
                 return count, window
         return None
 
-    async def _open(self, state: DeploymentState, path: str, rec: RequestRecord, payload: bytes, att: Attempt,
-                    n: int, endpoint: Endpoint = "chat") -> UpstreamStream:
-        first_token = state.spec.timeouts.first_token
-        resp: aiohttp.ClientResponse | None = None
-        reader: SSEReader | None = None
-        seen: list[bytes] = []
-
-        async def leave() -> None:
-            """This attempt is abandoned: make vLLM stop and count what it did as this attempt's."""
-            if resp is None:
-                att.usage = "unknown"  # cut off before vLLM answered: it reports nothing for an abort
-                return
-            if reader is not None:
-                await drain(resp, reader, seen.append)
-            else:
-                resp.close()
-            tally = registry.tally_stream_lines(endpoint, seen) or tally_lines(seen, n)
-            if tally.reported:
-                att.usage = "reported"
-                att.prompt_tokens, att.fanout_prompt_tokens = tally.prompt, tally.fanout_prompt
-                att.completion_tokens = tally.completion
-
-        try:
-            async with asyncio.timeout(first_token):
-                resp = await self.pool.session.post(
-                    state.spec.url + path, data=payload, timeout=state.stream_timeout,
-                    headers={**state.headers, "Content-Type": JSON, "X-Request-Id": rec.identity.request_id},
-                )
-                if resp.status >= 400:
-                    data = await resp.read()
-                    resp.release()
-                    status, resp = resp.status, None
-                    err = upstream_error(status, _json_or_none(data), state.name)
-                    if status >= 500 or status == 429:
-                        raise _Retryable(f"upstream_{status}", err)
-                    raise err
-                reader = SSEReader(resp)
-                primed = await read_until_first_token(reader, seen, registry.first_output(endpoint))
-        except aiohttp.ClientConnectorError as e:
-            raise _connect_error(state, e) from None
-        except aiohttp.ConnectionTimeoutError:
-            raise _Retryable("connect_timeout", errors.upstream_unavailable(
-                f"cannot connect to deployment {state.name}: connect timeout")) from None
-        except TimeoutError:
-            await leave()
-            raise _Retryable("first_token_timeout", errors.upstream_timeout(
-                f"deployment {state.name} sent no first chunk within {first_token:g}s")) from None
-        except FirstChunkError as e:
-            await leave()
-            raise _Retryable("upstream_error_event", errors.upstream_unavailable(
-                f"deployment {state.name} answered with an error before its first token: "
-                f"{_error_message(e.error)}")) from None
-        except aiohttp.ClientError as e:
-            await leave()
-            raise _Retryable("upstream_disconnected", errors.upstream_unavailable(
-                f"deployment {state.name} failed before the first token: {type(e).__name__}")) from None
-        except asyncio.CancelledError:
-            await leave()
-            raise
-        assert resp is not None and reader is not None
-        if not primed:
-            await leave()
-            raise _Retryable("empty_stream", errors.upstream_unavailable(
-                f"deployment {state.name} closed the stream before the first token"))
-        return UpstreamStream(state, att, resp, reader, primed, _unset)
-
     @staticmethod
     def _served_by(rec: RequestRecord, plan: Plan, model: Model, state: DeploymentState) -> None:
         rec.routing.served_model = model.name
@@ -342,29 +253,3 @@ class Executor:
             rec.routing.fallback_reason = failed[-1].outcome
             if model is not plan.candidates[0]:
                 rec.routing.rule = "failure_fallback"
-
-
-def _unset() -> None:
-    raise AssertionError("UpstreamStream.finish is set by the executor")
-
-
-def _reason(e: aiohttp.ClientConnectorError) -> str:
-    """Why a connection failed, without the address (clients must not learn upstream hosts and ports):
-    the OS error's strerror may carry it ("Connect call failed ('10.0.0.7', 8000)"), its errno does not."""
-    err = e.os_error
-    if isinstance(err, socket.gaierror):
-        return err.strerror or "name resolution failed"  # gai messages name no host
-    return os.strerror(err.errno) if err.errno else type(err).__name__
-
-
-def _error_message(err: object) -> str:
-    if isinstance(err, dict) and isinstance(err.get("message"), str):
-        return err["message"][:200]
-    return str(err)[:200]
-
-
-def _json_or_none(data: bytes) -> Any:
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None

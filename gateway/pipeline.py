@@ -37,7 +37,7 @@ from gateway.asgi import (
     wanted_headers,
 )
 from gateway.auth import Authenticator
-from gateway.cache import Lookup, RecordingAccountant, build_cache, replay
+from gateway.cache import Lookup, build_cache
 from gateway.config import GatewayConfig, Model, Pricing
 from gateway.deadline import Watchdog
 from gateway.errors import GatewayError
@@ -56,7 +56,7 @@ from gateway.routing.breaker import BreakerState, CircuitBreaker
 from gateway.routing.live import LiveStats
 from gateway.routing.policy import Plan, Planner
 from gateway.store import build_store
-from gateway.streaming import StreamAccountant
+from gateway.streaming import RecordingAccountant, StreamAccountant, replay
 from gateway.upstream import UpstreamPool
 
 log = logging.getLogger("gateway")
@@ -357,7 +357,7 @@ class Gateway:
             return stream_trailer(line)
 
         relay = None if stream is None else Relay(stream, rec, acct, on_done)
-        chunks = relay.chunks() if relay is not None else replay(lk.entry, acct, on_done)  # type: ignore[arg-type]
+        chunks = relay.chunks() if relay is not None else replay(lk.entry.payloads(), acct, on_done)  # type: ignore[union-attr]
         sending, t0 = False, 0.0
         try:
             await send({"type": "http.response.start", "status": 200,
@@ -380,7 +380,7 @@ class Gateway:
             rec.end.outcome = "client_left_slow_reader" if slow else "client_left_midstream"
             raise
         finally:
-            await chunks.aclose()  # type: ignore[attr-defined]
+            await chunks.aclose()
             if relay is not None:
                 await relay.abandon()  # no-op when the upstream side already ended
                 if not relay.completed:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +23,7 @@ from gateway import errors
 from gateway.record import Attempt, RequestRecord
 from gateway.streaming import MalformedStream, StreamAccountant, UsageTally, chunk_has_token
 from gateway.upstream import DeploymentState
+from gateway.upstream_errors import Retryable, error_message, not_connected, refused
 
 if TYPE_CHECKING:
     from gateway.apis.events import EventAccountant
@@ -170,7 +171,7 @@ class Relay:
         self.completed = False  # vLLM sent [DONE] after a clean stream
         self.ended = False  # the upstream side is finished with (read to the end, failed, or drained)
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
         """The client's SSE bytes as they arrive; always ends with [DONE] (an error event before it on failure).
 
         Each network read from vLLM becomes one write to the client: chunks that arrived together leave
@@ -254,3 +255,74 @@ class Relay:
         else:
             resp.close()  # drops the connection: vLLM sees the disconnect and aborts the request
         self.stream.finish()
+
+
+async def open_upstream_stream(session: aiohttp.ClientSession, state: DeploymentState, path: str,
+                               rec: RequestRecord, payload: bytes, att: Attempt, started: Any,
+                               tally_of: Callable[[list[bytes]], UsageTally]) -> UpstreamStream:
+    """Send one stream attempt and hold it until its first token (so that it can still fall back); an
+    attempt given up on is drained, and what vLLM did for it is counted as the attempt's.
+
+    `started` tells the API's first output apart (read_until_first_token); `tally_of` reads the API's usage.
+    """
+    first_token = state.spec.timeouts.first_token
+    resp: aiohttp.ClientResponse | None = None
+    reader: SSEReader | None = None
+    seen: list[bytes] = []
+
+    async def leave() -> None:
+        """This attempt is abandoned: make vLLM stop and count what it did as this attempt's."""
+        if resp is None:
+            att.usage = "unknown"  # cut off before vLLM answered: it reports nothing for an abort
+            return
+        if reader is not None:
+            await drain(resp, reader, seen.append)
+        else:
+            resp.close()
+        tally = tally_of(seen)
+        if tally.reported:
+            att.usage = "reported"
+            att.prompt_tokens, att.fanout_prompt_tokens = tally.prompt, tally.fanout_prompt
+            att.completion_tokens = tally.completion
+
+    try:
+        async with asyncio.timeout(first_token):
+            resp = await session.post(
+                state.spec.url + path, data=payload, timeout=state.stream_timeout,
+                headers={**state.headers, "Content-Type": "application/json", "X-Request-Id": rec.identity.request_id},
+            )
+            if resp.status >= 400:
+                data = await resp.read()
+                resp.release()
+                status, resp = resp.status, None
+                raise refused(state, status, data)
+            reader = SSEReader(resp)
+            primed = await read_until_first_token(reader, seen, started)
+    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
+        raise not_connected(state, e) from None
+    except TimeoutError:
+        await leave()
+        raise Retryable("first_token_timeout", errors.upstream_timeout(
+            f"deployment {state.name} sent no first chunk within {first_token:g}s")) from None
+    except FirstChunkError as e:
+        await leave()
+        raise Retryable("upstream_error_event", errors.upstream_unavailable(
+            f"deployment {state.name} answered with an error before its first token: "
+            f"{error_message(e.error)}")) from None
+    except aiohttp.ClientError as e:
+        await leave()
+        raise Retryable("upstream_disconnected", errors.upstream_unavailable(
+            f"deployment {state.name} failed before the first token: {type(e).__name__}")) from None
+    except asyncio.CancelledError:
+        await leave()
+        raise
+    assert resp is not None and reader is not None
+    if not primed:
+        await leave()
+        raise Retryable("empty_stream", errors.upstream_unavailable(
+            f"deployment {state.name} closed the stream before the first token"))
+    return UpstreamStream(state, att, resp, reader, primed, _unset)
+
+
+def _unset() -> None:
+    raise AssertionError("UpstreamStream.finish is set by the executor")
