@@ -176,28 +176,39 @@ class Executor:
 
     async def _post_json(self, state: DeploymentState, path: str, rec: RequestRecord, payload: bytes,
                          att: Attempt, n: int, endpoint: Endpoint = "chat") -> tuple[bytes, UsageTally]:
-        try:
-            async with self.pool.session.post(
-                state.spec.url + path, data=payload, timeout=state.timeout,
-                headers={**state.headers, "Content-Type": JSON, "X-Request-Id": rec.identity.request_id},
-            ) as resp:
-                data = await resp.read()
-                status = resp.status
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
-            raise not_connected(state, e) from None
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            # The whole request took longer than the deployment's total timeout: vLLM did (some of) the work,
-            # so repeating it elsewhere could double the cost; give an honest 504. vLLM reports no usage
-            # for a request it aborts, so what it did is unknown (docs/accounting.md).
-            att.usage = "unknown"
-            raise errors.upstream_timeout(
-                f"deployment {state.name} did not answer within {state.spec.timeouts.total:g}s") from None
-        except asyncio.CancelledError:
-            att.usage = "unknown"
-            raise
-        except aiohttp.ClientError as e:
-            raise Retryable("upstream_disconnected", errors.upstream_unavailable(
-                f"deployment {state.name} failed: {type(e).__name__}")) from None
+        for reuse_retry in (True, False):
+            try:
+                async with self.pool.session.post(
+                    state.spec.url + path, data=payload, timeout=state.timeout,
+                    headers={**state.headers, "Content-Type": JSON, "X-Request-Id": rec.identity.request_id},
+                ) as resp:
+                    data = await resp.read()
+                    status = resp.status
+                break
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
+                raise not_connected(state, e) from None
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+                # A pooled keep-alive connection the server had just closed (vLLM's uvicorn drops idle ones
+                # after 5 s): the request never reached vLLM, so sending it again on a new one is safe, once.
+                if reuse_retry:
+                    log.info("deployment %s closed a pooled connection (%s); sending again", state.name,
+                             type(e).__name__)
+                    continue
+                raise Retryable("upstream_disconnected", errors.upstream_unavailable(
+                    f"deployment {state.name} failed: {type(e).__name__}")) from None
+            except (TimeoutError, aiohttp.ServerTimeoutError):
+                # The whole request took longer than the deployment's total timeout: vLLM did (some of) the work,
+                # so repeating it elsewhere could double the cost; give an honest 504. vLLM reports no usage
+                # for a request it aborts, so what it did is unknown (docs/accounting.md).
+                att.usage = "unknown"
+                raise errors.upstream_timeout(
+                    f"deployment {state.name} did not answer within {state.spec.timeouts.total:g}s") from None
+            except asyncio.CancelledError:
+                att.usage = "unknown"
+                raise
+            except aiohttp.ClientError as e:
+                raise Retryable("upstream_disconnected", errors.upstream_unavailable(
+                    f"deployment {state.name} failed: {type(e).__name__}")) from None
         if status >= 400:
             raise refused(state, status, data)
         try:

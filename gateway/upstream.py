@@ -82,7 +82,9 @@ class UpstreamPool:
         return self._session
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=75, ttl_dns_cache=300)
+        # Idle pooled connections are dropped after 4 s, before vLLM's uvicorn drops them (5 s): reusing one
+        # the server is closing would fail the request.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4, ttl_dns_cache=300)
         # auto_decompress off: bodies are relayed byte for byte; no cookie jar: the gateway is stateless.
         self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                               cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",))
