@@ -61,17 +61,24 @@ class Limiter(Protocol):
 
 
 class Bounds:
-    """Each model's output bounds, resolved from config once (the context window may be learned later)."""
+    """Each model's output bounds, resolved from config once; rebuilt only when the context window the
+    routing layer learned from vLLM changes."""
 
     def __init__(self, config: GatewayConfig, window: Callable[[Model], int | None] | None = None) -> None:
         self.defaults = config.features.limits
         self.window = window or (lambda m: m.context_window)
+        self._resolved: dict[str, OutputBounds] = {}
 
     def of(self, model: Model) -> OutputBounds:
-        d = self.defaults
-        caps = [c for c in (model.max_output_tokens, d.max_output_tokens) if c is not None]
-        return OutputBounds(model.default_max_tokens or d.default_max_tokens, min(caps) if caps else None,
-                            self.window(model), d.chars_per_token, d.media_part_tokens)
+        window = self.window(model)
+        b = self._resolved.get(model.name)
+        if b is None or b.context_window != window:
+            d = self.defaults
+            caps = [c for c in (model.max_output_tokens, d.max_output_tokens) if c is not None]
+            b = self._resolved[model.name] = OutputBounds(
+                model.default_max_tokens or d.default_max_tokens, min(caps) if caps else None, window,
+                d.chars_per_token, d.media_part_tokens)
+        return b
 
 
 class NullLimiter:

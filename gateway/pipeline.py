@@ -264,7 +264,7 @@ class Gateway:
             raise
         pinned = await self.apis.pin(rec, endpoint, plan, body)  # continues a stored response: its engine
         self.finalizer.begin(rec)
-        self.apis.prepare(endpoint, body)  # gateway/apis/: the output upper bound, the response id
+        self.apis.prepare(endpoint, body)  # gateway/apis/: the response id (the output bound: admit, below)
         await self.limiter.admit(rec, plan.candidates[0], body)  # 429 (or 503 when failing closed) refuses here
         return plan, pinned
 

@@ -5,7 +5,7 @@ and the tokenizer pass-through. The same APIs against real vLLM: tests/test_apis
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +110,17 @@ def test_responses_stream_events_and_accounting(gw: GatewayProcess) -> None:
     rec = gw.record("resp-st-1")
     assert rec["stream"] and rec["outcome"] == "ok" and (rec["prompt_tokens"], rec["completion_tokens"]) == (8, 4)
     assert rec["ttft_ms"] is not None
+
+
+def test_responses_bound_is_the_models_own_default(ups: tuple[FakeUpstream, FakeUpstream],
+                                                    gateway_factory: Callable[..., GatewayProcess]) -> None:
+    """The Responses API gets its output bound where every endpoint does (admit), from the model's own
+    default_max_tokens, not the global one."""
+    cfg = config(ups[0].url, limits={"default_max_tokens": 6})
+    cfg["models"]["m1"]["default_max_tokens"] = 9
+    g = gateway_factory(cfg)
+    oai(g).responses.create(model="m1", input="hi")
+    assert ups[0].counters()["last_request"]["max_output_tokens"] == 9
 
 
 def test_responses_upper_bound_set_and_request_id_owned_by_gateway(gw: GatewayProcess,

@@ -75,22 +75,21 @@ def accountant(endpoint: str, rec: RequestRecord, keep_payloads: bool) -> EventA
 
 
 def streams(endpoint: str, body: dict[str, Any]) -> bool:
-    return endpoint not in UNBILLED and endpoint != "embeddings" and bool(body.get("stream"))
+    return endpoint not in UNBILLED and endpoint != "embeddings" and body.get("stream") is True
 
 
 class Apis:
     """The stateful part: stored responses (where each lives) and the output upper bound."""
 
     def __init__(self, config: GatewayConfig, store: Store, ttl_s: float = STORED_RESPONSE_TTL_S) -> None:
-        self.default_max_tokens = config.features.limits.default_max_tokens
         self.locator = ResponseLocator(store, ttl_s)
         self.urls = {d.name: d.url for m in config.models.values() for d in m.deployments}
         self.configured_urls = set(self.urls.values())
 
     def prepare(self, endpoint: str, body: dict[str, Any]) -> None:
-        """Before admission: what the gateway sets in the body (the output upper bound, the response id)."""
+        """Before admission: what the gateway sets in the body (the response id of a Responses request)."""
         if endpoint == "responses":
-            responses.prepare(body, self.default_max_tokens)
+            responses.prepare(body)
 
     async def pin(self, rec: RequestRecord, endpoint: str, plan: Plan, body: dict[str, Any]) -> Location | None:
         """A request that continues a stored response may only go to the engine that holds it."""

@@ -29,17 +29,16 @@ TERMINAL = frozenset({"response.completed", "response.incomplete", "response.fai
 first_output = starts_output(TERMINAL, (".delta",))
 
 
-def prepare(body: dict[str, Any], default_max_tokens: int) -> str:
+def prepare(body: dict[str, Any]) -> str:
     """Set what the gateway owns in the body; returns the response id vLLM will store the answer under.
 
     The gateway names the response (vLLM takes its id from `request_id`): a client that chose its own
-    could overwrite another tenant's stored response on a shared engine.
+    could overwrite another tenant's stored response on a shared engine. The output bound
+    (`max_output_tokens`) is set by the admit stage, as for every endpoint (gateway/reservation.py).
     """
     if "request_id" in body:
         raise errors.bad_request("'request_id' is set by the gateway (it becomes the response id); remove it.",
                                  param="request_id")
-    if body.get("max_output_tokens") is None:
-        body["max_output_tokens"] = default_max_tokens  # the reservation is an upper bound on the output
     response_id = f"resp_{uuid.uuid4().hex}"
     body["request_id"] = response_id
     return response_id
