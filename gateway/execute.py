@@ -187,15 +187,6 @@ class Executor:
                 break
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
                 raise not_connected(state, e) from None
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
-                # A pooled keep-alive connection the server had just closed (vLLM's uvicorn drops idle ones
-                # after 5 s): the request never reached vLLM, so sending it again on a new one is safe, once.
-                if reuse_retry:
-                    log.info("deployment %s closed a pooled connection (%s); sending again", state.name,
-                             type(e).__name__)
-                    continue
-                raise Retryable("upstream_disconnected", errors.upstream_unavailable(
-                    f"deployment {state.name} failed: {type(e).__name__}")) from None
             except (TimeoutError, aiohttp.ServerTimeoutError):
                 # The whole request took longer than the deployment's total timeout: vLLM did (some of) the work,
                 # so repeating it elsewhere could double the cost; give an honest 504. vLLM reports no usage
@@ -206,6 +197,17 @@ class Executor:
             except asyncio.CancelledError:
                 att.usage = "unknown"
                 raise
+            except aiohttp.ClientConnectionError as e:
+                # A pooled keep-alive connection the server had just closed (vLLM's uvicorn drops idle ones
+                # after 5 s; a server also closes one whose request body it did not read): the request never
+                # reached vLLM, so sending it again on a new connection is safe, once. A body cut mid-way is
+                # a ClientPayloadError, below: never sent again.
+                if reuse_retry:
+                    log.info("deployment %s closed a pooled connection (%s); sending again", state.name,
+                             type(e).__name__)
+                    continue
+                raise Retryable("upstream_disconnected", errors.upstream_unavailable(
+                    f"deployment {state.name} failed: {type(e).__name__}")) from None
             except aiohttp.ClientError as e:
                 raise Retryable("upstream_disconnected", errors.upstream_unavailable(
                     f"deployment {state.name} failed: {type(e).__name__}")) from None
