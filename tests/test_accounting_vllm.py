@@ -47,7 +47,10 @@ def gw(vllm: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 def chat(content: str, **kw: Any) -> dict[str, Any]:
-    return {"model": "smollm2", "messages": [{"role": "user", "content": content}], "temperature": 0.8, **kw}
+    # ignore_eos (a vLLM sampling parameter): the tiny model must not stop early, or a client meant to leave
+    # mid-stream would find the stream already complete
+    return {"model": "smollm2", "messages": [{"role": "user", "content": content}], "temperature": 0.8,
+            "ignore_eos": True, **kw}
 
 
 def post(g: GatewayProcess, body: dict[str, Any], rid: str, path: str = "/v1/chat/completions") -> None:
