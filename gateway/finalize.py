@@ -96,7 +96,7 @@ class Finalizer:
     def begin(self, rec: RequestRecord) -> None:
         """The request names a configured model: count it in flight until finalized."""
         rec.in_flight = True
-        self.metrics.in_flight.labels(rec.identity.requested_model).inc()
+        self.metrics.in_flight_of(rec.identity.requested_model).inc()
 
     def finalize(self, rec: RequestRecord) -> bytes:
         """Called once per request whatever happened to it (a second call returns the first line)."""
@@ -104,7 +104,7 @@ class Finalizer:
             return rec.final_line
         if rec.in_flight:
             rec.in_flight = False
-            self.metrics.in_flight.labels(rec.identity.requested_model).dec()
+            self.metrics.in_flight_of(rec.identity.requested_model).dec()
         rec.finish()
         self.price(rec)
         line = rec.final_line = orjson.dumps(rec.to_log())

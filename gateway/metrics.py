@@ -127,7 +127,18 @@ class GatewayMetrics:
                                   ["tenant", "period"], multiprocess_mode="max", registry=r)
         self.tenant_budget = Gauge("gateway_tenant_budget_usd", "Configured budget", ["tenant", "period"],
                                    multiprocess_mode="max", registry=r)
+        # Labelled children looked up once per label set (labels() costs a lock and a dict of tuples per call).
         self._children: dict[tuple[str, str, str, int], tuple[Any, ...]] = {}
+        self._outcome_children: dict[tuple[str, str], Any] = {}
+        self._in_flight_children: dict[str, Any] = {}
+
+    def in_flight_of(self, model: str | None) -> Any:
+        """gateway_requests_in_flight{model} (models are configured names: a bounded map)."""
+        model = model or UNKNOWN_MODEL
+        child = self._in_flight_children.get(model)
+        if child is None:
+            child = self._in_flight_children[model] = self.in_flight.labels(model)
+        return child
 
     def model_label(self, model: str | None) -> str:
         return model if model in self._models else UNKNOWN_MODEL
@@ -146,7 +157,10 @@ class GatewayMetrics:
                  self.overhead.labels(model, dep), self.queue.labels(model, dep))
             self._children[key] = c
         c[0].inc()
-        self.outcomes.labels(model, rec.end.outcome).inc()
+        outcome = self._outcome_children.get((model, rec.end.outcome))
+        if outcome is None:  # outcomes are record.OUTCOMES: a bounded map
+            outcome = self._outcome_children[(model, rec.end.outcome)] = self.outcomes.labels(model, rec.end.outcome)
+        outcome.inc()
         self._tokens(rec, model, c)
         self._money_and_routing(rec, model, dep, c[4])
         self._waste(rec)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -193,7 +193,7 @@ class Gateway:
         """One request through the stages, in order; every way it can end is recorded once."""
         headers = wanted_headers(scope["headers"])
         rid = headers.get(b"x-request-id")
-        rec = RequestRecord(rid.decode() if rid and _REQUEST_ID.fullmatch(rid) else uuid.uuid4().hex, endpoint)
+        rec = RequestRecord(rid.decode() if rid and _REQUEST_ID.fullmatch(rid) else os.urandom(16).hex(), endpoint)
         task = asyncio.current_task()
         assert task is not None
         self.active.add(task)

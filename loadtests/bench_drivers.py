@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -14,16 +15,39 @@ from pathlib import Path
 import aiohttp
 
 
+def process_tree(pid: int) -> list[int]:
+    """The process and its descendants (granian serves from a worker process it spawns)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        with contextlib.suppress(OSError):
+            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU of the process and its descendants."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    """Resident memory of the process and its descendants."""
+    kb = 0
+    for p in process_tree(pid):
+        try:
+            kb += next(int(ln.split()[1]) for ln in Path(f"/proc/{p}/status").read_text().splitlines()
+                       if ln.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            continue
+    return kb / 1024
 
 
 def percentile(values: list[float], p: float) -> float:

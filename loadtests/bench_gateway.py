@@ -3,6 +3,9 @@
 Each target (one process pinned to core 0; the test upstream, wrk and the Python drivers on core 1):
   * upstream     the test upstream (gateway/testing/fake_vllm.py) called directly
   * passthrough  loadtests/passthrough.py: bare aiohttp server + client, no features (the floor)
+  * pt-*         the same pass-through on other servers and clients (loadtests/passthrough_servers.py):
+                 uvicorn (raw ASGI) or granian (ASGI, RSGI), with aiohttp's client or pyreqwest (Rust)
+  * example-granian  the gateway (example config) served by granian's ASGI server instead of uvicorn
   * example*     `gateway serve` with deploy/examples/single-vllm.yaml (no Redis: SQLite ledger), with
                  its request log to a pipe (stderr, the example's default), to a file, off, and with the
                  ledger in memory (so the SQLite ledger's cost shows)
@@ -45,6 +48,11 @@ from loadtests.netutil import free_port, wait_http  # noqa: E402
 TARGET_CORE, DRIVER_CORE = "0", "1"
 TARGETS = ("upstream", "passthrough", "example", "example-log-file", "example-log-off", "example-ledger-memory",
            "local", "redis")
+# The floor on other servers and clients: name -> (server, interface, client); not in "all" (--targets floors).
+FLOORS = {"pt-uvicorn": ("uvicorn", "asgi", "aiohttp"), "pt-uvicorn-pyreqwest": ("uvicorn", "asgi", "pyreqwest"),
+          "pt-granian-asgi": ("granian", "asgi", "aiohttp"), "pt-granian-rsgi": ("granian", "rsgi", "aiohttp"),
+          "pt-granian-rsgi-pyreqwest": ("granian", "rsgi", "pyreqwest")}
+BIN = Path(sys.executable).parent
 
 
 @dataclass
@@ -85,6 +93,29 @@ def build_targets(names: list[str], up_url: str, tmp: Path, redis_url: str | Non
                 return spawn([sys.executable, "-m", "loadtests.passthrough", "--port", str(port),
                               "--upstream", up_url], TARGET_CORE)
             out.append(Target(name, model, start_bare, url))
+            continue
+        if name in FLOORS:
+            server, interface, client = FLOORS[name]
+            app = f"loadtests.passthrough_servers:{interface}_app"
+            cmd = [str(BIN / "uvicorn"), app, "--port", str(port), "--loop", "uvloop", "--http", "httptools",
+                   "--no-access-log", "--log-level", "warning"] if server == "uvicorn" else [
+                str(BIN / "granian"), "--interface", interface, "--port", str(port), "--loop", "uvloop",
+                "--workers", "1", "--log-level", "warning", app]
+
+            def start_floor(cmd: list[str] = cmd, client: str = client) -> subprocess.Popen[bytes]:
+                return spawn(cmd, TARGET_CORE, {"PT_UPSTREAM": up_url, "PT_CLIENT": client})
+            out.append(Target(name, model, start_floor, url))
+            continue
+        if name == "example-granian":
+            cfg = tmp / f"{name}.yaml"
+            cfg.write_text(example)
+            granian = [str(BIN / "granian"), "--interface", "asgi", "--factory", "--port", str(port), "--loop",
+                       "uvloop", "--workers", "1", "--log-level", "warning", "gateway.app:create_app"]
+
+            def start_granian(cmd: list[str] = granian, env: dict[str, str] = env,
+                              cfg: Path = cfg) -> subprocess.Popen[bytes]:
+                return spawn(cmd, TARGET_CORE, {**env, "GATEWAY_CONFIG": str(cfg)}, stderr=subprocess.PIPE)
+            out.append(Target(name, model, start_granian, url))
             continue
         if name == "example-log-file":
             text = example.replace("request_log: stderr", f"request_log: {tmp / 'requests.jsonl'}")
@@ -201,7 +232,8 @@ def report(results: dict[str, dict[str, Any]], a: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--targets", default="all", help=f"comma list of {', '.join(TARGETS)} (default all)")
+    ap.add_argument("--targets", default="all", help=f"comma list of {', '.join((*TARGETS, *FLOORS))}, "
+                    "example-granian; or all (default), or floors (the pass-throughs and the gateway on each server)")
     ap.add_argument("--rates", default="300", help="open-loop rates for added latency (req/s)")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per latency, wrk and stream phase")
     ap.add_argument("--requests", type=int, default=100_000, help="RSS after this many requests (0: skip)")
@@ -209,7 +241,8 @@ def main() -> None:
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops what this started
     a.rate_list = [int(r) for r in a.rates.split(",") if r]
-    names = list(TARGETS) if a.targets == "all" else a.targets.split(",")
+    names = list(TARGETS) if a.targets == "all" else ["passthrough", *FLOORS, "example", "example-granian"] \
+        if a.targets == "floors" else a.targets.split(",")
     if not shutil.which("wrk"):
         sys.exit("wrk is needed (Debian: apt-get install wrk)")
     tmp = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
