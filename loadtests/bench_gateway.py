@@ -4,7 +4,7 @@ Each target (one process pinned to core 0; the test upstream, wrk and the Python
   * upstream     the test upstream (gateway/testing/fake_vllm.py) called directly
   * passthrough  loadtests/passthrough.py: bare aiohttp server + client, no features (the floor)
   * pt-*         the same pass-through on other servers and clients (loadtests/passthrough_servers.py):
-                 uvicorn (raw ASGI) or granian (ASGI, RSGI), with aiohttp's client or pyreqwest (Rust)
+                 uvicorn (raw ASGI) or granian (ASGI, RSGI), with aiohttp's client, pyreqwest or pyqwest (Rust)
   * example-granian  the gateway (example config) served by granian's ASGI server instead of uvicorn
   * example*     `gateway serve` with deploy/examples/single-vllm.yaml (no Redis: SQLite ledger), with
                  its request log to a pipe (stderr, the example's default), to a file, off, and with the
@@ -50,6 +50,7 @@ TARGETS = ("upstream", "passthrough", "example", "example-log-file", "example-lo
            "local", "redis")
 # The floor on other servers and clients: name -> (server, interface, client); not in "all" (--targets floors).
 FLOORS = {"pt-uvicorn": ("uvicorn", "asgi", "aiohttp"), "pt-uvicorn-pyreqwest": ("uvicorn", "asgi", "pyreqwest"),
+          "pt-uvicorn-pyqwest": ("uvicorn", "asgi", "pyqwest"),
           "pt-granian-asgi": ("granian", "asgi", "aiohttp"), "pt-granian-rsgi": ("granian", "rsgi", "aiohttp"),
           "pt-granian-rsgi-pyreqwest": ("granian", "rsgi", "pyreqwest")}
 BIN = Path(sys.executable).parent

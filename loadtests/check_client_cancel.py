@@ -1,4 +1,4 @@
-"""Does an HTTP client let go of vLLM when the gateway gives up on a request? aiohttp vs pyreqwest.
+"""Does an HTTP client let go of vLLM when the gateway gives up on a request? aiohttp, pyreqwest, pyqwest.
 
 The gateway cancels its upstream call when the client leaves (or a deadline passes); vLLM aborts the
 request only when its connection closes, so a client library whose cancelled call keeps the connection
@@ -68,6 +68,13 @@ async def _pyreqwest_call(url: str, timeout_s: float | None) -> None:
         await r.bytes()
 
 
+async def _pyqwest_call(url: str, timeout_s: float | None) -> None:
+    import pyqwest
+
+    transport = pyqwest.HTTPTransport(http_version=pyqwest.HTTPVersion.HTTP1, timeout=timeout_s, enable_otel=False)
+    await pyqwest.Client(transport).post(url, content=b"{}")
+
+
 async def check(name: str, call: Any, server: Server, url: str) -> dict[str, Any]:
     out: dict[str, Any] = {"client": name}
     started = time.monotonic()
@@ -96,10 +103,11 @@ async def main(quiet: bool = False) -> list[dict[str, Any]]:
     port = srv.sockets[0].getsockname()[1]
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     rows = [await check("aiohttp", _aiohttp_call, server, url)]
-    try:
-        rows.append(await check("pyreqwest", _pyreqwest_call, server, url))
-    except ImportError:
-        print("pyreqwest is not installed (pip install pyreqwest)")
+    for name, call in (("pyreqwest", _pyreqwest_call), ("pyqwest", _pyqwest_call)):
+        try:
+            rows.append(await check(name, call, server, url))
+        except ImportError:
+            print(f"{name} is not installed (pip install {name})")
     srv.close()
     if quiet:
         return rows

@@ -2,7 +2,7 @@
 
 The same job as loadtests/passthrough.py (forward POST /v1/* to one upstream, relay a JSON body whole or
 an SSE stream chunk by chunk; no features), written as a raw ASGI app (uvicorn or granian) and as an
-RSGI app (granian's own interface), with either aiohttp's client or pyreqwest (Rust: reqwest/hyper).
+RSGI app (granian's own interface), with aiohttp's client, pyreqwest or pyqwest (both Rust: reqwest/hyper).
 bench_gateway.py runs them beside the aiohttp pass-through so the figures compare within one run.
 
     PT_UPSTREAM=http://127.0.0.1:8101 PT_CLIENT=pyreqwest uvicorn loadtests.passthrough_servers:asgi_app
@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 UPSTREAM = os.environ.get("PT_UPSTREAM", "http://127.0.0.1:8101").rstrip("/")
-CLIENT = os.environ.get("PT_CLIENT", "aiohttp")  # aiohttp | pyreqwest
+CLIENT = os.environ.get("PT_CLIENT", "aiohttp")  # aiohttp | pyreqwest | pyqwest
 _JSON = "application/json"
 
 
@@ -32,6 +32,12 @@ class Forwarder:
                 from pyreqwest.client import ClientBuilder
 
                 self._client = ClientBuilder().http1_only().build()
+            elif CLIENT == "pyqwest":
+                import pyqwest
+
+                self._client = pyqwest.Client(pyqwest.HTTPTransport(
+                    http_version=pyqwest.HTTPVersion.HTTP1, enable_gzip=False, enable_brotli=False,
+                    enable_zstd=False, enable_otel=False, follow_redirects=False))
             else:
                 import aiohttp
 
@@ -55,6 +61,19 @@ class Forwarder:
                 while (chunk := await resp.body_reader.read_chunk()) is not None:
                     yield bytes(chunk)
             return resp.status, ct, chunks(), ctx
+        if CLIENT == "pyqwest":
+            ctx = client.stream("POST", UPSTREAM + path, headers={"content-type": _JSON}, content=body)
+            resp = await ctx.__aenter__()
+            ct = resp.headers.get("content-type", "")
+            if not ct.startswith("text/event-stream"):
+                data = b"".join([bytes(c) async for c in resp.content])
+                await ctx.__aexit__(None, None, None)
+                return resp.status, ct, data, None
+
+            async def qchunks() -> AsyncIterator[bytes]:
+                async for chunk in resp.content:
+                    yield bytes(chunk)
+            return resp.status, ct, qchunks(), ctx
         ctx = client.post(UPSTREAM + path, data=body, headers={"content-type": _JSON})
         up = await ctx.__aenter__()
         ct = up.headers.get("content-type", "")

@@ -115,6 +115,8 @@ FLOOR_COMMANDS = {
     "aiohttp": lambda port, up: [sys.executable, "-m", "loadtests.passthrough", "--port", str(port), "--upstream", up],
     "uvicorn-pyreqwest": lambda port, up: [str(BIN / "uvicorn"), "loadtests.passthrough_servers:asgi_app",
                                            "--port", str(port), "--log-level", "warning"],
+    "uvicorn-pyqwest": lambda port, up: [str(BIN / "uvicorn"), "loadtests.passthrough_servers:asgi_app",
+                                         "--port", str(port), "--log-level", "warning"],
     "granian-rsgi-aiohttp": lambda port, up: [str(BIN / "granian"), "--interface", "rsgi", "--port", str(port),
                                               "--workers", "1", "loadtests.passthrough_servers:rsgi_app"],
     "granian-asgi-pyreqwest": lambda port, up: [str(BIN / "granian"), "--interface", "asgi", "--port", str(port),
@@ -132,7 +134,7 @@ def test_bare_passthrough_relays_json_and_streams(upstream: FakeUpstream, floor:
     from tests.conftest import ROOT, free_port, stop, wait_http
 
     port = free_port()
-    client = "pyreqwest" if floor.endswith("pyreqwest") else "aiohttp"
+    client = floor.rsplit("-", 1)[-1] if floor.endswith(("pyreqwest", "pyqwest")) else "aiohttp"
     proc = subprocess.Popen(FLOOR_COMMANDS[floor](port, upstream.url), cwd=ROOT,
                             env={**os.environ, "PT_UPSTREAM": upstream.url, "PT_CLIENT": client})
     try:
