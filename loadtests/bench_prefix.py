@@ -208,9 +208,11 @@ def summary(p: Phase) -> dict[str, Any]:
     }
 
 
-def gateway_config(tmp: Path, url_a: str, url_b: str, scrape_s: float) -> Path:
+def gateway_config(tmp: Path, url_a: str, url_b: str, scrape_s: float,
+                   prefix_routing: dict[str, Any] | None = None) -> Path:
     def model(prefix: str, balance: str) -> dict[str, Any]:
-        return {"prices": {"prompt_per_1m": 0.1, "cached_prompt_per_1m": 0.025, "completion_per_1m": 0.2},
+        extra = {"prefix_routing": prefix_routing} if prefix_routing and balance == "prefix" else {}
+        return extra | {"prices": {"prompt_per_1m": 0.1, "cached_prompt_per_1m": 0.025, "completion_per_1m": 0.2},
                 "balance": balance,
                 "deployments": [{"name": f"{prefix}-{n}", "url": u, "model": "smollm2",
                                  "timeouts": {"connect": 2, "first_token": 300, "total": 600}}
@@ -240,6 +242,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--concurrency", type=int, default=6)
     ap.add_argument("--order", default="lo,px", help="phase order, e.g. px,lo")
+    ap.add_argument("--rate-factor", type=float, help="px's prefix_routing.rate_factor (default: the gateway's); "
+                    "a diagnostic: how much of px's traffic the traffic-share bound moves")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     if a.kv_blocks is not None and (a.url_a or a.url_b):
@@ -294,9 +298,10 @@ def main() -> None:
               f" half of them = {sys_blocks / 2 / max(1, cap_blocks[0] or 1):.2f}x", flush=True)
         tmp = Path(tempfile.mkdtemp(prefix="bench-prefix-"))
         port = free_port()
-        gateway = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config",
-                                    str(gateway_config(tmp, url_a, url_b, 1.0)), "--port", str(port),
-                                    "--log-level", "warning"], cwd=ROOT)
+        px_routing = {"rate_factor": a.rate_factor} if a.rate_factor else None
+        config = gateway_config(tmp, url_a, url_b, 1.0, px_routing)
+        gateway = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config),
+                                    "--port", str(port), "--log-level", "warning"], cwd=ROOT)
         gw_url = f"http://127.0.0.1:{port}"
         wait_http(f"{gw_url}/healthz", timeout=180, proc=gateway)  # a busy shared machine starts slowly
         phases = []
