@@ -18,7 +18,12 @@ usage of this phase's own responses (prompt_tokens_details.cached_tokens / promp
 (client-side, through the gateway), output tokens/s, and how the requests split between the engines.
 The distinct prompt tokens of one phase are printed next to one engine's KV cache (vllm:cache_config_info).
 
-    flock /tmp/vllm-engine.lock .venv/bin/python -m loadtests.bench_prefix [--out F] [--url-b URL]
+With `--kv-blocks N` it starts BOTH engines itself, on --port-a and --port-b (not the shared :8101), each with
+a KV cache of N blocks of 128 tokens (vLLM's --num-gpu-blocks-override; no LoRA): small enough that the
+applications' prompts overflow one engine's cache but not the fleet's, the regime where the policies differ
+(with the default 1 GiB = 364 blocks each engine holds every prefix of a few-minute run, so both hit).
+
+    flock /tmp/vllm-engine.lock .venv/bin/python -m loadtests.bench_prefix [--out F] [--url-b URL | --kv-blocks N]
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import argparse
 import asyncio
 import json
 import random
+import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -201,9 +208,11 @@ def summary(p: Phase) -> dict[str, Any]:
     }
 
 
-def gateway_config(tmp: Path, url_a: str, url_b: str, scrape_s: float) -> Path:
+def gateway_config(tmp: Path, url_a: str, url_b: str, scrape_s: float,
+                   prefix_routing: dict[str, Any] | None = None) -> Path:
     def model(prefix: str, balance: str) -> dict[str, Any]:
-        return {"prices": {"prompt_per_1m": 0.1, "cached_prompt_per_1m": 0.025, "completion_per_1m": 0.2},
+        extra = {"prefix_routing": prefix_routing} if prefix_routing and balance == "prefix" else {}
+        return extra | {"prices": {"prompt_per_1m": 0.1, "cached_prompt_per_1m": 0.025, "completion_per_1m": 0.2},
                 "balance": balance,
                 "deployments": [{"name": f"{prefix}-{n}", "url": u, "model": "smollm2",
                                  "timeouts": {"connect": 2, "first_token": 300, "total": 600}}
@@ -218,9 +227,12 @@ def gateway_config(tmp: Path, url_a: str, url_b: str, scrape_s: float) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--url-a", default="http://127.0.0.1:8101", help="the first engine (shared, already running)")
+    ap.add_argument("--url-a", help="the first engine, already running (default: the shared http://127.0.0.1:8101)")
     ap.add_argument("--url-b", help="a second engine already running (default: start one on --port-b)")
     ap.add_argument("--port-b", type=int, default=8103)
+    ap.add_argument("--kv-blocks", type=int, help="start both engines (on --port-a and --port-b) with a KV cache "
+                    "of this many 128-token blocks each, instead of using --url-a / --url-b")
+    ap.add_argument("--port-a", type=int, default=8104, help="the first engine's port with --kv-blocks")
     ap.add_argument("--apps", type=int, default=8)
     ap.add_argument("--sys-words", type=int, default=600, help="words per system prompt (~1.2 tokens a word)")
     ap.add_argument("--singles", type=int, default=10, help="one-turn questions per application")
@@ -230,38 +242,66 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--concurrency", type=int, default=6)
     ap.add_argument("--order", default="lo,px", help="phase order, e.g. px,lo")
+    ap.add_argument("--rate-factor", type=float, help="px's prefix_routing.rate_factor (default: the gateway's); "
+                    "a diagnostic: how much of px's traffic the traffic-share bound moves")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
+    if a.kv_blocks is not None and (a.url_a or a.url_b):
+        ap.error("--kv-blocks starts both engines: no --url-a / --url-b")
     from deploy.local import engines
 
-    engine_b = None
+    # SIGTERM (a timeout, a kill) unwinds like Ctrl-C, so the engines this run started are stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    started: list[subprocess.Popen[bytes]] = []
     gateway = None
     try:
-        url_b = a.url_b
-        if url_b is None:
+        url_a, url_b = a.url_a or "http://127.0.0.1:8101", a.url_b
+        if a.kv_blocks is not None:
             engines.ensure_ready(verbose=False)
-            engine_b = engines.start_chat_engine(a.port_b)
+            t0 = time.time()
+            for port in (a.port_a, a.port_b):
+                if engines.is_healthy(f"http://127.0.0.1:{port}"):
+                    raise SystemExit(f"port {port} already serves an engine: pick free --port-a / --port-b")
+                started.append(engines.start_chat_engine(port, lora=False, kv_blocks=a.kv_blocks))
+            url_a, url_b = (f"http://127.0.0.1:{p}" for p in (a.port_a, a.port_b))
+            for u, proc in zip((url_a, url_b), started, strict=True):
+                engines.wait_healthy(u, timeout=900, proc=proc)
+            print(f"both engines ({a.kv_blocks} KV blocks each) healthy after {time.time() - t0:.0f} s", flush=True)
+        elif url_b is None:
+            engines.ensure_ready(verbose=False)
+            started.append(engines.start_chat_engine(a.port_b))
             url_b = f"http://127.0.0.1:{a.port_b}"
-            print(f"second engine healthy after {engines.wait_healthy(url_b, timeout=900, proc=engine_b):.0f} s",
+            print(f"second engine healthy after {engines.wait_healthy(url_b, timeout=900, proc=started[0]):.0f} s",
                   flush=True)
-        urls = [a.url_a, url_b]
+        urls = [url_a, url_b]
         for u in urls:
             if not engines.is_healthy(u):
                 raise SystemExit(f"engine {u} is not healthy")
-        caps = [parse_vllm_metrics(httpx.get(f"{u}/metrics", timeout=10).text).get("kv_capacity_tokens")
-                for u in urls]
+        metrics_text = [httpx.get(f"{u}/metrics", timeout=10).text for u in urls]
+        caps = [parse_vllm_metrics(t).get("kv_capacity_tokens") for t in metrics_text]
+        block = int(m.group(1)) if (m := re.search(r'vllm:cache_config_info\{[^}]*block_size="(\d+)"',
+                                                  metrics_text[0])) else 128
         sample = [{"role": "system", "content": system_prompt(0, 0, a.sys_words)}, {"role": "user", "content": "Hi?"}]
-        sys_tokens = httpx.post(f"{a.url_a}/tokenize", json={"model": "smollm2", "messages": sample},
+        sys_tokens = httpx.post(f"{url_a}/tokenize", json={"model": "smollm2", "messages": sample},
                                 timeout=30).json()["count"]
         turn_tokens = int(sys_tokens / a.sys_words * a.user_words) + a.max_tokens + 20
         distinct = a.apps * sys_tokens + a.apps * a.convs * a.turns * turn_tokens
         print(f"system prompt ~{sys_tokens} tokens; longest conversation prompt ~{sys_tokens + a.turns * turn_tokens}"
               f" tokens; distinct prompt tokens per phase ~{distinct}; KV cache per engine {caps} tokens", flush=True)
+        # vLLM caches whole blocks only: what the applications' requests can share, in blocks
+        sys_blocks = a.apps * (sys_tokens // block)
+        conv_blocks = a.apps * a.convs * ((a.turns * turn_tokens) // block)
+        cap_blocks = [int(c // block) if c else None for c in caps]
+        print(f"working set: system prompts {a.apps} x {sys_tokens // block} = {sys_blocks} blocks of {block} tokens"
+              f" (+ conversations' history, up to {conv_blocks} at their last turns); one engine's KV cache"
+              f" {cap_blocks} blocks: all system prompts = {sys_blocks / max(1, cap_blocks[0] or 1):.2f}x of it,"
+              f" half of them = {sys_blocks / 2 / max(1, cap_blocks[0] or 1):.2f}x", flush=True)
         tmp = Path(tempfile.mkdtemp(prefix="bench-prefix-"))
         port = free_port()
-        gateway = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config",
-                                    str(gateway_config(tmp, a.url_a, url_b, 1.0)), "--port", str(port),
-                                    "--log-level", "warning"], cwd=ROOT)
+        px_routing = {"rate_factor": a.rate_factor} if a.rate_factor else None
+        config = gateway_config(tmp, url_a, url_b, 1.0, px_routing)
+        gateway = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config),
+                                    "--port", str(port), "--log-level", "warning"], cwd=ROOT)
         gw_url = f"http://127.0.0.1:{port}"
         wait_http(f"{gw_url}/healthz", timeout=180, proc=gateway)  # a busy shared machine starts slowly
         phases = []
@@ -288,14 +328,15 @@ def main() -> None:
                   f"px {px['busier_over_other']:.2f} (target < 1.3)")
         if a.out:
             a.out.write_text(json.dumps({"args": vars(a) | {"out": str(a.out)}, "kv_capacity_tokens": caps,
+                                         "block_size": block, "urls": urls,
                                          "sys_tokens": sys_tokens, "distinct_tokens": distinct,
                                          "phases": phases}, indent=2))
     finally:
         if gateway is not None:
             gateway.terminate()
             gateway.wait()
-        if engine_b is not None:
-            engines.stop(engine_b)
+        for proc in started:
+            engines.stop(proc)
 
 
 if __name__ == "__main__":

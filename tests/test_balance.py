@@ -289,6 +289,22 @@ def test_the_index_follows_what_vllm_reports() -> None:
     live.kv_capacity_tokens = 2048
     p.observe_engine("r0", live, hits=0.0, queries=0.0, reset=False)
     assert idx.capacity == idx.max_capacity == 128 and len(idx.blocks) == 128
-    assert idx.matched(list(range(16))) == 0 and idx.matched([1599]) == 1  # the least recently sent went first
+    # the least recently sent went first, tail blocks before head blocks (as vLLM evicts)
+    assert idx.matched(list(range(16))) == 0 and idx.matched(list(range(1000, 1600))) == 128
     p.observe_engine("r0", live, hits=0.0, queries=0.0, reset=True)
     assert not idx.blocks
+
+
+def test_an_overflowing_index_drops_a_prefix_tail_first() -> None:
+    """In-process: like vLLM (which frees a request's blocks in reverse order), an index over its capacity
+    drops the least recently sent prompt's last blocks first, so its leading blocks still match."""
+    from gateway.routing.balance import DeploymentIndex
+
+    idx = DeploymentIndex(capacity=24)
+    a, b = list(range(16)), list(range(100, 116))  # two applications' prompts, 16 chained blocks each
+    idx.add(a, 0, 0.0)
+    idx.add(b, 0, 0.0)  # 32 blocks > 24: 8 of a's go
+    assert len(idx.blocks) == 24
+    assert idx.matched(a) == 8 and idx.matched(b) == 16  # a keeps its first 8 (head first, it would match 0)
+    idx.add(a[:8] + list(range(200, 208)), 8, 0.0)  # a's next request: its head is the most recent now
+    assert idx.matched(a[:8]) == 8 and idx.matched(b) == 8

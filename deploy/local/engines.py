@@ -5,7 +5,7 @@ Stdlib only, no gateway imports (it also runs under the engine venv): import it 
 or run it as a CLI::
 
     python deploy/local/engines.py prepare                 # venv + models (cached; ~seconds when warm)
-    python deploy/local/engines.py up-engines [--chat-port 8101 --embed-port 8102] [--detach]
+    python deploy/local/engines.py up-engines [--chat-port 8101 --embed-port 8102] [--kv-blocks N] [--detach]
     python deploy/local/engines.py down                    # stop engines started with --detach
     python deploy/local/engines.py status
 
@@ -25,7 +25,9 @@ Library use::
 Environment:
   GATEWAY_STATE_DIR            state dir (default ~/.cache/vllm-gateway): vllm-venv/, models/, logs/
   VLLM_ENGINE_THREADS          OpenMP threads per engine (default 1; see docs/local-stack.md)
-  VLLM_CPU_KVCACHE_SPACE       KV cache GiB per engine (default 1)
+  VLLM_CPU_KVCACHE_SPACE       KV cache GiB per engine (default 1); whole GiB only. For a smaller cache, e.g. to
+                               make a benchmark's prompts overflow it, pass kv_blocks=N (`--kv-blocks N`): vLLM's
+                               --num-gpu-blocks-override, N blocks of 128 tokens (vllm:cache_config_info reports it)
 """
 from __future__ import annotations
 
@@ -158,9 +160,13 @@ def _start(name: str, port: int, args: list[str], host: str, threads: int | None
 def start_chat_engine(port: int, served_model_name: str = "smollm2", lora: bool = True, *,
                       host: str = "127.0.0.1", threads: int | None = None,
                       log_path: str | os.PathLike | None = None,
-                      extra_args: list[str] | None = None) -> subprocess.Popen:
+                      extra_args: list[str] | None = None, kv_blocks: int | None = None) -> subprocess.Popen:
     """Serve SmolLM2-135M-Instruct (bf16) as ``served_model_name``; with lora=True also the
-    ``sentiment`` LoRA adapter (model id "sentiment", parent = served_model_name)."""
+    ``sentiment`` LoRA adapter (model id "sentiment", parent = served_model_name). ``kv_blocks``: a KV cache of
+    that many blocks (vLLM's --num-gpu-blocks-override; 128 tokens a block on the CPU build) instead of all of
+    VLLM_CPU_KVCACHE_SPACE; at least max-model-len / 128 = 16."""
+    if kv_blocks is not None and kv_blocks < 16:
+        raise ValueError(f"kv_blocks={kv_blocks}: one 2048-token request needs 16 blocks")
     m = manifest()
     args = ["--model", m["chat_model"], "--served-model-name", served_model_name,
             "--dtype", "bfloat16", "--max-model-len", "2048", "--max-num-seqs", "16",
@@ -169,6 +175,8 @@ def start_chat_engine(port: int, served_model_name: str = "smollm2", lora: bool 
         mods = [f"{k}={v}" for k, v in m["lora_modules"].items()]
         args += ["--enable-lora", "--lora-modules", *mods, "--max-lora-rank", str(m.get("lora_max_rank", 8)),
                  "--max-loras", "1"]
+    if kv_blocks is not None:
+        args += ["--num-gpu-blocks-override", str(kv_blocks)]
     return _start(f"chat-{served_model_name}", port, args + list(extra_args or []), host, threads, log_path)
 
 
@@ -288,7 +296,7 @@ def _cmd_up(a: argparse.Namespace) -> int:
     procs = []
     t0 = time.time()
     try:
-        procs.append(start_chat_engine(a.chat_port, host=a.host))
+        procs.append(start_chat_engine(a.chat_port, host=a.host, kv_blocks=a.kv_blocks))
         procs.append(start_embedding_engine(a.embed_port, host=a.host))
         for p in procs:
             wait_healthy(p.base_url, a.timeout, p)  # type: ignore[attr-defined]
@@ -362,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "up-engines":
             p.add_argument("--timeout", type=float, default=600)
             p.add_argument("--detach", action="store_true", help="leave running; stop with `down`")
+            p.add_argument("--kv-blocks", type=int, help="chat engine KV cache in blocks of 128 tokens "
+                           "(--num-gpu-blocks-override; default: all of VLLM_CPU_KVCACHE_SPACE)")
     sub.add_parser("down", help="stop engines started with up-engines --detach")
     a = ap.parse_args(argv)
     if a.cmd == "prepare":

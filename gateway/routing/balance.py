@@ -150,7 +150,11 @@ class DeploymentIndex:
         self.recent_at = now
         self.predicted += matched
         self.sent += len(blocks)
-        for b in blocks:
+        # Tail first, so that the prompt's head is the most recently used: when the index overflows it drops
+        # a prefix's last blocks before its first, as vLLM evicts (it frees a request's blocks in reverse
+        # order). Head first, an overflow would drop the first block, and matched() stops there: the rest of
+        # that prefix would stay in the index unreachable while vLLM still holds its head.
+        for b in reversed(blocks):
             self.blocks[b] = None
             self.blocks.move_to_end(b)
         self.shrink_to(self.capacity)
