@@ -285,12 +285,12 @@ def test_the_index_follows_what_vllm_reports() -> None:
     assert len(idx.blocks) == 616 and idx.capacity == 4096
     p.observe_engine("r0", live, hits=100.0, queries=10_000.0, reset=False)  # vLLM: 1 % hits
     assert idx.capacity == 2048 and len(idx.blocks) == 616  # halved (still above what it holds)
-    # vLLM's KV cache: 16 blocks of 128 tokens = 2048 tokens ~ 8192 characters = 128 blocks of 64
-    live.kv_capacity_tokens = 2048
+    # vLLM's KV cache: 12 blocks of 128 tokens = 1536 tokens ~ 9216 characters (at 6 a token) = 144 blocks of 64
+    live.kv_capacity_tokens = 1536
     p.observe_engine("r0", live, hits=0.0, queries=0.0, reset=False)
-    assert idx.capacity == idx.max_capacity == 128 and len(idx.blocks) == 128
+    assert idx.capacity == idx.max_capacity == 144 and len(idx.blocks) == 144
     # the least recently sent went first, tail blocks before head blocks (as vLLM evicts)
-    assert idx.matched(list(range(16))) == 0 and idx.matched(list(range(1000, 1600))) == 128
+    assert idx.matched(list(range(16))) == 0 and idx.matched(list(range(1000, 1600))) == 144
     p.observe_engine("r0", live, hits=0.0, queries=0.0, reset=True)
     assert not idx.blocks
 
@@ -308,3 +308,24 @@ def test_an_overflowing_index_drops_a_prefix_tail_first() -> None:
     assert idx.matched(a) == 8 and idx.matched(b) == 16  # a keeps its first 8 (head first, it would match 0)
     idx.add(a[:8] + list(range(200, 208)), 8, 0.0)  # a's next request: its head is the most recent now
     assert idx.matched(a[:8]) == 8 and idx.matched(b) == 8
+
+
+def test_a_spill_never_goes_back_to_the_deployment_over_its_bound() -> None:
+    """In-process: the prefix's home is over the rate bound but has the fewest requests in flight; the spill
+    goes to another deployment (least loaded among the rest), not back to the one it relieves."""
+    from gateway.config import Deployment, Timeouts
+    from gateway.routing.balance import PrefixAffinity, prefix_blocks
+    from gateway.upstream import DeploymentState
+
+    spec = PrefixRoutingSpec(block_chars=BLOCK, rate_factor=1.2)
+    p = PrefixAffinity(spec, ["r0", "r1", "r2"], None)
+    states = [DeploymentState(Deployment(f"r{i}", f"http://127.0.0.1:{9000 + i}", "m", 1.0, 8, Timeouts(), None),
+                              None, None, None, {}) for i in range(3)]  # type: ignore[arg-type]
+    body = {"messages": [{"role": "system", "content": system_prompt(1)}, {"role": "user", "content": "q"}]}
+    blocks = prefix_blocks(body, BLOCK, spec.max_blocks)
+    home = p.indexes["r0"]
+    home.add(blocks, 0, time.monotonic())
+    home.recent = 30.0  # r0 served the application lately, far beyond the others (0): over the rate bound
+    states[1].in_flight, states[2].in_flight = 3, 2  # ...and r0 has the fewest requests in flight
+    order = p.order(list(states), body, None)
+    assert order[0].name == "r2"  # before the fix: r0, the deployment the spill was meant to relieve

@@ -26,7 +26,11 @@ if TYPE_CHECKING:
     from gateway.upstream import DeploymentState
 
 RECENT_TAU_S = 60.0  # decay time of the recent-requests figure that places new prefixes
-CHARS_PER_TOKEN = 4  # English text in common BPE vocabularies; only sizes the index
+# Sizes the index from vLLM's KV capacity in tokens. Prose runs ~4-5 characters a token, code and JSON ~3:
+# the upper end, because an index smaller than vLLM's cache forgets prefixes vLLM still holds and moves their
+# applications (measured: at 4, 4.2 of the 5 system prompts a 40-block engine holds); one that is too large is
+# halved by the engine feedback below when vLLM finds less cached than the index predicts.
+CHARS_PER_TOKEN = 6
 RATE_SLACK = 4.0  # recent requests (per weight) a deployment may be ahead of the least busy one in any case
 TRUST_MIN_PREDICTED = 0.2  # compare vLLM's hit rate to ours only when we expected this much reuse
 # ... and only over at least this many blocks sent (~16k tokens): vLLM counts a request when it schedules
@@ -235,7 +239,7 @@ class PrefixAffinity:
         least_recent = min(recent.values())
         best: DeploymentState | None = None
         best_key: tuple[int, float] = (0, 0.0)
-        held_elsewhere = False
+        over: set[str] = set()  # hold the prefix, but are over a bound
         for s in up:
             n = self.index(s.name).matched(blocks)
             if n == 0:
@@ -243,7 +247,7 @@ class PrefixAffinity:
             share = recent[s.name] + 1 / s.spec.weight  # with this request
             over_rate = share - least_recent > RATE_SLACK and share > self.spec.rate_factor * least_recent
             if s.in_flight + 1 > math.ceil(scale * s.spec.weight) or over_rate or self._kv_full(s.name):
-                held_elsewhere = True  # cached there, but that deployment is over a bound
+                over.add(s.name)
                 continue
             key = (n, -s.load())
             if best is None or key > best_key:
@@ -251,8 +255,9 @@ class PrefixAffinity:
         if best is not None:
             return best, "affinity"
         roomy = [s for s in up if not self._kv_full(s.name)] or up
-        if held_elsewhere:  # relieve the busy one: where the fewest requests are in flight now
-            return min(roomy, key=lambda s: (s.load(), self._recent(s, now))), "spill"
+        if over:  # relieve the busy ones: among the others, where the fewest requests are in flight now
+            others = [s for s in roomy if s.name not in over] or roomy
+            return min(others, key=lambda s: (s.load(), self._recent(s, now))), "spill"
         # A new prefix brings its future requests with it: place it where the fewest requests went lately
         # (per weight), so that many applications' prompts split the traffic evenly, then by load.
         return min(roomy, key=lambda s: (self._recent(s, now), s.load())), "new"
@@ -265,7 +270,7 @@ class PrefixAffinity:
         evicted what we think it holds (its KV cache is smaller than the index, or other traffic shares
         it): the index shrinks to half, down to 64 blocks; while predictions hold, a full index grows back
         by a quarter up to index_blocks, or to what vLLM's KV cache can hold (its num_gpu_blocks *
-        block_size tokens, at ~4 characters a token).
+        block_size tokens, at CHARS_PER_TOKEN characters a token).
         """
         idx = self.indexes.get(name)
         if idx is None:
