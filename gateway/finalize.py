@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import select
 import sys
 from collections.abc import Callable
 from typing import IO
@@ -21,12 +19,7 @@ log = logging.getLogger("gateway.finalize")
 
 
 class RequestLog:
-    """One JSON line per request, without prompt or completion text.
-
-    The lines finished in one turn of the event loop go out together at its end (call_soon), not one
-    write and flush per request (~20 us of CPU per request at full load). Each write holds whole lines
-    and at most PIPE_BUF bytes, so the lines of several workers sharing one pipe or file never interleave.
-    """
+    """One JSON line per request, without prompt or completion text."""
 
     def __init__(self, target: str) -> None:
         self._out: IO[bytes] | None
@@ -38,43 +31,13 @@ class RequestLog:
             self._out = sys.stderr.buffer
         else:
             self._out = open(target, "ab")  # noqa: SIM115 - lives as long as the app
-        self._pending: list[bytes] = []
 
     def write(self, line: bytes) -> None:
-        if self._out is None:
-            return
-        self._pending.append(line)
-        if len(self._pending) > 1:
-            return  # a flush is already scheduled
-        try:
-            asyncio.get_running_loop().call_soon(self.flush)
-        except RuntimeError:  # no event loop (a tool, a test): write through
-            self.flush()
-
-    def flush(self) -> None:
-        lines, self._pending = self._pending, []
-        if self._out is None or not lines:
-            return
-        try:
-            chunk: list[bytes] = []
-            size = 0
-            for line in lines:
-                if chunk and size + len(line) + 1 > select.PIPE_BUF:
-                    self._write(chunk)
-                    chunk, size = [], 0
-                chunk += (line, b"\n")
-                size += len(line) + 1
-            self._write(chunk)
-        except (OSError, ValueError):  # a full disk or a closed pipe must not break serving
-            log.exception("request log: %d lines could not be written", len(lines))
-
-    def _write(self, chunk: list[bytes]) -> None:
-        assert self._out is not None
-        self._out.write(b"".join(chunk))
-        self._out.flush()
+        if self._out is not None:
+            self._out.write(line + b"\n")
+            self._out.flush()
 
     def close(self) -> None:
-        self.flush()
         if self._out is not None and self._out not in (sys.stdout.buffer, sys.stderr.buffer):
             self._out.close()
 
