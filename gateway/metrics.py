@@ -98,6 +98,10 @@ class GatewayMetrics:
         self.balance_decisions = Counter(
             "gateway_balance_decisions", "How the deployment was chosen within a model (routing/balance.py)",
             ["model", "deployment", "decision"], registry=r)
+        self.prefix_index = Gauge(
+            "gateway_prefix_index_blocks", "Prefix blocks this worker's index remembers per deployment (kind: held) "
+            "and may hold (capacity), refreshed at each scrape of vLLM's metrics", ["deployment", "kind"],
+            multiprocess_mode="max", registry=r)
         self.breaker_state = Gauge("gateway_circuit_breaker_state", "0 closed, 1 half-open, 2 open",
                                    ["deployment"], multiprocess_mode="max", registry=r)
         self.model_info = Gauge("gateway_model_info", "1 per configured model, with its tier", ["model", "tier"],

@@ -102,6 +102,7 @@ class Gateway:
                          for name in self.pool.states}
         self.live = LiveStats(config)
         self.executor = Executor(self.pool, self.breakers, Balancing(config, self.live, self.breakers))
+        self.live.prefix_listeners.append(self._prefix_index_seen)  # after the balancer's own listener
         self.planner = Planner(config, self.live, self.breakers, budget_fraction=self.limiter.budget_used_fraction,
                                in_flight=lambda name: self.pool.states[name].in_flight)
         # Finalize: the record goes to the log and the ledger, then limits settle and routing learns.
@@ -143,6 +144,12 @@ class Gateway:
             self.live.get(rec.routing.deployment).observe(rec.timing.ttft_s, rec.timing.tpot_s)
         elif rec.usage.completion_tokens > 0 and rec.identity.endpoint != "embeddings":
             self.live.get(rec.routing.deployment).observe(None, rec.timing.upstream_s / rec.usage.completion_tokens)
+
+    def _prefix_index_seen(self, deployment: str, *_: object) -> None:
+        idx = self.executor.balancing.index_of(deployment)
+        if idx is not None:
+            self.metrics.prefix_index.labels(deployment, "held").set(len(idx.blocks))
+            self.metrics.prefix_index.labels(deployment, "capacity").set(idx.capacity)
 
     def _health_checked(self, pool: UpstreamPool) -> None:
         for name, state in pool.states.items():

@@ -202,8 +202,15 @@ def test_an_engine_restart_forgets_its_prefixes(gateway_factory: Callable[..., G
     fake = replicas[int(home[1:])]
     fake.control(prefix_cache_hits=5000, prefix_cache_queries=9000)
     wait_scraped()
+    m = gw.metrics()  # the index's size, as the engine feedback left it
+    held = metric_value(m, "gateway_prefix_index_blocks", deployment=home, kind="held")
+    sent = [prefix_blocks({"messages": [{"role": "system", "content": system_prompt(4)},
+                                        {"role": "user", "content": q}]}, BLOCK, 64) for q in ("first", "again")]
+    assert held == len(set(sent[0]) | set(sent[1])) > 0  # the two requests' blocks, the shared ones once
+    assert metric_value(m, "gateway_prefix_index_blocks", deployment=home, kind="capacity") >= held
     fake.control(prefix_cache_hits=0, prefix_cache_queries=10)  # counters went down: the engine restarted
     wait_scraped()
+    assert metric_value(gw.metrics(), "gateway_prefix_index_blocks", deployment=home, kind="held") == 0
     assert ask(gw, system_prompt(4), "after the restart").headers["x-gateway-balance"] == "new"
 
 

@@ -322,3 +322,10 @@ class Balancing:
     def observe_engine(self, name: str, live: DeploymentLive, hits: float, queries: float, reset: bool) -> None:
         for p in self._prefix:
             p.observe_engine(name, live, hits, queries, reset)
+
+    def index_of(self, deployment: str) -> DeploymentIndex | None:
+        """The prefix index of a deployment under `balance: prefix` (None otherwise), for its size metric."""
+        for p in self._prefix:
+            if deployment in p.indexes:
+                return p.indexes[deployment]
+        return None
