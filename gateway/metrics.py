@@ -133,16 +133,19 @@ class GatewayMetrics:
                                    multiprocess_mode="max", registry=r)
         # Labelled children looked up once per label set (labels() costs a lock and a dict of tuples per call).
         self._children: dict[tuple[str, str, str, int], tuple[Any, ...]] = {}
-        self._outcome_children: dict[tuple[str, str], Any] = {}
-        self._in_flight_children: dict[str, Any] = {}
+        self._labelled: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """metric.labels(*labels), cached: only for bounded label values (configured names, outcomes)."""
+        key = (id(metric), labels)  # the metrics live as long as this object
+        child = self._labelled.get(key)
+        if child is None:
+            child = self._labelled[key] = metric.labels(*labels)
+        return child
 
     def in_flight_of(self, model: str | None) -> Any:
-        """gateway_requests_in_flight{model} (models are configured names: a bounded map)."""
-        model = model or UNKNOWN_MODEL
-        child = self._in_flight_children.get(model)
-        if child is None:
-            child = self._in_flight_children[model] = self.in_flight.labels(model)
-        return child
+        """gateway_requests_in_flight{model} (begin/finalize: the model is a configured name)."""
+        return self._child(self.in_flight, model or UNKNOWN_MODEL)
 
     def model_label(self, model: str | None) -> str:
         return model if model in self._models else UNKNOWN_MODEL
@@ -161,10 +164,7 @@ class GatewayMetrics:
                  self.overhead.labels(model, dep), self.queue.labels(model, dep))
             self._children[key] = c
         c[0].inc()
-        outcome = self._outcome_children.get((model, rec.end.outcome))
-        if outcome is None:  # outcomes are record.OUTCOMES: a bounded map
-            outcome = self._outcome_children[(model, rec.end.outcome)] = self.outcomes.labels(model, rec.end.outcome)
-        outcome.inc()
+        self._child(self.outcomes, model, rec.end.outcome).inc()  # outcomes are record.OUTCOMES
         self._tokens(rec, model, c)
         self._money_and_routing(rec, model, dep, c[4])
         self._waste(rec)
