@@ -93,6 +93,8 @@ class Phase:
     errors: int = 0
     deployments: Counter[str] = field(default_factory=Counter)
     decisions: Counter[str] = field(default_factory=Counter)
+    # per balance decision: requests, prompt tokens, cached prompt tokens (where the hits came from)
+    by_decision: dict[str, list[int]] = field(default_factory=dict)
     elapsed_s: float = 0.0
     engine_hits: float = 0.0
     engine_queries: float = 0.0
@@ -113,7 +115,8 @@ async def one_request(client: httpx.AsyncClient, url: str, phase: Phase, message
             await r.aread()
             return ""
         phase.deployments[r.headers.get("x-gateway-deployment", "?")] += 1
-        phase.decisions[r.headers.get("x-gateway-balance", "?")] += 1
+        decision = r.headers.get("x-gateway-balance", "?")
+        phase.decisions[decision] += 1
         async for line in r.aiter_lines():
             if not line.startswith("data: {"):
                 continue
@@ -130,7 +133,12 @@ async def one_request(client: httpx.AsyncClient, url: str, phase: Phase, message
     phase.ttft.append(first - t0)
     phase.prompt_tokens += usage["prompt_tokens"]
     phase.completion_tokens += usage["completion_tokens"]
-    phase.cached_tokens += (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    phase.cached_tokens += cached
+    tally = phase.by_decision.setdefault(decision, [0, 0, 0])
+    tally[0] += 1
+    tally[1] += usage["prompt_tokens"]
+    tally[2] += cached
     return "".join(reply)
 
 
@@ -205,6 +213,8 @@ def summary(p: Phase) -> dict[str, Any]:
         "requests_by_deployment": dict(p.deployments),
         "busier_over_other": split[0] / split[1] if len(split) > 1 and split[1] else float("inf"),
         "decisions": dict(p.decisions),
+        "cached_share_by_decision": {d: {"requests": n, "cached_share": round(c / t, 3) if t else None}
+                                     for d, (n, t, c) in sorted(p.by_decision.items())},
     }
 
 

@@ -164,3 +164,29 @@ def test_upstream_client_lets_go_of_vllm_when_cancelled() -> None:
     aio = next(r for r in rows if r["client"] == "aiohttp")
     assert aio["cancel_closes_connection"] and aio["closed_after_ms"] < 500
     assert aio["timeout_error"] == "TimeoutError"
+
+
+def test_prefix_ceiling_model_evicts_a_prefix_tail_first_as_vllm_does() -> None:
+    from loadtests.sim_prefix_ceiling import BlockCache
+
+    cache = BlockCache(capacity_blocks=6, block=4)
+    a = list(range(100, 116))  # 4 whole blocks
+    assert cache.serve(a + [1]) == 0
+    assert cache.serve(a + [2]) == 16  # the whole prefix is reused
+    # a 3-block stranger needs room for one more block: a's last block goes, its first three still hit
+    # (evicted head first, a would find nothing: the lookup stops at the first missing block)
+    cache.serve(list(range(500, 512)))
+    assert cache.serve(a + [3]) == 12
+    assert cache.serve([7, 7, 7, 7]) == 0  # vLLM recomputes at least the last token: a one-block prompt reuses nothing
+
+
+def test_prefix_ceiling_partition_beats_random_only_when_the_cache_is_short() -> None:
+    from loadtests.sim_prefix_ceiling import Workload, hit_rate
+
+    w = Workload()
+    # every application fits each engine: both reuse all but their first prefills (random pays two per app)
+    big = [hit_rate(p, w, 400, 128, seed=1) for p in ("random", "partition")]
+    assert big[1] > big[0] > 0.75 and big[1] / big[0] < 1.15
+    # half the applications fit one engine: placement decides, and random placement loses about half
+    small = [hit_rate(p, w, 34, 128, seed=1) for p in ("random", "partition")]
+    assert 1.5 < small[1] / small[0] < 3.0
