@@ -4,7 +4,7 @@ bench_prefix.py measures `prefix` against `least_outstanding` on real engines. T
 question the measurement cannot: how far is a perfect policy from random placement on the same workload,
 as a function of the KV cache size? It replays the workload (applications with their own system prompt,
 one-turn questions, multi-turn conversations, shuffled the same way) one request at a time against two
-model engines that cache KV blocks as vLLM v1 does:
+model engines (`--engines`) that cache KV blocks as vLLM v1 does:
 
 - a prompt's whole blocks of `--block` tokens are hashed as a chain; a request reuses the longest run of
   leading blocks found in the cache, at most (prompt - 1) tokens' worth (vLLM recomputes the last token);
@@ -12,13 +12,13 @@ model engines that cache KV blocks as vLLM v1 does:
   blocks are freed tail first, so a prefix loses its last blocks before its first (as vLLM's KV cache
   manager frees them in reverse order).
 
-Policies: `random` (what least outstanding requests amounts to for prefixes: an engine picked without
-regard to the prompt) and `partition` (each application, with its conversations, always on the same
-engine, half of the applications on each: no spill, no re-placement, the best a prefix policy can do
-with applications of equal traffic). The hit rate is hit tokens / prompt tokens, as vLLM's counters
-give it. What it leaves out (the real engines have it): requests in flight pin their blocks, so the
-real cache holds less; generated tokens; load bounds. Its ceiling is therefore an upper bound for the
-real `prefix` phase.
+Policies: `random` (what least outstanding requests amounts to for prefixes: an engine picked without regard
+to the prompt) and `partition` (each application, with its conversations, always on the same engine, half of
+the applications on each: no spill, no re-placement, the best a prefix policy can do with applications of
+equal traffic; with k engines, applications are dealt round robin). The hit rate is hit tokens / prompt
+tokens, as vLLM's counters give it. What it leaves out (the real engines have it): requests in flight pin
+their blocks, so the real cache holds less; the blocks an answer fills; load bounds. Its ceiling is therefore an upper
+bound for the real `prefix` phase.
 
     python -m loadtests.sim_prefix_ceiling [--blocks 24-48] [--seeds 40] [--user-tokens 130]
 """
@@ -105,11 +105,11 @@ class Workload:
                 queue.append((app, history, turns_left - 1))
 
 
-def hit_rate(policy: str, workload: Workload, blocks: int, block: int, seed: int) -> float:
-    engines = [BlockCache(blocks, block), BlockCache(blocks, block)]
+def hit_rate(policy: str, workload: Workload, blocks: int, block: int, seed: int, engines_n: int = 2) -> float:
+    engines = [BlockCache(blocks, block) for _ in range(engines_n)]
     pick = random.Random(seed + 1)
     for app, prompt in workload.requests(seed):
-        engine = engines[app % 2] if policy == "partition" else engines[pick.randrange(2)]
+        engine = engines[app % engines_n] if policy == "partition" else engines[pick.randrange(engines_n)]
         engine.serve(prompt)
     return sum(e.hit_tokens for e in engines) / sum(e.prompt_tokens for e in engines)
 
@@ -118,6 +118,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", default="24-48", help="KV cache sizes per engine to try, in blocks: A-B (step 2)")
     ap.add_argument("--block", type=int, default=128, help="tokens per KV block (vLLM CPU: 128)")
+    ap.add_argument("--engines", type=int, default=2, help="replicas (bench_prefix runs 2)")
     ap.add_argument("--seeds", type=int, default=40, help="workload shuffles per cache size")
     ap.add_argument("--apps", type=int, default=8)
     ap.add_argument("--singles", type=int, default=10)
@@ -131,7 +132,8 @@ def main() -> None:
                  user_tokens=a.user_tokens)
     print("blocks  random  partition  ratio of means  per-seed ratio p10 / p50 / p90")
     for blocks in range(int(lo_blocks), int(hi_blocks or lo_blocks) + 1, 2):
-        runs = [(hit_rate("random", w, blocks, a.block, s), hit_rate("partition", w, blocks, a.block, s))
+        runs = [(hit_rate("random", w, blocks, a.block, s, a.engines),
+                 hit_rate("partition", w, blocks, a.block, s, a.engines))
                 for s in range(a.seeds)]
         rnd = statistics.fmean(r for r, _ in runs)
         part = statistics.fmean(p for _, p in runs)
