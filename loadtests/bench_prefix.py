@@ -22,6 +22,7 @@ With `--kv-blocks N` it starts BOTH engines itself, on --port-a and --port-b (no
 a KV cache of N blocks of 128 tokens (vLLM's --num-gpu-blocks-override; no LoRA): small enough that the
 applications' prompts overflow one engine's cache but not the fleet's, the regime where the policies differ
 (with the default 1 GiB = 364 blocks each engine holds every prefix of a few-minute run, so both hit).
+`--engines K` (with --kv-blocks) starts K engines instead of two: how the gain grows with replicas.
 
     flock /tmp/vllm-engine.lock .venv/bin/python -m loadtests.bench_prefix [--out F] [--url-b URL | --kv-blocks N]
 """
