@@ -263,7 +263,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.kv_blocks is not None and (a.url_a or a.url_b):
         ap.error("--kv-blocks starts both engines: no --url-a / --url-b")
-    if a.engines != 2 and a.kv_blocks is None or a.engines < 2:
+    if a.engines < 2 or (a.engines != 2 and a.kv_blocks is None):
         ap.error("--engines N (N >= 2) needs --kv-blocks (the bench starts the engines itself)")
     from deploy.local import engines
 
@@ -272,7 +272,6 @@ def main() -> None:
     started: list[subprocess.Popen[bytes]] = []
     gateway = None
     try:
-        url_a, url_b = a.url_a or "http://127.0.0.1:8101", a.url_b
         if a.kv_blocks is not None:
             engines.ensure_ready(verbose=False)
             t0 = time.time()
@@ -281,19 +280,20 @@ def main() -> None:
                 if engines.is_healthy(f"http://127.0.0.1:{port}"):
                     raise SystemExit(f"port {port} already serves an engine: pick free --port-a / --port-b")
                 started.append(engines.start_chat_engine(port, lora=False, kv_blocks=a.kv_blocks))
-            started_urls = [f"http://127.0.0.1:{p}" for p in ports]
-            for u, proc in zip(started_urls, started, strict=True):
+            urls = [f"http://127.0.0.1:{p}" for p in ports]
+            for u, proc in zip(urls, started, strict=True):
                 engines.wait_healthy(u, timeout=900, proc=proc)
-            url_a, url_b = started_urls[:2]
             print(f"{len(ports)} engines ({a.kv_blocks} KV blocks each) healthy after {time.time() - t0:.0f} s",
                   flush=True)
-        elif url_b is None:
-            engines.ensure_ready(verbose=False)
-            started.append(engines.start_chat_engine(a.port_b))
-            url_b = f"http://127.0.0.1:{a.port_b}"
-            print(f"second engine healthy after {engines.wait_healthy(url_b, timeout=900, proc=started[0]):.0f} s",
-                  flush=True)
-        urls = started_urls if a.kv_blocks is not None else [url_a, url_b]
+        else:
+            url_a, url_b = a.url_a or "http://127.0.0.1:8101", a.url_b
+            if url_b is None:
+                engines.ensure_ready(verbose=False)
+                started.append(engines.start_chat_engine(a.port_b))
+                url_b = f"http://127.0.0.1:{a.port_b}"
+                waited = engines.wait_healthy(url_b, timeout=900, proc=started[0])
+                print(f"second engine healthy after {waited:.0f} s", flush=True)
+            urls = [url_a, url_b]
         for u in urls:
             if not engines.is_healthy(u):
                 raise SystemExit(f"engine {u} is not healthy")
@@ -302,7 +302,7 @@ def main() -> None:
         block = int(m.group(1)) if (m := re.search(r'vllm:cache_config_info\{[^}]*block_size="(\d+)"',
                                                   metrics_text[0])) else 128
         sample = [{"role": "system", "content": system_prompt(0, 0, a.sys_words)}, {"role": "user", "content": "Hi?"}]
-        sys_tokens = httpx.post(f"{url_a}/tokenize", json={"model": "smollm2", "messages": sample},
+        sys_tokens = httpx.post(f"{urls[0]}/tokenize", json={"model": "smollm2", "messages": sample},
                                 timeout=30).json()["count"]
         turn_tokens = int(sys_tokens / a.sys_words * a.user_words) + a.max_tokens + 20
         distinct = a.apps * sys_tokens + a.apps * a.convs * a.turns * turn_tokens
