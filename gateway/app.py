@@ -17,11 +17,12 @@ from starlette.types import Receive, Scope, Send
 
 from gateway import errors
 from gateway.apis import retrieve
+from gateway.apis.contract import PATHS
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import GatewayError, error_response
 from gateway.openapi import install_openapi
 from gateway.pipeline import Gateway
-from gateway.protocol import UPSTREAM_PATHS, Endpoint
+from gateway.protocol import Endpoint
 from gateway.relay import DRAIN_S
 from gateway.routes import router
 
@@ -29,7 +30,7 @@ from gateway.routes import router
 class FastPath:
     """ASGI entry: the proxied endpoints go straight to Gateway.handle; everything else to FastAPI."""
 
-    ROUTES: dict[str, Endpoint] = {path: endpoint for endpoint, path in UPSTREAM_PATHS.items()}
+    ROUTES: dict[str, Endpoint] = PATHS
 
     def __init__(self, gw: Gateway, app: FastAPI) -> None:
         self.gw, self.app = gw, app
@@ -40,8 +41,9 @@ class FastPath:
             if endpoint is not None:
                 await self.gw.handle(scope, receive, send, endpoint)
                 return
-        if scope["type"] == "http" and retrieve.matches(scope["path"]):  # stored responses: their engine only
-            await retrieve.handle(self.gw, scope, receive, send)
+        stored = retrieve.endpoint_of(scope["path"]) if scope["type"] == "http" else None
+        if stored is not None:  # a stored response: through the same pipeline, to its engine only
+            await self.gw.handle(scope, receive, send, stored)  # type: ignore[arg-type]
             return
         await self.app(scope, receive, send)
 

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from gateway.apis.contract import contract_of
 from gateway.config import GatewayConfig, Model
 from gateway.errors import GatewayError
 from gateway.record import RequestRecord
@@ -29,7 +30,7 @@ log = logging.getLogger("gateway.cache")
 
 # Body fields that do not change the answer (or that the gateway rewrites): left out of the key.
 IGNORED_FIELDS = frozenset({"model", "stream", "stream_options", "user", "request_id", "priority", "metadata",
-                            "store"})
+                            "store", "cache_salt"})
 
 
 @dataclass(slots=True)
@@ -119,13 +120,14 @@ class NullCache:
 
 
 def cacheable(mode: str, endpoint: str, body: dict[str, Any]) -> bool:
-    if endpoint in ("tokenize", "detokenize") or (endpoint == "responses" and body.get("store") is not False):
-        return False  # a stored response has an identity (its id): never hand it to another request
+    contract = contract_of(endpoint)
+    if not contract.cacheable(body):  # e.g. a stored response has an identity (its id): never another's answer
+        return False
     if mode == "all":
         return True
     if mode == "off":
         return False
-    if endpoint == "embeddings":
+    if not contract.output_fields:  # nothing is sampled (embeddings): the answer is deterministic
         return True
     return body.get("temperature") == 0 or body.get("seed") is not None
 

@@ -110,7 +110,6 @@ class CacheSpec(_Strict):
 
 class LimitsDefaultsSpec(_Strict):
     default_max_tokens: int = Field(256, ge=1, description="tokens reserved when a request names no max_tokens")
-    chars_per_token: float = Field(4.0, gt=0, description="prompt size estimate for the reservation")
     lease_s: float = Field(900.0, gt=0, description="a concurrency slot not released (crash) expires after this")
     max_output_tokens: int | None = Field(None, ge=1, description="cap on any request's max_tokens (all models)")
     media_part_tokens: int = Field(4096, ge=1, description="tokens reserved per image/audio/video part")
@@ -191,6 +190,8 @@ class ModelSpec(_Strict):
     context_window: int | None = Field(None, ge=1, description="tokens; default: vLLM's max_model_len")
     default_max_tokens: int | None = Field(None, ge=1, description="max_tokens set when a request names none")
     max_output_tokens: int | None = Field(None, ge=1, description="cap on a request's max_tokens for this model")
+    tokenizer: str | None = Field(None, description="folder vLLM serves this model from (tokenizer.json and its "
+                                  "chat template): prompts are counted exactly; unset: bounded by their bytes")
 
     @model_validator(mode="after")
     def _one_cost_source(self) -> ModelSpec:
@@ -348,6 +349,7 @@ class Model:
     max_output_tokens: int | None = None  # None: limits.max_output_tokens (if any)
     balance: str = "least_outstanding"
     prefix_routing: PrefixRoutingSpec | None = None  # set when balance is "prefix"
+    tokenizer: str | None = None  # folder with tokenizer.json + chat template (gateway/prompt_tokens.py)
 
     def unit_price(self) -> float:
         """A comparable price per token (prompt + completion), for 'cheaper candidate' decisions."""
@@ -400,10 +402,22 @@ class Features:
     tenant_limits: dict[str, Limits] = field(default_factory=dict)
     key_limits: dict[str, Limits] = field(default_factory=dict)  # by key fingerprint (12 hex digits)
     ledger: LedgerSpec = field(default_factory=LedgerSpec)
+    prompt_scopes: dict[str, str] = field(default_factory=dict)  # tenant -> whose prompts it may share
 
     def cache_policy(self, tenant: str, model: str) -> CachePolicy:
         p = self.cache_policies.get((tenant, model))
         return p if p is not None else CachePolicy("off", 0.0, tenant)
+
+    def prompt_scope(self, tenant: str) -> str:
+        """Tenants in one scope may share cached prompts (vLLM's prefix cache, the prefix index): their own
+        name, unless tenants.X.cache.scope declares a shared one (the response cache's scope too)."""
+        return self.prompt_scopes.get(tenant) or f"tenant:{tenant}"
+
+    def cache_salt(self, tenant: str) -> str:
+        """vLLM's `cache_salt` for the tenant's requests: its prefix cache shares KV blocks only between
+        requests with the same salt, so cached_tokens and time to first token reveal nothing across scopes.
+        Clients never choose it (the gateway overwrites theirs), so it needs no secret."""
+        return hashlib.sha256(self.prompt_scope(tenant).encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -512,6 +526,18 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     return parse_config(text, str(p))
 
 
+def _tokenizer_folder(path: str | None, where: str) -> str | None:
+    """The folder holding tokenizer.json (a path to the file itself is accepted); a missing one stops start-up."""
+    if not path:
+        return None
+    folder = Path(path).expanduser()
+    if folder.name == "tokenizer.json":
+        folder = folder.parent
+    if not (folder / "tokenizer.json").is_file():
+        raise ConfigError(f"{where}: no tokenizer.json in {str(folder)!r}")
+    return str(folder)
+
+
 def compile_config(spec: GatewaySpec, source: str) -> GatewayConfig:
     models: dict[str, Model] = {}
     seen_deployments: set[str] = set()
@@ -535,8 +561,9 @@ def compile_config(spec: GatewaySpec, source: str) -> GatewayConfig:
         else:
             pricing = Pricing()
         prefix = (m.prefix_routing or PrefixRoutingSpec()) if m.balance == "prefix" else None
+        tokenizer = _tokenizer_folder(m.tokenizer, f"{source}: models.{name}.tokenizer")
         models[name] = Model(name, tuple(deps), pricing, m.owned_by, m.tier, m.context_window,
-                             m.default_max_tokens, m.max_output_tokens, m.balance, prefix)
+                             m.default_max_tokens, m.max_output_tokens, m.balance, prefix, tokenizer)
     routes = {name: Route(name, tuple(models[c] for c in r.candidates), r,
                           {task: models[c] for task, c in r.tasks.items()})
               for name, r in spec.routes.items()}
@@ -573,12 +600,14 @@ def compile_features(spec: GatewaySpec, models: dict[str, Model], keys: dict[str
     if unknown:
         log.warning("tenants %s have settings but no API key", ", ".join(unknown))
     policies: dict[tuple[str, str], CachePolicy] = {}
+    scopes: dict[str, str] = {}
     for tenant in sorted(set(tenants) | set(spec.tenants) | {"anonymous"}):
         t = spec.tenants.get(tenant, TenantSpec()).cache
+        scopes[tenant] = f"shared:{t.scope}" if t.scope else f"tenant:{tenant}"
         for name, m in spec.models.items():
             rule = m.cache or CacheRuleSpec()
             # the tenant's rule wins over the model's, which wins over the global default
             mode = t.mode or rule.mode or spec.cache.mode
             ttl = t.ttl_s or rule.ttl_s or spec.cache.ttl_s
             policies[(tenant, name)] = CachePolicy(mode, ttl, f"shared:{t.scope}" if t.scope else f"tenant:{tenant}")
-    return Features(spec.redis, spec.cache, spec.limits, policies, tenant_limits, key_limits, spec.ledger)
+    return Features(spec.redis, spec.cache, spec.limits, policies, tenant_limits, key_limits, spec.ledger, scopes)

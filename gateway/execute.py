@@ -19,9 +19,10 @@ import orjson
 
 from gateway import errors
 from gateway.apis import registry
+from gateway.apis.contract import contract_of
 from gateway.config import Model
 from gateway.errors import GatewayError
-from gateway.protocol import UPSTREAM_PATHS, Endpoint
+from gateway.protocol import Endpoint
 from gateway.record import Attempt, RequestRecord
 from gateway.relay import UpstreamStream, open_upstream_stream, tally_lines
 from gateway.routing.balance import Balancing
@@ -167,7 +168,7 @@ class Executor:
     async def call(self, rec: RequestRecord, plan: Plan, endpoint: Endpoint, body: dict[str, Any],
                    n: int = 1) -> tuple[bytes, UsageTally]:
         """Non-streaming call; returns vLLM's response body unchanged, and its usage."""
-        path = UPSTREAM_PATHS[endpoint]
+        path = contract_of(endpoint).path
 
         async def attempt(state: DeploymentState, payload: bytes, att: Attempt) -> tuple[bytes, UsageTally]:
             return await self._post_json(state, path, rec, payload, att, n, endpoint)
@@ -218,16 +219,16 @@ class Executor:
         except orjson.JSONDecodeError:
             raise Retryable("malformed_response", errors.upstream_unavailable(
                 f"deployment {state.name} returned a body that is not JSON")) from None
-        return data, registry.tally_response(endpoint, parsed, n)
+        return data, contract_of(endpoint).tally_body(parsed, n)
 
     async def open_stream(self, rec: RequestRecord, plan: Plan, endpoint: Endpoint,
                           body: dict[str, Any], n: int = 1) -> UpstreamStream:
         """Start a stream on the first deployment that answers with its first token; it keeps its slot."""
-        path = UPSTREAM_PATHS[endpoint]
-        started = registry.first_output(endpoint)
+        contract = contract_of(endpoint)
+        path, started = contract.path, contract.first_output
 
         def tally_of(seen: list[bytes]) -> UsageTally:
-            return registry.tally_stream_lines(endpoint, seen) or tally_lines(seen, n)
+            return registry.tally_stream_lines(contract, seen) or tally_lines(seen, n)
 
         async def attempt(state: DeploymentState, payload: bytes, att: Attempt) -> UpstreamStream:
             return await open_upstream_stream(self.pool.session, state, path, rec, payload, att, started, tally_of)

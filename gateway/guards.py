@@ -14,7 +14,7 @@ from gateway.errors import GatewayError, bad_request
 
 # Headers a request may carry once only: two Authorization headers would let one part of the stack
 # (or a proxy in front) read one key and another part the other.
-SINGLE_HEADERS = frozenset({b"authorization"})
+SINGLE_HEADERS = frozenset({b"authorization", b"x-api-key"})
 
 
 def check_depth(raw: bytes, parsed: Any, limit: int) -> None:

@@ -16,7 +16,7 @@ import math
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,8 +25,9 @@ from gateway.errors import GatewayError
 from gateway.limit_store import TOMBSTONE_MS, Admission, AdmitResult, Scope, ScopeState, Settlement
 from gateway.metrics import GatewayMetrics
 from gateway.money import to_pico, usd, usd_text
+from gateway.prompt_tokens import BYTE_BOUND, PromptCounter, load_counters
 from gateway.record import RequestRecord
-from gateway.reservation import OutputBounds, bound_output, estimate_prompt_tokens, reserve
+from gateway.reservation import OutputBounds, bound_output, reserve
 from gateway.store import Store, StoreCommandError, StoreUnavailable, month_end_s
 
 log = logging.getLogger("gateway.limits")
@@ -53,8 +54,16 @@ class Reservation:
     cost: int  # pico-USD
 
 
+Candidates = Model | Sequence[Model]  # the plan's models in fallback order; the first one bounds the body
+
+
+def _models(models: Candidates) -> Sequence[Model]:
+    return (models,) if isinstance(models, Model) else models
+
+
 class Limiter(Protocol):
-    async def admit(self, rec: RequestRecord, model: Model, body: dict[str, Any]) -> None: ...
+    async def admit(self, rec: RequestRecord, models: Candidates, body: dict[str, Any],
+                    stored_context: int = 0) -> None: ...
     def settle(self, rec: RequestRecord) -> None: ...
     def budget_used_fraction(self, tenant: str) -> float: ...
     async def close(self) -> None: ...
@@ -64,10 +73,22 @@ class Bounds:
     """Each model's output bounds, resolved from config once; rebuilt only when the context window the
     routing layer learned from vLLM changes."""
 
-    def __init__(self, config: GatewayConfig, window: Callable[[Model], int | None] | None = None) -> None:
+    def __init__(self, config: GatewayConfig, window: Callable[[Model], int | None] | None = None,
+                 counters: dict[str, PromptCounter] | None = None) -> None:
         self.defaults = config.features.limits
         self.window = window or (lambda m: m.context_window)
         self._resolved: dict[str, OutputBounds] = {}
+        self._counters = counters if counters is not None else load_counters(
+            {m.name: m.tokenizer for m in config.models.values()})
+
+    def counters(self, models: Sequence[Model]) -> list[PromptCounter]:
+        """The distinct counters of the candidates: a prompt is reserved at the largest of their counts."""
+        out: list[PromptCounter] = []
+        for m in models:
+            c = self._counters.get(m.name, BYTE_BOUND)
+            if all(c is not o for o in out):
+                out.append(c)
+        return out
 
     def of(self, model: Model) -> OutputBounds:
         window = self.window(model)
@@ -77,7 +98,7 @@ class Bounds:
             caps = [c for c in (model.max_output_tokens, d.max_output_tokens) if c is not None]
             b = self._resolved[model.name] = OutputBounds(
                 model.default_max_tokens or d.default_max_tokens, min(caps) if caps else None, window,
-                d.chars_per_token, d.media_part_tokens)
+                d.media_part_tokens)
         return b
 
 
@@ -87,11 +108,16 @@ class NullLimiter:
     def __init__(self, bounds: Bounds) -> None:
         self.bounds = bounds
 
-    async def admit(self, rec: RequestRecord, model: Model, body: dict[str, Any]) -> None:
-        b = self.bounds.of(model)
-        # the prompt estimate only matters to keep a default bound inside a known context window
+    async def admit(self, rec: RequestRecord, models: Candidates, body: dict[str, Any],
+                    stored_context: int = 0) -> None:
+        ms = _models(models)
+        b = self.bounds.of(ms[0])
+        # the prompt bound only matters to keep a default bound inside a known context window
         endpoint = rec.identity.endpoint
-        bound_output(body, endpoint, b, estimate_prompt_tokens(body, endpoint, b) if b.context_window else None)
+        if b.context_window:
+            reserve(body, endpoint, b, self.bounds.counters(ms[:1]), stored_context)
+        else:
+            bound_output(body, endpoint, b)
 
     def settle(self, rec: RequestRecord) -> None:
         return None
@@ -158,14 +184,21 @@ class StoreLimiter:
                 self._scopes[(rec.identity.tenant, key)] = got
         return got
 
-    async def admit(self, rec: RequestRecord, model: Model, body: dict[str, Any]) -> None:
-        prompt, completion = reserve(body, rec.identity.endpoint, self.bounds.of(model))  # bounds the body sent
+    async def admit(self, rec: RequestRecord, models: Candidates, body: dict[str, Any],
+                    stored_context: int = 0) -> None:
+        """Reserve the request's upper bound: its prompt on any candidate (plus a stored conversation it
+        continues), its output bound, at the dearest candidate's prices (a fallback may serve it)."""
+        ms = _models(models)
+        prompt, completion = reserve(body, rec.identity.endpoint, self.bounds.of(ms[0]), self.bounds.counters(ms),
+                                     stored_context)  # bounds the body sent
         scopes = self.scopes(rec)
         if not scopes:
             return
-        p = model.pricing
-        cost = 0 if p.gpu_usd_per_second is not None else min(
-            MAX_PICO, prompt * max(p.prompt_pico, p.cached_prompt_pico) + completion * p.completion_pico)
+        prompt_price = max((max(m.pricing.prompt_pico, m.pricing.cached_prompt_pico) for m in ms
+                            if m.pricing.gpu_usd_per_second is None), default=0)
+        completion_price = max((m.pricing.completion_pico for m in ms if m.pricing.gpu_usd_per_second is None),
+                               default=0)
+        cost = min(MAX_PICO, prompt * prompt_price + completion * completion_price)
         tokens = prompt + completion
         res = Reservation(scopes, uuid.uuid4().hex, tokens, cost)  # a lease of our own: never the client's id
         try:
@@ -340,9 +373,10 @@ class StoreLimiter:
 
 def build_limiter(config: GatewayConfig, store: Store, on_spend: Callable[[str, str, float], None],
                   metrics: GatewayMetrics | None = None,
-                  window: Callable[[Model], int | None] | None = None) -> Limiter:
+                  window: Callable[[Model], int | None] | None = None,
+                  counters: dict[str, PromptCounter] | None = None) -> Limiter:
     f = config.features
-    bounds = Bounds(config, window)
+    bounds = Bounds(config, window, counters)
     if not f.tenant_limits and not f.key_limits:
         return NullLimiter(bounds)
     return StoreLimiter(config, store, on_spend, metrics, bounds)

@@ -1,4 +1,4 @@
-"""The OpenAPI description of the gateway's endpoints (request schemas from gateway/protocol.py)."""
+"""The OpenAPI description of the gateway's endpoints (request schemas and error shapes from their contracts)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from gateway.apis.schemas import DetokenizeRequest, MessagesRequest, ResponsesRequest, TokenizeRequest
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from gateway.apis.contract import CONTRACTS
 
 
 class ErrorDetail(BaseModel):
@@ -24,28 +23,10 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-class AnthropicErrorDetail(BaseModel):
-    type: str
-    message: str
-
-
-class AnthropicErrorResponse(BaseModel):
-    """The error shape on /v1/messages, as Anthropic's API and the anthropic SDK expect it."""
-
-    type: str
-    error: AnthropicErrorDetail
-
-
-REQUEST_BODIES: dict[str, type[BaseModel]] = {
-    "/v1/chat/completions": ChatCompletionRequest,
-    "/v1/completions": CompletionRequest,
-    "/v1/embeddings": EmbeddingRequest,
-    "/v1/responses": ResponsesRequest,
-    "/v1/messages": MessagesRequest,
-    "/tokenize": TokenizeRequest,
-    "/detokenize": DetokenizeRequest,
-}
-ERROR_SCHEMAS: dict[str, type[BaseModel]] = {"/v1/messages": AnthropicErrorResponse}
+# Each proxied endpoint's request schema and error shape, from its contract (gateway/apis/contract.py).
+REQUEST_BODIES: dict[str, type[BaseModel]] = {c.path: c.schema for c in CONTRACTS.values() if not c.stored_lookup}
+ERROR_SCHEMAS: dict[str, type[BaseModel]] = {c.path: c.error_schema for c in CONTRACTS.values()
+                                             if c.error_schema is not None}
 ERROR_STATUSES = {"400": "invalid request", "401": "missing or wrong API key", "404": "unknown model",
                   "408": "request body too slow",
                   "413": "body too large", "429": "rate limit or budget", "502": "upstream failed",
@@ -60,7 +41,7 @@ def install_openapi(app: FastAPI, public_models: list[str]) -> None:
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
                              description="OpenAI-compatible gateway for vLLM with latency and cost accounting")
-        models: list[type[BaseModel]] = [*REQUEST_BODIES.values(), ErrorResponse, AnthropicErrorResponse]
+        models: list[type[BaseModel]] = [*REQUEST_BODIES.values(), ErrorResponse, *ERROR_SCHEMAS.values()]
         refs, defs = models_json_schema([(m, "validation") for m in models],
                                         ref_template="#/components/schemas/{model}")
         components = schema.setdefault("components", {}).setdefault("schemas", {})

@@ -23,7 +23,8 @@ import orjson
 from starlette.types import Receive, Scope, Send
 
 from gateway import errors
-from gateway.apis import registry
+from gateway.apis import registry, retrieve
+from gateway.apis.contract import EndpointContract, contract_of
 from gateway.apis.events import EventAccountant
 from gateway.apis.registry import Apis
 from gateway.apis.stored import Location
@@ -48,7 +49,8 @@ from gateway.ledger import Ledger, build_ledger_backend
 from gateway.ledger_gate import LedgerGate
 from gateway.limits import build_limiter
 from gateway.metrics import GatewayMetrics
-from gateway.protocol import MAX_MODEL_NAME, Endpoint, validate_request
+from gateway.prompt_tokens import load_counters
+from gateway.protocol import MAX_MODEL_NAME, Endpoint
 from gateway.record import RequestRecord
 from gateway.relay import Relay
 from gateway.routing.balance import Balancing
@@ -87,9 +89,11 @@ class Gateway:
         self._redis_logged: dict[str, float] = {}
         self.store = build_store(config, self._redis_error)
         self.cache = build_cache(config, self.store, self.metrics.cache_corrupt.inc)
-        self.apis = Apis(config, self.store)  # Responses / Messages / tokenizer: stored responses, upper bound
+        # Each model's prompt counter (its tokenizer, loaded once): reservations and usage-less endings.
+        counters = load_counters({m.name: m.tokenizer for m in config.models.values()})
+        self.apis = Apis(config, self.store, counters)  # stored responses: where, how large; usage-less counts
         self.limiter = build_limiter(config, self.store, self._spend_seen, self.metrics,
-                                     window=lambda m: self.planner.window(m))  # planner: built below
+                                     window=lambda m: self.planner.window(m), counters=counters)  # planner: below
         self.ledger = Ledger(build_ledger_backend(config, self.store), f.redis.ledger_buffer,
                              f.redis.ledger_flush_interval_s, self.metrics.ledger_buffered.set,
                              self.metrics.ledger_dropped.inc, f.ledger.buffer_bytes)
@@ -207,20 +211,27 @@ class Gateway:
         watcher: asyncio.Task[None] | None = None
         try:
             self._authenticate(rec, headers)  # parse (the headers) + authenticate
+            contract = contract_of(endpoint)
+            if contract.stored_lookup:  # GET / cancel a stored response: no body, its engine only
+                data = await self._stored_response(rec, contract, scope)
+                rec.end.status = 200
+                self.finalizer.finalize(rec)
+                await respond(send, 200, data, final_headers(rec))
+                return
             body = await self.read_json(headers, receive)  # parse (the body)
             # From here on the client leaving cancels this task, wherever it is: limits, queue, vLLM, relay.
             watcher = asyncio.create_task(cancel_on_disconnect(receive, task))
-            plan, pinned = await self._plan_and_admit(rec, endpoint, body, headers)  # validate, plan, admit
-            stream = registry.streams(endpoint, body)
-            n = body.get("n", 1) if endpoint in ("chat", "completions") else 1
+            plan, pinned = await self._plan_and_admit(rec, contract, body, headers)  # validate, plan, admit
+            stream = contract.streams(body)
+            n = contract.choices(body)
             lk = await self.cache.lookup(rec, plan.candidates[0], endpoint, body, headers.get(b"cache-control"),
                                          stream)
             try:
                 if stream:  # execute + relay + finalize, the answer going out as it comes
-                    await self._stream(rec, plan, endpoint, body, send, lk, n, watcher.cancel, pinned)
+                    await self._stream(rec, plan, contract, body, send, lk, n, watcher.cancel, pinned)
                     self.finalizer.finalize(rec)  # a stream that failed mid-way (a complete one already is)
                     return
-                data = await self._answer(rec, plan, endpoint, body, lk, n, pinned)  # execute (or the cache)
+                data = await self._answer(rec, plan, contract, body, lk, n, pinned)  # execute (or the cache)
                 watcher.cancel()  # the answer is here: a client leaving now changes nothing
                 rec.end.status = 200
                 self.finalizer.finalize(rec)
@@ -253,15 +264,18 @@ class Gateway:
         if DUPLICATE in headers:
             raise duplicate_header(headers[DUPLICATE])
         auth = headers.get(b"authorization")
-        if auth is None and b"x-api-key" in headers:  # how the anthropic SDK sends its key
+        if b"x-api-key" in headers:  # how the anthropic SDK sends its key
+            if auth is not None:  # two credentials: parts of a stack could read different ones
+                raise errors.bad_request("Send one credential: both Authorization and X-Api-Key were sent.",
+                                         param="x-api-key", code="duplicate_credentials")
             auth = b"Bearer " + headers[b"x-api-key"]
         tenant, key_hash = self.auth.authenticate(auth.decode("latin-1") if auth else None)
         rec.identity.tenant, rec.identity.api_key_hash = tenant.name, key_hash
 
-    async def _plan_and_admit(self, rec: RequestRecord, endpoint: Endpoint, body: dict[str, Any],
+    async def _plan_and_admit(self, rec: RequestRecord, contract: EndpointContract, body: dict[str, Any],
                               headers: dict[bytes, bytes]) -> tuple[Plan, Location | None]:
         """Validate, plan (models and deployments in fallback order), then admit (limits and budgets)."""
-        req = validate_request(endpoint, body)
+        req = contract.validate(body)
         rec.identity.requested_model = req.model
         try:
             plan = await self._plan(rec, req.model, body, headers)
@@ -269,23 +283,38 @@ class Gateway:
             if e.code == "model_not_found":  # a probe for names still counts: one request, no tokens
                 await self.limiter.admit(rec, NO_MODEL, {})
             raise
-        pinned = await self.apis.pin(rec, endpoint, plan, body)  # continues a stored response: its engine
+        pinned = await self.apis.pin(rec, contract, plan, body)  # continues a stored response: its engine
         self.finalizer.begin(rec)
-        self.apis.prepare(endpoint, body)  # gateway/apis/: the response id (the output bound: admit, below)
-        await self.limiter.admit(rec, plan.candidates[0], body)  # 429 (or 503 when failing closed) refuses here
+        self.apis.prepare(contract, body)  # gateway/apis/: the response id (the output bound: admit, below)
+        if contract.output_fields:  # generation: vLLM's prefix cache is shared only within a prompt scope
+            body["cache_salt"] = self.config.features.cache_salt(rec.identity.tenant)
+        # The reservation covers every candidate (a fallback may serve it) and a stored conversation it continues.
+        stored = self.apis.stored_context(pinned, self.planner.window(plan.candidates[0]))
+        await self.limiter.admit(rec, plan.candidates, body, stored)  # 429 (or 503 failing closed) refuses here
         return plan, pinned
 
-    async def _answer(self, rec: RequestRecord, plan: Plan, endpoint: Endpoint, body: dict[str, Any], lk: Lookup,
-                      n: int, pinned: Location | None) -> bytes:
+    async def _stored_response(self, rec: RequestRecord, contract: EndpointContract, scope: Scope) -> bytes:
+        """A stored response's GET / cancel: counted against the limits (one request, no tokens) before
+        anything is looked up, then sent to the engine that holds it (gateway/apis/retrieve.py)."""
+        rid = retrieve.response_id(scope, contract.method)
+        await self.limiter.admit(rec, NO_MODEL, {})
+        loc = await self.apis.locator.locate(rid, rec.identity.tenant)
+        rec.identity.requested_model = rec.routing.served_model = loc.model
+        self.finalizer.begin(rec)
+        state = retrieve.engine(self.pool, loc, rid)
+        return await retrieve.forward(self.pool, rec, state, rid, contract.path, contract.method)
+
+    async def _answer(self, rec: RequestRecord, plan: Plan, contract: EndpointContract, body: dict[str, Any],
+                      lk: Lookup, n: int, pinned: Location | None) -> bytes:
         """A non-streaming answer: the cache's, or vLLM's (its usage copied into the record)."""
         if lk.entry is not None:
             return lk.entry.body
         try:
-            data, tally = await self.executor.call(rec, plan, endpoint, body, n)
+            data, tally = await self.executor.call(rec, plan, contract.name, body, n)
         except GatewayError as e:
             raise self.apis.pinned_failure(body, pinned, e) from None
         tally.write(rec)
-        await self.apis.served(rec, endpoint, body)
+        await self.apis.served(rec, contract, body, finished=True)
         return data
 
     def _client_left(self, rec: RequestRecord, task: asyncio.Task[Any], watcher: asyncio.Task[None] | None) -> bool:
@@ -305,7 +334,7 @@ class Gateway:
         rec.end.status, rec.end.error_code = e.status, e.code
         rec.end.outcome = "timeout" if e.code == "upstream_timeout" else "error"
         self.finalizer.finalize(rec)
-        body = registry.error_body(rec.identity.endpoint, e)
+        body = contract_of(rec.identity.endpoint).error_body(e)
         await respond(send, e.status, body, {**final_headers(rec), **e.headers})
 
     async def _plan(self, rec: RequestRecord, name: str, body: dict[str, Any], headers: dict[bytes, bytes]) -> Plan:
@@ -335,18 +364,18 @@ class Gateway:
         rec.routing.predicted_ms = None if plan.predicted_s is None else plan.predicted_s * 1e3
         return plan
 
-    async def _stream(self, rec: RequestRecord, plan: Plan, endpoint: Endpoint, body: dict[str, Any],
+    async def _stream(self, rec: RequestRecord, plan: Plan, contract: EndpointContract, body: dict[str, Any],
                       send: Send, lk: Lookup, n: int, stop_watching: Callable[[], object],
                       pinned: Location | None = None) -> None:
         rec.identity.stream = True
-        acct = _accountant(rec, endpoint, body, lk, n)
+        acct = _accountant(rec, contract, body, lk, n)
         stream = None
         if lk.entry is None:
             try:
-                stream = await self.executor.open_stream(rec, plan, endpoint, body, n)
+                stream = await self.executor.open_stream(rec, plan, contract.name, body, n)
             except GatewayError as e:
                 raise self.apis.pinned_failure(body, pinned, e) from None
-            await self.apis.served(rec, endpoint, body)
+            await self.apis.served(rec, contract, body, finished=False)
         rec.end.status = 200
 
         ended = False
@@ -390,8 +419,9 @@ class Gateway:
             await chunks.aclose()
             if relay is not None:
                 await relay.abandon()  # no-op when the upstream side already ended
-                if not relay.completed:
-                    await self.apis.unfinished_stream(rec, endpoint, body, acct, self.pool)
+                if not relay.completed or not getattr(acct, "usage_final", True):
+                    await self.apis.unfinished_stream(rec, contract, body, acct, self.pool, pinned)
+                await self.apis.served(rec, contract, body, finished=True)
 
     def list_models(self) -> dict[str, Any]:
         return {"object": "list", "data": [
@@ -403,11 +433,11 @@ class Gateway:
             for name, r in self.config.routes.items()]}
 
 
-def _accountant(rec: RequestRecord, endpoint: Endpoint, body: dict[str, Any], lk: Lookup,
+def _accountant(rec: RequestRecord, contract: EndpointContract, body: dict[str, Any], lk: Lookup,
                 n: int) -> StreamAccountant | EventAccountant:
     """Who reads the stream: Responses / Messages have their own named-event accountant (gateway/apis/);
     chat and completions always get vLLM's usage in every chunk, and the client only what it asked for."""
-    acct = registry.accountant(endpoint, rec, lk.may_store)
+    acct = registry.accountant(contract, rec, lk.may_store, lk.max_bytes)
     if acct is not None:
         return acct
     asked = body.get("stream_options") or {}

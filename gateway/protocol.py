@@ -11,20 +11,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
 
-from gateway.apis.schemas import DetokenizeRequest, MessagesRequest, ResponsesRequest, TokenizeRequest
 from gateway.errors import GatewayError, bad_request
 
-Endpoint = Literal["chat", "completions", "embeddings", "responses", "messages", "tokenize", "detokenize"]
-
-UPSTREAM_PATHS: dict[Endpoint, str] = {
-    "chat": "/v1/chat/completions",
-    "completions": "/v1/completions",
-    "embeddings": "/v1/embeddings",
-    "responses": "/v1/responses",  # gateway/apis/: Responses, Anthropic Messages, tokenizer pass-through
-    "messages": "/v1/messages",
-    "tokenize": "/tokenize",
-    "detokenize": "/detokenize",
-}
+Endpoint = Literal["chat", "completions", "embeddings", "responses", "messages", "tokenize", "detokenize",
+                   "responses.retrieve", "responses.cancel"]
+# Each endpoint's path, schema and money rules: gateway/apis/contract.py.
 
 
 # Longer names are refused before they reach a log, a metric or Redis (vLLM's own names are far shorter).
@@ -88,23 +79,13 @@ class EmbeddingRequest(_Request):
     encoding_format: Literal["float", "base64"] | None = None
 
 
-REQUEST_SCHEMAS: dict[Endpoint, type[BaseModel]] = {
-    "chat": ChatCompletionRequest,
-    "completions": CompletionRequest,
-    "embeddings": EmbeddingRequest,
-    "responses": ResponsesRequest,
-    "messages": MessagesRequest,
-    "tokenize": TokenizeRequest,
-    "detokenize": DetokenizeRequest,
-}
-
-
-def validate_request(endpoint: Endpoint, body: Any) -> Any:
-    """Validate a parsed JSON body; raise a 400 naming the first offending field."""
+def validate_with(schema: type[BaseModel], body: Any) -> Any:
+    """Validate a parsed JSON body against an endpoint's schema (its contract names it); raise a 400 naming
+    the first offending field."""
     if not isinstance(body, dict):
         raise bad_request("Request body must be a JSON object.")
     try:
-        return REQUEST_SCHEMAS[endpoint].model_validate(body)
+        return schema.model_validate(body)
     except ValidationError as e:
         first = e.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])

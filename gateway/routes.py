@@ -11,12 +11,12 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from gateway import errors
+from gateway.apis.contract import PATHS
 from gateway.errors import GatewayError, error_response
 from gateway.guards import bearer_matches, duplicate_header, duplicated
 from gateway.ledger import parse_time
 from gateway.metrics import CONTENT_TYPE
 from gateway.pipeline import Gateway
-from gateway.protocol import UPSTREAM_PATHS
 from gateway.store import StoreCommandError, StoreUnavailable
 
 JSON = "application/json"
@@ -58,7 +58,7 @@ async def _never_reached(request: Request) -> Response:
     raise GatewayError(405, f"{request.method} {request.url.path} is served on POST only.", code="method_not_allowed")
 
 
-for _path in UPSTREAM_PATHS.values():
+for _path in PATHS:
     router.add_api_route(_path, _never_reached, methods=["POST"], name=_path.strip("/").replace("/", "_"))
 
 

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import GatewayError
-from gateway.protocol import validate_request
+from gateway.apis.contract import validate_request
+from gateway.reservation import OutputBounds, reserve
 from tests.conftest import API_KEY, KEYS, FakeUpstream, GatewayProcess, simple_config, start_gateway, stop
 
 json_values = st.recursive(
@@ -41,6 +42,13 @@ def test_parsing_either_accepts_or_names_the_problem(endpoint: str, body: object
         assert e.body()["error"]["type"] == "invalid_request_error"
         return
     assert isinstance(req.model, str) and req.model  # type: ignore[attr-defined]
+    # Whatever passed validation is counted and bounded without an exception other than a named 400.
+    try:
+        prompt, completion = reserve(dict(body), endpoint, OutputBounds(16))  # type: ignore[arg-type]
+    except GatewayError as e:
+        assert e.status == 400 and e.param
+        return
+    assert prompt >= 0 and completion >= 0
 
 
 @pytest.fixture(scope="module")

@@ -34,12 +34,12 @@ class EventAccountant:
     """
 
     __slots__ = ("rec", "tally", "upstream_error", "finished", "last_token_at", "deltas", "prompt", "cached",
-                 "payloads")
+                 "payloads", "prompt_known", "max_bytes", "_kept")
 
     TERMINAL: frozenset[str] = frozenset()
     end_marker = b""  # neither API has a [DONE] line
 
-    def __init__(self, rec: RequestRecord, keep_payloads: bool = False) -> None:
+    def __init__(self, rec: RequestRecord, keep_payloads: bool = False, max_bytes: int = 1 << 62) -> None:
         self.rec = rec
         self.tally = UsageTally(1)
         self.upstream_error: dict[str, Any] | None = None
@@ -49,6 +49,9 @@ class EventAccountant:
         self.prompt: Any = 0  # prompt tokens as far as an event told them (Messages: message_start)
         self.cached: Any = 0
         self.payloads: list[bytes] | None = [] if keep_payloads else None
+        self.max_bytes = max_bytes  # a recording for the cache stops past this (cache.max_entry_bytes)
+        self._kept = 0
+        self.prompt_known = False  # an event reported the prompt count (Messages: message_start)
 
     def on_data(self, payload: bytes) -> bytes | None:
         now = time.perf_counter()
@@ -60,7 +63,11 @@ class EventAccountant:
         if not isinstance(kind, str) or not _EVENT_NAME.fullmatch(kind):
             raise MalformedStream("upstream sent an event without a valid type")
         if self.payloads is not None:
-            self.payloads.append(payload)
+            self._kept += len(payload) + 1
+            if self._kept > self.max_bytes:
+                self.payloads = None  # too large to be stored: keep nothing more (memory stays bounded)
+            else:
+                self.payloads.append(payload)
         if self.is_output(kind, obj):
             self.deltas += 1
             self.rec.mark_first_token(now)
@@ -92,9 +99,18 @@ class EventAccountant:
         except AbsurdUsage as e:
             log.warning("request %s: upstream usage not believed (%s)", self.rec.identity.request_id, e)
 
+    @property
+    def usage_final(self) -> bool:
+        """vLLM's own final usage arrived (else the figures are the running count)."""
+        return self.tally.final is not None
+
     def done(self) -> None:
-        """The stream ended (in any way): the record gets the tallied usage and the time per output token."""
+        """The stream ended (in any way): the record gets the tallied usage and the time per output token.
+        Without the final usage and without any event that reported the prompt, the usage is not vLLM's:
+        the record says so (the prompt is counted by the gateway, gateway/apis/registry.py)."""
         self.tally.write(self.rec)
+        if not self.usage_final and not self.prompt_known:
+            self.rec.usage.usage_reported = False
         if self.last_token_at is not None:
             self.rec.mark_tokens_done(self.last_token_at)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from pydantic import BaseModel
 
 from gateway.apis.events import EventAccountant, sse_event, starts_output
 from gateway.errors import GatewayError
@@ -24,6 +25,18 @@ first_output = starts_output(TERMINAL, ("content_block_delta", "message_delta"))
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
           403: "permission_error", 404: "not_found_error", 408: "timeout_error", 409: "invalid_request_error",
           413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error", 504: "timeout_error"}
+
+
+class AnthropicErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicErrorResponse(BaseModel):
+    """The error shape on /v1/messages, as Anthropic's API and the anthropic SDK expect it."""
+
+    type: str
+    error: AnthropicErrorDetail
 
 
 def error_type(status: int) -> str:
@@ -80,6 +93,7 @@ class MessagesAccountant(EventAccountant):
             message = obj.get("message")
             usage = to_chat_usage(message.get("usage")) if isinstance(message, dict) else None
             if usage is not None:  # vLLM sends it after the prefill, when it counts the prompt
+                self.prompt_known = True
                 self.prompt = usage["prompt_tokens"]
                 self.cached = usage["prompt_tokens_details"]["cached_tokens"] or 0
                 self.add_usage({**usage, "completion_tokens": 0}, final=False)

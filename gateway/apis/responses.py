@@ -8,22 +8,16 @@ event, as OpenAI's own streams do.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from typing import Any
-
-import aiohttp
-import orjson
 
 from gateway import errors
 from gateway.apis.events import EventAccountant, sse_event, starts_output
 from gateway.errors import GatewayError
 from gateway.record import RequestRecord
-from gateway.upstream import DeploymentState
 
 log = logging.getLogger("gateway.apis")
-COUNT_TIMEOUT_S = 2.0
 
 TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 first_output = starts_output(TERMINAL, (".delta",))
@@ -70,8 +64,8 @@ class ResponsesAccountant(EventAccountant):
 
     TERMINAL = TERMINAL
 
-    def __init__(self, rec: RequestRecord, keep_payloads: bool = False) -> None:
-        super().__init__(rec, keep_payloads)
+    def __init__(self, rec: RequestRecord, keep_payloads: bool = False, max_bytes: int = 1 << 62) -> None:
+        super().__init__(rec, keep_payloads, max_bytes)
         self.response: dict[str, Any] | None = None  # from response.created: the shape of a failed one
         self.sequence = -1
 
@@ -105,59 +99,6 @@ class ResponsesAccountant(EventAccountant):
             out += sse_event("response.failed", {"type": "response.failed", "sequence_number": self.sequence,
                                                  "response": failed})
         return out
-
-
-def as_chat_messages(body: dict[str, Any]) -> list[dict[str, Any]] | None:
-    """The request's input as the chat messages vLLM renders it from (None when it has other items)."""
-    messages: list[dict[str, Any]] = []
-    if isinstance(body.get("instructions"), str):
-        messages.append({"role": "system", "content": body["instructions"]})
-    items = body.get("input")
-    if isinstance(items, str):
-        return [*messages, {"role": "user", "content": items}]
-    if not isinstance(items, list):
-        return None
-    for item in items:
-        if not (isinstance(item, dict) and item.get("type", "message") == "message"
-                and isinstance(item.get("role"), str)):
-            return None  # tool calls, images, ...: not countable this way
-        content = item.get("content")
-        if isinstance(content, list):
-            parts = [p.get("text") for p in content if isinstance(p, dict)]
-            if not all(isinstance(t, str) for t in parts):
-                return None
-            content = "".join(parts)  # type: ignore[arg-type]
-        if not isinstance(content, str):
-            return None
-        messages.append({"role": item["role"], "content": content})
-    return messages
-
-
-async def count_prompt(session: aiohttp.ClientSession, state: DeploymentState, body: dict[str, Any]) -> int | None:
-    """Prompt tokens of a Responses request whose stream ended before its usage, counted by the engine
-    that served it: its /tokenize over the same messages, plus (when it continues a stored response)
-    that response's own input and output. None when it cannot be counted."""
-    messages = as_chat_messages(body)
-    if messages is None:
-        log.warning("the prompt of an unfinished Responses stream has items other than text messages: not counted")
-        return None
-    base = 0
-    url = state.spec.url
-    try:
-        async with asyncio.timeout(COUNT_TIMEOUT_S):
-            prev = body.get("previous_response_id")
-            if isinstance(prev, str):
-                async with session.get(f"{url}/v1/responses/{prev}", headers=state.headers) as r:
-                    usage = orjson.loads(await r.read()).get("usage") or {}
-                base = int(usage.get("input_tokens") or 0) + int(usage.get("output_tokens") or 0)
-            req = {"model": state.spec.upstream_model, "messages": messages}
-            async with session.post(f"{url}/tokenize", data=orjson.dumps(req),
-                                    headers={**state.headers, "Content-Type": "application/json"}) as r:
-                count = orjson.loads(await r.read()).get("count")
-    except (TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
-        log.warning("could not count the prompt of an unfinished Responses stream on %s", state.name)
-        return None
-    return base + count if isinstance(count, int) and not isinstance(count, bool) else None
 
 
 def error_body(err: GatewayError) -> bytes:

@@ -37,14 +37,19 @@ class Location:
     url: str
     tenant: str
     model: str
+    # The stored conversation's size as vLLM counted it (its prompt + output): a continuation makes vLLM
+    # prefill all of it again, so admission reserves it. None while the response is still being made (or
+    # for an entry written before this field existed): the model's context window bounds it then.
+    context_tokens: int | None = None
 
     def encode(self) -> bytes:
-        return orjson.dumps([self.deployment, self.url, self.tenant, self.model])
+        return orjson.dumps([self.deployment, self.url, self.tenant, self.model, self.context_tokens])
 
     @classmethod
     def decode(cls, raw: bytes) -> Location:
-        d, u, t, m = orjson.loads(raw)
-        return cls(d, u, t, m)
+        d, u, t, m, *rest = orjson.loads(raw)
+        ctx = rest[0] if rest and isinstance(rest[0], int) and not isinstance(rest[0], bool) else None
+        return cls(d, u, t, m, ctx)
 
 
 def not_found(response_id: str, detail: str = "") -> GatewayError:

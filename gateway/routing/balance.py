@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
@@ -94,12 +94,14 @@ def prompt_text_parts(body: dict[str, Any]) -> Iterator[str]:
         yield first if isinstance(first, str) else orjson.dumps(prompt if isinstance(first, int) else first).decode()
 
 
-def prefix_blocks(body: dict[str, Any], block_chars: int, max_blocks: int) -> list[int]:
+def prefix_blocks(body: dict[str, Any], block_chars: int, max_blocks: int, scope: str = "") -> list[int]:
     """Chained hashes of the prompt's whole blocks of `block_chars` characters (at most `max_blocks`).
 
     Block i's hash covers blocks 0..i, like vLLM's own block hashes: two prompts share block i's hash
     only if they agree on everything before it. A partial last block is left out (vLLM caches whole
     blocks only). Python's hash is keyed per process, so no client can craft collisions on purpose.
+    The chain starts from the tenant's prompt scope: one tenant's prompts never match another's (unless
+    both are in a scope the operator declared shared), so routing reveals nothing about other tenants.
     """
     limit = block_chars * max_blocks
     text_parts: list[str] = []
@@ -111,7 +113,7 @@ def prefix_blocks(body: dict[str, Any], block_chars: int, max_blocks: int) -> li
             break
     text = "\x1e".join(text_parts)[:limit]
     out: list[int] = []
-    h = 0
+    h = hash(scope)
     for i in range(0, len(text) - block_chars + 1, block_chars):
         h = hash((h, text[i:i + block_chars]))
         out.append(h)
@@ -188,8 +190,10 @@ class PrefixAffinity:
     """
 
     def __init__(self, spec: PrefixRoutingSpec, deployments: Sequence[str], live: LiveStats | None,
-                 breakers: dict[str, CircuitBreaker] | None = None) -> None:
+                 breakers: dict[str, CircuitBreaker] | None = None,
+                 scope_of: Callable[[str], str] = str) -> None:
         self.spec = spec
+        self.scope_of = scope_of  # tenant -> its prompt scope (config.Features.prompt_scope)
         self.live = live
         self.breakers = breakers or {}
         self.indexes = {name: DeploymentIndex(spec.index_blocks) for name in deployments}
@@ -212,7 +216,8 @@ class PrefixAffinity:
               rec: RequestRecord | None) -> list[DeploymentState]:
         if len(states) < 2 or body is None:
             return LEAST_OUTSTANDING.order(states, body, rec)
-        blocks = prefix_blocks(body, self.spec.block_chars, self.spec.max_blocks)
+        blocks = prefix_blocks(body, self.spec.block_chars, self.spec.max_blocks,
+                               self.scope_of(rec.identity.tenant) if rec is not None else "")
         now = time.monotonic()
         up = [s for s in states if s.healthy is not False and self._closed(s.name)] or states
         if not blocks:  # shorter than one block: nothing vLLM could reuse
@@ -309,7 +314,8 @@ class Balancing:
         self._prefix: list[PrefixAffinity] = []
         for name, model in config.models.items():
             if model.balance == "prefix" and model.prefix_routing is not None:
-                p = PrefixAffinity(model.prefix_routing, [d.name for d in model.deployments], live, breakers)
+                p = PrefixAffinity(model.prefix_routing, [d.name for d in model.deployments], live, breakers,
+                                   config.features.prompt_scope)
                 self._prefix.append(p)
                 self.by_model[name] = p
         if live is not None and self._prefix:
