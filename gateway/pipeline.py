@@ -314,6 +314,7 @@ class Gateway:
         except GatewayError as e:
             raise self.apis.pinned_failure(body, pinned, e) from None
         tally.write(rec)
+        await self.apis.usage_less_answer(rec, contract, body, self.pool, pinned)  # never free, never guessed
         await self.apis.served(rec, contract, body, finished=True)
         return data
 
@@ -392,7 +393,10 @@ class Gateway:
                 self.cache.store(lk, rec, "sse", b"\n".join(payloads))
             return stream_trailer(line)
 
-        relay = None if stream is None else Relay(stream, rec, acct, on_done)
+        async def usage_less() -> None:
+            await self.apis.unfinished_stream(rec, contract, body, acct, self.pool, pinned)
+
+        relay = None if stream is None else Relay(stream, rec, acct, on_done, usage_less)
         chunks = relay.chunks() if relay is not None else replay(lk.entry.payloads(), acct, on_done)  # type: ignore[union-attr]
         sending, t0 = False, 0.0
         try:
@@ -419,7 +423,7 @@ class Gateway:
             await chunks.aclose()
             if relay is not None:
                 await relay.abandon()  # no-op when the upstream side already ended
-                if not relay.completed or not getattr(acct, "usage_final", True):
+                if not relay.completed:
                     await self.apis.unfinished_stream(rec, contract, body, acct, self.pool, pinned)
                 await self.apis.served(rec, contract, body, finished=True)
 

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -160,14 +160,16 @@ class UpstreamStream:
 class Relay:
     """Moves one upstream stream to the client, a network read at a time; accounts it however it ends."""
 
-    __slots__ = ("stream", "rec", "acct", "on_done", "completed", "ended")
+    __slots__ = ("stream", "rec", "acct", "on_done", "usage_less", "completed", "ended")
 
     def __init__(self, stream: UpstreamStream, rec: RequestRecord, acct: StreamAccountant | EventAccountant,
-                 on_done: Callable[[], bytes]) -> None:
+                 on_done: Callable[[], bytes], usage_less: Callable[[], Awaitable[None]] | None = None) -> None:
         self.stream = stream
         self.rec = rec
         self.acct = acct
         self.on_done = on_done
+        # A complete stream whose end carried no usage: counts the prompt before the record is final.
+        self.usage_less = usage_less
         self.completed = False  # vLLM sent [DONE] after a clean stream
         self.ended = False  # the upstream side is finished with (read to the end, failed, or drained)
 
@@ -206,6 +208,8 @@ class Relay:
             self._close()
             if self.completed:
                 acct.done()
+                if self.usage_less is not None and getattr(acct, "usage_final", True) is False:
+                    await self.usage_less()
                 yield self.on_done() + acct.end_marker
                 return
             if acct.upstream_error is not None:

@@ -17,7 +17,7 @@ import pytest
 from deploy.local import engines
 from tests.conftest import free_port, metric_value
 
-__all__ = ["engines", "stack_config", "vllm", "vllm_counter"]
+__all__ = ["chat_tokenizer", "engines", "stack_config", "vllm", "vllm_counter"]
 
 
 @pytest.fixture(scope="session")
@@ -42,14 +42,21 @@ def vllm() -> Iterator[dict[str, str]]:
         engines.stop(p)
 
 
+def chat_tokenizer() -> str:
+    """The folder the chat engine serves SmolLM2 from: its tokenizer.json and chat template."""
+    return str(engines.manifest()["chat_model"])
+
+
 def stack_config(chat_url: str, embed_url: str, extra_chat: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    tok = chat_tokenizer()
     return {
         "models": {
-            "smollm2": {"tier": "small", "prices": {"prompt_per_1m": 0.1, "completion_per_1m": 0.2},
+            "smollm2": {"tier": "small", "prices": {"prompt_per_1m": 0.1, "completion_per_1m": 0.2}, "tokenizer": tok,
                         "deployments": [*(extra_chat or []),
                                         {"name": "smollm2-a", "url": chat_url, "model": "smollm2",
                                          "timeouts": {"connect": 2, "first_token": 60, "total": 120}}]},
             "sentiment": {"tier": "adapter", "prices": {"prompt_per_1m": 0.05, "completion_per_1m": 0.1},
+                          "tokenizer": tok,
                           "deployments": [{"name": "sentiment-a", "url": chat_url, "model": "sentiment"}]},
             "minilm": {"tier": "small", "prices": {"prompt_per_1m": 0.01},
                        "deployments": [{"name": "minilm-a", "url": embed_url, "model": "minilm"}]},

@@ -145,7 +145,7 @@ def up(a: argparse.Namespace) -> int:
             wait_url(f"{chat_url_b}/health", "vLLM chat engine b", 900, chat_b)
         wait_url(f"{embed_url}/health", "vLLM embedding engine", 900, embed)
         env = {**os.environ, "CHAT_URL": chat_url, "CHAT_URL_B": chat_url_b, "EMBED_URL": embed_url,
-               "REDIS_URL": redis_url}
+               "REDIS_URL": redis_url, "SMOLLM2_TOKENIZER": str(engines.manifest()["chat_model"])}
         gw = subprocess.Popen([gateway_python(), "-m", "gateway", "serve", "--config", str(HERE / "gateway.yaml"),
                                "--host", a.host, "--port", str(a.port), "--workers", str(a.workers)],
                               cwd=ROOT, env=env)

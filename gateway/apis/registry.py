@@ -132,6 +132,19 @@ class Apis:
         acct.tally.write(rec)
         rec.usage.usage_reported = False  # counted by the gateway, not reported by vLLM
 
+    async def usage_less_answer(self, rec: RequestRecord, contract: EndpointContract, body: dict[str, Any],
+                                pool: UpstreamPool, loc: Location | None) -> None:
+        """A complete answer without usage (an engine that did not report it): vLLM prefilled the prompt,
+        so it is counted as vLLM renders it; the output is unknown (0) and the record says neither came
+        from vLLM (usage_reported false)."""
+        if not contract.billed or rec.usage.usage_reported or rec.routing.deployment is None:
+            return
+        state = pool.states[rec.routing.deployment]
+        counter = self.counters.get(rec.routing.served_model or "", BYTE_BOUND)
+        prompt = await self._count_prompt(contract, body, loc, state, counter, pool.session)
+        if prompt is not None:
+            rec.usage.prompt_tokens, rec.usage.usage_reported = prompt, False
+
     async def _count_prompt(self, contract: EndpointContract, body: dict[str, Any], loc: Location | None,
                             state: DeploymentState, counter: PromptCounter,
                             session: aiohttp.ClientSession) -> int | None:
@@ -141,8 +154,12 @@ class Apis:
             async with asyncio.timeout(COUNT_TIMEOUT_S):
                 if not isinstance(prev, str):
                     n = counter.exact(conv)
-                    return n if n is not None else await _tokenize(session, state, conv.messages or [], conv.tools,
-                                                                   True)
+                    if n is not None:
+                        return n
+                    if conv.messages is None:  # raw prompts (completions, embeddings): each counted by vLLM
+                        counts = [await _tokenize_prompt(session, state, t) for t in conv.texts or ()]
+                        return None if None in counts else sum(c for c in counts if c is not None)
+                    return await _tokenize(session, state, conv.messages, conv.tools, True)
                 # A continuation: vLLM renders the stored conversation, its output, then the new input (a new
                 # `instructions` replaces the stored one at the top, so it is not counted again).
                 stored = loc.context_tokens if loc is not None else None
@@ -168,6 +185,16 @@ async def _tokenize(session: aiohttp.ClientSession, state: DeploymentState, mess
                            "add_generation_prompt": generation_prompt}
     if tools:
         req["tools"] = tools
+    async with session.post(f"{state.spec.url}/tokenize", data=orjson.dumps(req),
+                            headers={**state.headers, "Content-Type": "application/json"}) as r:
+        count = orjson.loads(await r.read()).get("count")
+    return count if isinstance(count, int) and not isinstance(count, bool) else None
+
+
+async def _tokenize_prompt(session: aiohttp.ClientSession, state: DeploymentState, text: str | list[int]) -> int | None:
+    if isinstance(text, list):
+        return len(text)
+    req = {"model": state.spec.upstream_model, "prompt": text}
     async with session.post(f"{state.spec.url}/tokenize", data=orjson.dumps(req),
                             headers={**state.headers, "Content-Type": "application/json"}) as r:
         count = orjson.loads(await r.read()).get("count")

@@ -32,6 +32,15 @@ def _words(value: Any) -> int:
     return 0
 
 
+def _item_words(item: Any) -> int:
+    """Words of one Responses input item as its chat message renders them."""
+    if not isinstance(item, dict):
+        return 0
+    if item.get("type") == "function_call_output":
+        return _words(item.get("output"))
+    return _words(item.get("content", item.get("text", "")))
+
+
 def _event(kind: str, obj: dict[str, Any]) -> bytes:
     return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps({"type": kind, **obj}) + b"\n\n"
 
@@ -124,9 +133,11 @@ class FakeApis:
         if err is not None:
             return err
         prev = self.stored.get(body.get("previous_response_id") or "")
-        # rendered as chat messages (instructions as a system message), counted like the chat endpoint
-        prompt = 2 + 4 + _words(body.get("input")) + (4 + _words(body["instructions"]) if body.get("instructions")
-                                                       else 0)
+        # rendered as chat messages (instructions as a system message, each input item as a message: a tool
+        # output as the tool's message, a function call as an assistant turn), counted like the chat endpoint
+        items = body.get("input")
+        prompt = 2 + (4 + _words(body["instructions"]) if body.get("instructions") else 0) + (
+            4 + _words(items) if isinstance(items, str) else sum(4 + _item_words(i) for i in items or ()))
         if prev is not None:
             prompt += prev["usage"]["total_tokens"]
         n = int(body.get("max_output_tokens") or self.fake.b.default_tokens)
