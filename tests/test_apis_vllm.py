@@ -29,7 +29,7 @@ from tests.conftest import (
     stop,
 )
 from tests.redis_fixtures import RedisServer, with_redis
-from tests.vllm_fixtures import engines, vllm_counter
+from tests.vllm_fixtures import chat_tokenizer, engines, vllm_counter
 
 pytestmark = pytest.mark.vllm
 
@@ -72,7 +72,7 @@ def decoy() -> Iterator[FakeUpstream]:
 def stack(engine: str, decoy: FakeUpstream) -> dict[str, Any]:
     """smollm2 on two deployments: the test upstream first (preferred), the real engine second."""
     return {"models": {"smollm2": {
-        "prices": {"prompt_per_1m": 0.1, "completion_per_1m": 0.2},
+        "prices": {"prompt_per_1m": 0.1, "completion_per_1m": 0.2}, "tokenizer": chat_tokenizer(),
         "deployments": [{"name": "smollm2-decoy", "url": decoy.url, "model": "smollm2"},
                         {"name": REAL, "url": engine, "model": "smollm2",
                          "timeouts": {"connect": 2, "first_token": 60, "total": 120}}]}}}
@@ -189,7 +189,58 @@ def test_client_leaving_mid_stream_still_matches_vllms_counters(
         decoy.control(fail_status=0)
     rec = g1.record(f"vllm-leave-{path[4:]}", timeout=15)
     assert rec["outcome"] == "client_left_midstream" and 5 <= rec["completion_tokens"] < 200
+    assert_within_race(replicas, engine, before_gw, before)
+
+
+RACE_GENERATION = 2  # per choice left: a step vLLM counted before the gateway read it (docs/accounting.md)
+
+
+def assert_within_race(replicas: tuple[GatewayProcess, GatewayProcess], engine: str, before_gw: tuple[float, float],
+                       before: tuple[float, float], prompt_race: int = 0) -> None:
+    """Billed never more than vLLM counted, and never less than the documented race (docs/accounting.md)."""
     after_gw = gateway_tokens(replicas)
     after = (vllm_counter(engine, "vllm:prompt_tokens_total"), vllm_counter(engine, "vllm:generation_tokens_total"))
-    assert after_gw[0] - before_gw[0] == after[0] - before[0] > 0
-    assert after_gw[1] - before_gw[1] == after[1] - before[1]
+    prompt_gap = (after[0] - before[0]) - (after_gw[0] - before_gw[0])
+    generation_gap = (after[1] - before[1]) - (after_gw[1] - before_gw[1])
+    assert after[0] - before[0] > 0
+    assert 0 <= prompt_gap <= prompt_race, f"prompt: vLLM {after[0] - before[0]}, billed {after_gw[0] - before_gw[0]}"
+    assert 0 <= generation_gap <= RACE_GENERATION, \
+        f"generation: vLLM {after[1] - before[1]}, billed {after_gw[1] - before_gw[1]}"
+
+
+@pytest.mark.parametrize("case", ["continuation", "tool_output"])
+def test_responses_left_early_bills_what_vllm_prefilled(replicas: tuple[GatewayProcess, GatewayProcess],
+                                                        engine: str, decoy: FakeUpstream, case: str) -> None:
+    """A continued conversation, and an input with a tool call and its output, left after 4 deltas: the
+    prompt is the whole conversation as vLLM rendered it (once: never the template's header twice), and
+    never free; a continuation may be up to its stored turn's end marker (2 tokens) below vLLM's count."""
+    g1, _ = replicas
+    decoy.control(fail_status=503)
+    try:
+        if case == "continuation":
+            first = oai(g1).responses.create(model="smollm2", input="Name three animals.", max_output_tokens=24)
+            body: dict[str, Any] = {"input": "Now describe each of them at length.",
+                                    "previous_response_id": first.id}
+        else:
+            body = {"input": [{"type": "message", "role": "user", "content": "What is the weather in Paris?"},
+                              {"type": "function_call", "call_id": "call_1", "name": "weather",
+                               "arguments": '{"city": "Paris"}'},
+                              {"type": "function_call_output", "call_id": "call_1",
+                               "output": "Sunny, 21 degrees, light wind from the west."}]}
+        before_gw = gateway_tokens(replicas)
+        before = (vllm_counter(engine, "vllm:prompt_tokens_total"),
+                  vllm_counter(engine, "vllm:generation_tokens_total"))
+        seen = 0
+        with httpx.stream("POST", f"{g1.url}/v1/responses", timeout=120, headers={"X-Request-Id": f"vllm-{case}"},
+                          json={"model": "smollm2", "stream": True, "max_output_tokens": 200, "ignore_eos": True,
+                                **body}) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                seen += line.startswith("event: response.output_text.delta")
+                if seen == 4:
+                    break
+    finally:
+        decoy.control(fail_status=0)
+    rec = g1.record(f"vllm-{case}", timeout=15)
+    assert rec["outcome"] == "client_left_midstream" and rec["usage_reported"] is False and rec["prompt_tokens"] > 0
+    assert_within_race(replicas, engine, before_gw, before, prompt_race=2 if case == "continuation" else 0)

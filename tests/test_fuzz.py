@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.errors import GatewayError
 from gateway.apis.contract import validate_request
+from gateway.errors import GatewayError
 from gateway.reservation import OutputBounds, reserve
 from tests.conftest import API_KEY, KEYS, FakeUpstream, GatewayProcess, simple_config, start_gateway, stop
 
