@@ -59,3 +59,14 @@ def bearer_matches(authorization: str | None, key: str) -> bool:
         return False
     scheme, _, given = authorization.partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())
+
+
+def credential(authorization: bytes | None, x_api_key: bytes | None) -> str | None:
+    """The request's one credential: `Authorization`, or `X-Api-Key` as the anthropic SDK sends it. Both at
+    once is a 400: parts of a stack (a proxy in front, a log) could read a different one than we do."""
+    if x_api_key is not None:
+        if authorization is not None:
+            raise bad_request("Send one credential: both Authorization and X-Api-Key were sent.", param="x-api-key",
+                              code="duplicate_credentials")
+        authorization = b"Bearer " + x_api_key
+    return authorization.decode("latin-1") if authorization is not None else None

@@ -44,7 +44,7 @@ from gateway.deadline import Watchdog
 from gateway.errors import GatewayError
 from gateway.execute import Executor
 from gateway.finalize import Finalizer, RequestLog, early_headers, final_headers, stream_trailer
-from gateway.guards import check_depth, duplicate_header
+from gateway.guards import check_depth, credential, duplicate_header
 from gateway.ledger import Ledger, build_ledger_backend
 from gateway.ledger_gate import LedgerGate
 from gateway.limits import build_limiter
@@ -263,13 +263,7 @@ class Gateway:
     def _authenticate(self, rec: RequestRecord, headers: dict[bytes, bytes]) -> None:
         if DUPLICATE in headers:
             raise duplicate_header(headers[DUPLICATE])
-        auth = headers.get(b"authorization")
-        if b"x-api-key" in headers:  # how the anthropic SDK sends its key
-            if auth is not None:  # two credentials: parts of a stack could read different ones
-                raise errors.bad_request("Send one credential: both Authorization and X-Api-Key were sent.",
-                                         param="x-api-key", code="duplicate_credentials")
-            auth = b"Bearer " + headers[b"x-api-key"]
-        tenant, key_hash = self.auth.authenticate(auth.decode("latin-1") if auth else None)
+        tenant, key_hash = self.auth.authenticate(credential(headers.get(b"authorization"), headers.get(b"x-api-key")))
         rec.identity.tenant, rec.identity.api_key_hash = tenant.name, key_hash
 
     async def _plan_and_admit(self, rec: RequestRecord, contract: EndpointContract, body: dict[str, Any],

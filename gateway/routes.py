@@ -13,7 +13,7 @@ from starlette.responses import Response
 from gateway import errors
 from gateway.apis.contract import PATHS
 from gateway.errors import GatewayError, error_response
-from gateway.guards import bearer_matches, duplicate_header, duplicated
+from gateway.guards import bearer_matches, credential, duplicate_header, duplicated
 from gateway.ledger import parse_time
 from gateway.metrics import CONTENT_TYPE
 from gateway.pipeline import Gateway
@@ -46,10 +46,12 @@ def _usage_time(value: str | None, name: str) -> float | None:
 
 
 def _authorization(request: Request) -> str | None:
-    """A FastAPI route's Authorization header, refused when sent twice (as on the proxy routes)."""
+    """A FastAPI route's credential, with the proxy routes' rules: each header once, one credential."""
     if (dup := duplicated(request.scope["headers"])) is not None:
         raise duplicate_header(dup)
-    return request.headers.get("authorization")
+    auth, key = request.headers.get("authorization"), request.headers.get("x-api-key")
+    return credential(auth.encode("latin-1") if auth is not None else None,
+                      key.encode("latin-1") if key is not None else None)
 
 
 

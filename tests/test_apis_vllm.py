@@ -244,3 +244,56 @@ def test_responses_left_early_bills_what_vllm_prefilled(replicas: tuple[GatewayP
     rec = g1.record(f"vllm-{case}", timeout=15)
     assert rec["outcome"] == "client_left_midstream" and rec["usage_reported"] is False and rec["prompt_tokens"] > 0
     assert_within_race(replicas, engine, before_gw, before, prompt_race=2 if case == "continuation" else 0)
+
+
+def test_hostile_bursts_spend_at_most_the_budget_plus_one_request(engine: str, tmp_path: Path) -> None:
+    """40 concurrent requests of each hostile kind, each kind its own tenant with a small daily budget:
+    continuations of a long stored conversation, a route whose cheap model is down (served by the dear
+    one), and text of short tokens (2,000 x "a "). Each tenant spends at most its budget plus one
+    request's cost."""
+    import concurrent.futures
+
+    budget = 0.005
+    kinds = ["continuation", "fallback", "short_tokens"]
+    keys = [{"tenant": k, "key": f"sk-{k}"} for k in kinds]
+    price = {"prompt_per_1m": 1.0, "completion_per_1m": 2.0}
+    real = {"name": "real", "url": engine, "model": "smollm2", "timeouts": {"connect": 2, "first_token": 120,
+                                                                            "total": 300}}
+    cfg = {"auth": {"keys": keys}, "cache": {"mode": "off"},
+           "circuit_breaker": {"failures": 1000, "min_requests": 1000},
+           "models": {"smollm2": {"prices": price, "tokenizer": chat_tokenizer(), "deployments": [real]},
+                      "cheap": {"prices": {"prompt_per_1m": 0.01, "completion_per_1m": 0.01},
+                                "tokenizer": chat_tokenizer(),
+                                "deployments": [{"name": "cheap-a", "url": f"http://127.0.0.1:{free_port()}",
+                                                 "model": "smollm2", "timeouts": {"connect": 0.5}}]}},
+           "routes": {"assistant": {"candidates": ["cheap", "smollm2"]}},
+           "tenants": {k: {"limits": {"budget_day_usd": budget}} for k in kinds}}
+    g = start_gateway(tmp_path, cfg)
+    try:
+        def h(kind: str) -> dict[str, str]:
+            return {"Authorization": f"Bearer sk-{kind}"}
+
+        first = httpx.post(f"{g.url}/v1/responses", headers=h("continuation"), timeout=300, json={
+            "model": "smollm2", "input": "a " * 1000, "max_output_tokens": 8}).json()
+        calls = {
+            "continuation": lambda: httpx.post(f"{g.url}/v1/responses", headers=h("continuation"), timeout=300, json={
+                "model": "smollm2", "input": "go", "previous_response_id": first["id"], "max_output_tokens": 8}),
+            "fallback": lambda: httpx.post(f"{g.url}/v1/chat/completions", headers=h("fallback"), timeout=300, json={
+                "model": "assistant", "max_tokens": 8, "messages": [{"role": "user", "content": "b " * 1000}]}),
+            "short_tokens": lambda: httpx.post(f"{g.url}/v1/chat/completions", headers=h("short_tokens"), timeout=300,
+                                               json={"model": "smollm2", "max_tokens": 8, "messages": [
+                                                   {"role": "user", "content": "a " * 2000}]}),
+        }
+        with concurrent.futures.ThreadPoolExecutor(120) as pool:
+            futures = {k: [pool.submit(call) for _ in range(40)] for k, call in calls.items()}
+            results = {k: [f.result() for f in fs] for k, fs in futures.items()}
+        for kind in kinds:
+            codes = [r.status_code for r in results[kind]]
+            assert 200 in codes and set(codes) <= {200, 429}, (kind, codes)
+            recs = [r for r in g.records() if r["tenant"] == kind]
+            spent = sum(r["cost_usd"] for r in recs)
+            one = max(r["cost_usd"] for r in recs)
+            print(f"{kind}: {codes.count(200)} served, spent ${spent:.6f} of ${budget} (one request ${one:.6f})")
+            assert spent <= budget + one, f"{kind}: spent {spent} of a {budget} budget"
+    finally:
+        stop(g.proc)
