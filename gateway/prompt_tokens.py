@@ -19,6 +19,8 @@ Media parts (images, audio, video, files) have no text to count: the reservation
 from __future__ import annotations
 
 import json
+import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,9 @@ MAX_TOKENS_SANE = 1 << 40  # above any real limit; keeps every figure sent to Re
 # (roles, markers, a default system prompt: SmolLM2's is 31 tokens), in tokens.
 TEMPLATE_PER_MESSAGE = 16
 TEMPLATE_FIXED = 96
+# Pieces of rendered prompts remembered with their counts (LRU): at most ENTRIES x MAX_CHARS characters.
+PIECE_CACHE_ENTRIES = 4096
+PIECE_CACHE_MAX_CHARS = 4096
 # With a tokenizer: slack per message for renderings a template and vLLM may differ on (part joins,
 # tool-call layout); the reservation stays an upper bound, the median stays ~1.0x.
 MARGIN_PER_MESSAGE = 4
@@ -153,13 +158,40 @@ class Tokenizer:
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
         self.template = env.from_string(template)
+        # The tokenizer splits text at its special tokens before anything else, so a rendered conversation's
+        # count is the sum of its pieces' counts: each piece (a message with its role) is counted once and
+        # remembered, so a system prompt or an earlier turn resent with every request costs nothing again.
+        specials = sorted((a.content for a in self.tok.get_added_tokens_decoder().values() if a.special),
+                          key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
+        self._pieces: OrderedDict[str, int] = OrderedDict()
 
     def render(self, messages: list[dict[str, Any]], tools: list[Any] | None) -> str:
         return self.template.render(messages=messages, tools=tools or None, add_generation_prompt=True,
                                     **self.specials)
 
     def count_text(self, text: str, special_tokens: bool) -> int:
-        return len(self.tok.encode(text, add_special_tokens=special_tokens).ids)
+        if special_tokens or self._split is None:
+            return len(self.tok.encode(text, add_special_tokens=special_tokens).ids)
+        n = 0
+        for i, piece in enumerate(self._split.split(text)):
+            if i % 2:
+                n += 1  # a special token
+            elif piece:
+                n += self._piece(piece)
+        return n
+
+    def _piece(self, piece: str) -> int:
+        n = self._pieces.get(piece)
+        if n is not None:
+            self._pieces.move_to_end(piece)
+            return n
+        n = len(self.tok.encode(piece, add_special_tokens=False).ids)
+        if len(piece) <= PIECE_CACHE_MAX_CHARS:
+            self._pieces[piece] = n
+            if len(self._pieces) > PIECE_CACHE_ENTRIES:
+                self._pieces.popitem(last=False)
+        return n
 
     def continuation(self, conv: Conversation) -> int:
         """Tokens a continued conversation adds after the stored one's output: the new messages and the
