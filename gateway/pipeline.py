@@ -146,7 +146,7 @@ class Gateway:
             return
         if rec.identity.stream:
             self.live.get(rec.routing.deployment).observe(rec.timing.ttft_s, rec.timing.tpot_s)
-        elif rec.usage.completion_tokens > 0 and rec.identity.endpoint != "embeddings":
+        elif rec.usage.completion_tokens > 0 and contract_of(rec.identity.endpoint).output_fields:
             self.live.get(rec.routing.deployment).observe(None, rec.timing.upstream_s / rec.usage.completion_tokens)
 
     def _prefix_index_seen(self, deployment: str, *_: object) -> None:
