@@ -235,7 +235,10 @@ def gateway_config(big: str, small: str, redis_url: str) -> dict[str, Any]:
         "redis": {"url": redis_url, "timeout_s": 0.2, "down_for_s": 0.2, "ledger_buffer": 2,
                   "ledger_flush_interval_s": 0.1},
         "cache": {"mode": "deterministic"},
-        "tenants": {"team-b": {"limits": {"budget_day_usd": 0.00002, "budget_month_usd": 100}},
+        # team-b: its one request ("b0", max_tokens 200) reserves 114 prompt tokens (byte bound: 2 + 16 per
+        # message + 96 for the template) + 200 completion = $0.000514 at small's prices and spends ~$0.0004: the
+        # next request's reservation no longer fits
+        "tenants": {"team-b": {"limits": {"budget_day_usd": 0.00052, "budget_month_usd": 100}},
                     "team-c": {"limits": {"rpm": 4, "budget_day_usd": 50}}},
     }
 
@@ -256,7 +259,7 @@ def drive_traffic(gw_url: str, big: FakeUpstream, small: FakeUpstream, redis: su
         for model in ("assistant", "big", "small", "nlu"):
             for stream in (False, True):
                 assert chat("team-a", model, stream, content=f"q{i} {model}") == 200
-        assert chat("team-b" if i == 0 else "team-a", "small", content=f"b{i}") == 200
+        assert chat("team-b" if i == 0 else "team-a", "small", content=f"b{i}", max_tokens=200) == 200
     for _ in range(3):  # the same deterministic request: a miss, then hits
         assert chat("team-a", "small", temperature=0, content="cache me") == 200
         assert chat("team-a", "small", True, temperature=0, content="cache my stream") == 200

@@ -29,7 +29,7 @@ if missing := missing_tools():
     pytest.skip(f"needs Debian packages {' '.join(missing)} (scripts/test.sh installs them)", allow_module_level=True)
 
 KEYS = {name: f"sk-scaleout-{name}" for name in ("rpm", "tpm", "conc", "budget", "usage", "load", "failover", "admin")}
-LIMITS = {"rpm": {"rpm": 7}, "tpm": {"tpm": 73}, "conc": {"concurrency": 2}, "budget": {"budget_day_usd": 9}}
+LIMITS = {"rpm": {"rpm": 7}, "tpm": {"tpm": 480}, "conc": {"concurrency": 2}, "budget": {"budget_day_usd": 9}}
 ADMIN = {"Authorization": f"Bearer {KEYS['admin']}"}
 
 
@@ -98,7 +98,8 @@ def test_limits_hold_exactly_across_three_replicas(stack: ScaleOut) -> None:
     control(stack, ttft_ms=1500)  # nobody finishes (and settles) before every request of a burst was admitted
     try:
         rpm = burst(stack.url, body, 24, auth("rpm"))
-        # 40 characters in one word: reserve 16 prompt + 5 completion = 21 tokens; 73 admits 3
+        # 40 bytes in one message, no tokenizer configured: the byte bound reserves 40 + 16 per message + 96 for
+        # the chat template = 152 prompt + 5 completion = 157 tokens; 480 admits 3
         tpm = burst(stack.url, {**body, "messages": [{"role": "user", "content": "a" * 40}], "max_tokens": 5}, 10,
                     auth("tpm"))
         conc = burst(stack.url, body, 8, auth("conc"))
