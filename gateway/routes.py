@@ -6,6 +6,8 @@ declared here only so that the OpenAPI description lists them.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
@@ -107,10 +109,14 @@ async def healthz() -> Response:
     return Response(b'{"status":"ok"}', media_type=JSON)
 
 
-@router.get("/readyz", responses={503: {"description": "a model has no healthy deployment"}})
-async def readyz(request: Request) -> Response:
+@router.get("/readyz", responses={503: {"description": "a model (require=any: every model) has no healthy "
+                                                   "deployment"}})
+async def readyz(request: Request, require: Literal["all", "any"] = "all") -> Response:
+    """`require=all` (default): every model has a healthy deployment. `require=any`: at least one has, for a
+    Kubernetes readiness probe, where an engine that is down for every replica must not take them all out of
+    the Service (and then block node drains) while the other models still answer."""
     ready = _gateway(request).pool.ready_models()
-    ok = all(ready.values())
+    ok = (all if require == "all" else any)(ready.values())
     return Response(orjson.dumps({"ready": ok, "models": ready}), status_code=200 if ok else 503, media_type=JSON)
 
 
