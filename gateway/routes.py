@@ -18,6 +18,7 @@ from gateway.errors import GatewayError, error_response
 from gateway.guards import bearer_matches, credential, duplicate_header, duplicated
 from gateway.ledger import parse_time
 from gateway.metrics import CONTENT_TYPE
+from gateway.openapi import ErrorResponse
 from gateway.pipeline import Gateway
 from gateway.store import StoreCommandError, StoreUnavailable
 
@@ -109,8 +110,9 @@ async def healthz() -> Response:
     return Response(b'{"status":"ok"}', media_type=JSON)
 
 
-@router.get("/readyz", responses={503: {"description": "a model (require=any: every model) has no healthy "
-                                                   "deployment"}})
+@router.get("/readyz", responses={
+    400: {"model": ErrorResponse, "description": "require is neither 'all' nor 'any'"},
+    503: {"description": "a model (require=any: every model) has no healthy deployment"}})
 async def readyz(request: Request, require: Literal["all", "any"] = "all") -> Response:
     """`require=all` (default): every model has a healthy deployment. `require=any`: at least one has, for a
     Kubernetes readiness probe, where an engine that is down for every replica must not take them all out of
