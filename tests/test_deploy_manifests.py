@@ -364,8 +364,9 @@ def render_kustomization(path: Path) -> list[dict[str, Any]]:
             meta.setdefault("labels", {}).update(lab["pairs"])
         for img in kust.get("images", []):
             for c in _pod_containers(obj):
-                if c["image"].split(":")[0] == img["name"]:
-                    c["image"] = f"{img.get('newName', img['name'])}:{img['newTag']}"
+                if c["image"].split("@")[0].split(":")[0] == img["name"]:
+                    digest = f"@{img['digest']}" if img.get("digest") else ""
+                    c["image"] = f"{img.get('newName', img['name'])}:{img['newTag']}{digest}"
     return objs
 
 
@@ -442,7 +443,7 @@ def test_kubernetes_objects_validate(base_objects: list[dict[str, Any]], dashboa
                 except kubernetes_validate.ValidationError as e:
                     pytest.fail(f"{label}: {obj['kind']}/{obj['metadata']['name']} (k8s {version}): {e.message}")
                 checked += 1
-    assert checked >= 2 * 15
+    assert checked >= 2 * 22
 
 
 def test_kubernetes_validate_is_not_vacuous(base_objects: list[dict[str, Any]]) -> None:
@@ -476,6 +477,10 @@ def test_kubernetes_expected_objects(base_objects: list[dict[str, Any]]) -> None
         ("StatefulSet", "redis"), ("Service", "redis"), ("PersistentVolumeClaim", "model-cache"),
         ("Deployment", "vllm-large"), ("Service", "vllm-large"), ("Deployment", "vllm-small"),
         ("Service", "vllm-small"), ("ServiceMonitor", "gateway"), ("ServiceMonitor", "vllm"),
+        ("ConfigMap", "redis-config"), ("PodDisruptionBudget", "redis"),
+        ("NetworkPolicy", "default-deny-ingress"), ("NetworkPolicy", "allow-clients-to-gateway"),
+        ("NetworkPolicy", "allow-gateway-to-redis"), ("NetworkPolicy", "allow-gateway-to-vllm"),
+        ("NetworkPolicy", "allow-prometheus-to-vllm"),
     } <= keys
     for o in base_objects:
         if o["kind"] != "Namespace":
@@ -498,10 +503,12 @@ def test_kubernetes_references(base_objects: list[dict[str, Any]]) -> None:
         spec = w["spec"]["template"]["spec"]
         for v in spec.get("volumes", []):
             if "configMap" in v:
+                for item in v["configMap"].get("items", []):
+                    assert item["key"] in objs[("ConfigMap", v["configMap"]["name"])]["data"], _key(w)
                 assert ("ConfigMap", v["configMap"]["name"]) in objs
             if "persistentVolumeClaim" in v:
                 assert ("PersistentVolumeClaim", v["persistentVolumeClaim"]["claimName"]) in objs
-        mounts = {m["name"] for c in spec["containers"] for m in c.get("volumeMounts", [])}
+        mounts = {m["name"] for c in _pod_containers(w) for m in c.get("volumeMounts", [])}
         claims = {t["metadata"]["name"] for t in w["spec"].get("volumeClaimTemplates", [])}
         assert mounts <= {v["name"] for v in spec.get("volumes", [])} | claims, _key(w)
     # every Service selects exactly one workload and its targetPort is a named container port of it
@@ -514,23 +521,76 @@ def test_kubernetes_references(base_objects: list[dict[str, Any]]) -> None:
             assert p["targetPort"] in ports, f"{_key(svc)}: {p['targetPort']}"
     hpa = objs[("HorizontalPodAutoscaler", "gateway")]["spec"]
     assert (hpa["scaleTargetRef"]["kind"], hpa["scaleTargetRef"]["name"]) in objs
-    assert hpa["metrics"][0]["resource"]["name"] == "cpu"
-    pdb = objs[("PodDisruptionBudget", "gateway")]["spec"]
-    assert _matches(pdb["selector"]["matchLabels"], _pod_labels(objs[("Deployment", "gateway")]))
+    for name in ("gateway", "redis"):
+        pdb = objs[("PodDisruptionBudget", name)]["spec"]
+        selected = [w for w in workloads if _matches(pdb["selector"]["matchLabels"], _pod_labels(w))]
+        assert [_key(w) for w in selected] == [(("Deployment" if name == "gateway" else "StatefulSet"), name)]
 
 
-def test_kubernetes_redis_is_persistent(base_objects: list[dict[str, Any]]) -> None:
+def _redis_conf(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        if line.strip() and not line.startswith("#"):
+            k, _, v = line.partition(" ")
+            out[k] = v.strip()
+    return out
+
+
+def _sts_redis(objs: dict[tuple[str, str], dict[str, Any]]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    sts = objs[("StatefulSet", "redis")]
+    return sts, {c["name"]: c for c in _pod_containers(sts)}
+
+
+def test_kubernetes_redis_is_persistent_and_replicated(base_objects: list[dict[str, Any]]) -> None:
+    """Master + 2 replicas + a sentinel per pod, AOF and noeviction on a per-pod volume, one pod per node.
+    tests/test_k8s_redis_sentinel.py runs the init and preStop scripts against real Redis and Sentinel."""
     objs = _by_key(base_objects)
     assert ("Deployment", "redis") not in objs
-    sts = objs[("StatefulSet", "redis")]
-    (c,) = sts["spec"]["template"]["spec"]["containers"]
-    args = _redis_args(c["args"])
-    assert args["appendonly"] == "yes" and args["maxmemory-policy"] == "noeviction" and args["dir"] == "/data"
+    sts, containers = _sts_redis(objs)
+    assert sts["spec"]["replicas"] == 3 and sts["spec"]["podManagementPolicy"] == "OrderedReady"
+    assert set(containers) == {"config", "redis", "sentinel"}
+    conf_map = objs[("ConfigMap", "redis-config")]["data"]
+    assert set(conf_map) == {"redis.conf", "redis-init.sh", "redis-prestop.sh"}
+    conf = _redis_conf(conf_map["redis.conf"])
+    assert conf["appendonly"] == "yes" and conf["maxmemory-policy"] == "noeviction" and conf["dir"] == "/data"
+    # the init container writes the per-pod files where the containers read them
+    assert containers["config"]["command"] == ["sh", "/etc/redis/redis-init.sh"]
+    assert containers["redis"]["command"] == ["redis-server", "/run/redis/redis.conf"]
+    assert containers["sentinel"]["command"] == ["redis-sentinel", "/run/redis/sentinel.conf"]
+    assert "BASE_CONF:-/etc/redis/redis.conf" in conf_map["redis-init.sh"]
+    assert "CONF_DIR:-/run/redis" in conf_map["redis-init.sh"]
+    for name in ("config", "redis", "sentinel"):
+        mounts = {m["name"]: m["mountPath"] for m in containers[name]["volumeMounts"]}
+        assert mounts["run"] == "/run/redis", name
+        if name != "sentinel":
+            assert mounts["config"] == "/etc/redis", name
+    vols = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    assert vols["run"]["emptyDir"]["medium"] == "Memory"  # the generated files hold the password
     (claim,) = sts["spec"]["volumeClaimTemplates"]
-    assert {"name": claim["metadata"]["name"], "mountPath": "/data"} in c["volumeMounts"]
+    assert {"name": claim["metadata"]["name"], "mountPath": "/data"} in containers["redis"]["volumeMounts"]
     assert claim["spec"]["resources"]["requests"]["storage"]
+    # peers: one address per replica, as the gateway's REDIS_URL names them
+    env = {e["name"]: e for e in containers["config"]["env"]}
+    assert env["REPLICAS"]["value"] == str(sts["spec"]["replicas"])
+    assert env["PEER_FMT"]["value"] == f"redis-%s.{sts['spec']['serviceName']}"
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert containers["redis"]["lifecycle"]["preStop"]["exec"]["command"] == ["sh", "/etc/redis/redis-prestop.sh"]
+    assert {e["name"] for e in containers["redis"]["env"]} >= {"POD_NAME", "REPLICAS", "PEER_FMT", "REDIS_PASSWORD"}
+    # the preStop waits at most WAIT_S (20) for the handover, within the grace period
+    wait_s = int(re.search(r"WAIT_S=\$\{WAIT_S:-(\d+)\}", conf_map["redis-prestop.sh"]).group(1))  # type: ignore[union-attr]
+    assert sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= wait_s + 10
+    # never two copies on one node
+    spread = sts["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert {"topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule"}.items() <= next(
+        t for t in spread if t["topologyKey"] == "kubernetes.io/hostname").items()
     svc = objs[("Service", "redis")]
     assert sts["spec"]["serviceName"] == "redis" and svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["publishNotReadyAddresses"] is True  # a starting pod must resolve its peers
+    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"redis": 6379, "sentinel": 26379}
+
+
+def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container["env"]}
 
 
 def test_kubernetes_gateway_deployment(base_objects: list[dict[str, Any]]) -> None:
@@ -538,18 +598,20 @@ def test_kubernetes_gateway_deployment(base_objects: list[dict[str, Any]]) -> No
     dep = objs[("Deployment", "gateway")]
     assert dep["spec"]["replicas"] == 3
     pod = dep["spec"]["template"]
-    ann = pod["metadata"]["annotations"]
-    assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/port"] == "8000"
+    # /metrics needs the key: no annotation-based scraping (it would get 401); the ServiceMonitor sends it
+    assert not any(k.startswith("prometheus.io/") for k in pod["metadata"].get("annotations", {}))
     assert len(pod["spec"]["topologySpreadConstraints"]) >= 1
     (c,) = pod["spec"]["containers"]
-    assert c["image"] == "registry.example.com/vllm-gateway:0.1.0"
+    assert re.fullmatch(r"registry\.example\.com/vllm-gateway:0\.1\.0@sha256:[0-9a-f]{64}", c["image"])
     assert c["ports"][0]["containerPort"] == 8000
-    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # one engine down must not take every replica out of the Service (tests/test_readiness.py)
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz?require=any"
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
-    env = {e["name"]: e for e in c["env"]}
+    env = _env(c)
     assert env["GATEWAY_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "gateway-api-keys"
-    assert env["REDIS_URL"]["value"] == "redis://redis:6379/0"
+    assert env["GATEWAY_METRICS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "gateway-metrics", "key": "token"}
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "redis-auth", "key": "password"}
     # the config file lands where the image's CMD reads it
     mount = next(m for m in c["volumeMounts"] if m["name"] == "config")
     cm = objs[("ConfigMap", "gateway-config")]
@@ -558,6 +620,255 @@ def test_kubernetes_gateway_deployment(base_objects: list[dict[str, Any]]) -> No
     # every ${VAR} in the config without a default is provided by the container env
     required = {m.group(1) for m in re.finditer(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", cm["data"]["gateway.yaml"])}
     assert required <= set(env)
+    assert yaml.safe_load(cm["data"]["gateway.yaml"])["server"]["metrics_key"] == "${GATEWAY_METRICS_KEY}"
+
+
+def test_kubernetes_gateway_redis_url(base_objects: list[dict[str, Any]]) -> None:
+    """REDIS_URL names every Redis pod's sentinel and the master name the sentinels monitor; the password
+    comes from the Secret through the kubelet's $(VAR) expansion (never written in the manifest)."""
+    from gateway.redis_client import parse_sentinel_url
+
+    objs = _by_key(base_objects)
+    (c,) = objs[("Deployment", "gateway")]["spec"]["template"]["spec"]["containers"]
+    names = [e["name"] for e in c["env"]]
+    url = _env(c)["REDIS_URL"]["value"]
+    refs = set(re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", url))
+    assert refs == {"REDIS_PASSWORD"}
+    for ref in refs:  # the kubelet expands only variables defined earlier in the list
+        assert names.index(ref) < names.index("REDIS_URL")
+    t = parse_sentinel_url(url.replace("$(REDIS_PASSWORD)", "0123abcd"))
+    assert t.password == "0123abcd" and t.sentinel_password == "0123abcd" and t.username is None
+    sts, containers = _sts_redis(objs)
+    peer_fmt = _env(containers["config"])["PEER_FMT"]["value"]
+    sentinel_port = containers["sentinel"]["ports"][0]["containerPort"]
+    assert list(t.sentinels) == [(peer_fmt % i, sentinel_port) for i in range(sts["spec"]["replicas"])]
+    init = objs[("ConfigMap", "redis-config")]["data"]["redis-init.sh"]
+    assert f"MASTER_NAME=${{MASTER_NAME:-{t.master}}}" in init and "MASTER_NAME" not in _env(containers["config"])
+    # passwords must be URL-safe, and the init script refuses others rather than break the URL
+    assert "openssl rand -hex" in init
+
+
+def test_kubernetes_gateway_grace_covers_shutdown(base_objects: list[dict[str, Any]]) -> None:
+    """SIGTERM comes after the preStop hook, and both count against terminationGracePeriodSeconds: the pod
+    must not be SIGKILLed while streams still have server.shutdown_grace_s to finish and records to flush."""
+    from gateway.config import parse_config
+
+    objs = _by_key(base_objects)
+    pod = objs[("Deployment", "gateway")]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    cmd = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert cmd[0] == "sleep"
+    prestop_s = float(cmd[1])
+    text = objs[("ConfigMap", "gateway-config")]["data"]["gateway.yaml"]
+    cfg = parse_config(text, "gateway.yaml", _dummy_env(K8S_BASE / "gateway.yaml"))
+    grace = cfg.server.shutdown_grace_s
+    assert grace == 30.0
+    flush_margin_s = 10  # the ledger flush and the process exit after the last stream
+    assert pod["terminationGracePeriodSeconds"] >= prestop_s + grace + flush_margin_s
+    assert pod["terminationGracePeriodSeconds"] >= c["readinessProbe"]["periodSeconds"] * c["readinessProbe"][
+        "failureThreshold"]
+
+
+RELEASE_FILLED = {"registry.example.com/vllm-gateway", "vllm/vllm-openai"}
+_ZERO_DIGEST = "sha256:" + "0" * 64
+
+
+def test_kubernetes_images_pinned_by_digest(base_objects: list[dict[str, Any]], dashboards_dir: Path) -> None:
+    """Every image is name:tag@sha256:<digest>; all-zero digests are the placeholders the release step fills
+    in (docs/deploy.md), and only for the images it names."""
+    seen = set()
+    for label, objs in _all_renderings(base_objects, dashboards_dir):
+        for o in objs:
+            for c in _pod_containers(o):
+                m = re.fullmatch(r"([a-z0-9./-]+):([A-Za-z0-9._-]+)@(sha256:[0-9a-f]{64})", c["image"])
+                assert m, f"{label}: {_key(o)} {c['name']}: {c['image']} is not pinned by digest"
+                if m.group(3) == _ZERO_DIGEST:
+                    assert m.group(1) in RELEASE_FILLED, f"{label}: {c['image']}: placeholder digest"
+                seen.add(m.group(1))
+    assert {"registry.example.com/vllm-gateway", "vllm/vllm-openai", "redis"} <= seen
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    for name in RELEASE_FILLED:
+        assert name.split("/")[-1] in docs
+
+
+_SECRET_CMD = re.compile(r"create secret generic ([a-z0-9-]+)((?:\\\n|[^\n])*)")  # to the command's end
+
+
+def _documented_secrets(text: str) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for m in _SECRET_CMD.finditer(text):
+        out.setdefault(m.group(1), set()).update(re.findall(r"--from-literal=([A-Za-z_0-9]+)=", m.group(2)))
+    return out
+
+
+def _secret_refs(objs: list[dict[str, Any]]) -> list[tuple[str, str, bool]]:
+    refs = []
+    for o in objs:
+        for c in _pod_containers(o):
+            for e in c.get("env", []):
+                if ref := e.get("valueFrom", {}).get("secretKeyRef"):
+                    refs.append((ref["name"], ref["key"], bool(ref.get("optional"))))
+        if o["kind"] == "ServiceMonitor":
+            for ep in o["spec"]["endpoints"]:
+                if cred := ep.get("authorization", {}).get("credentials"):
+                    refs.append((cred["name"], cred["key"], False))
+    return refs
+
+
+def test_kubernetes_secret_refs_are_created_by_the_documented_commands(base_objects: list[dict[str, Any]]) -> None:
+    """The Secrets are not in the repository: every non-optional key a pod or ServiceMonitor reads is created
+    by the `kubectl create secret` lines of kustomization.yaml and docs/deploy.md."""
+    refs = _secret_refs(base_objects)
+    assert {(n, k) for n, k, _ in refs} >= {("redis-auth", "password"), ("gateway-metrics", "token"),
+                                             ("gateway-api-keys", "GATEWAY_API_KEY")}
+    for source in (K8S_BASE / "kustomization.yaml", ROOT / "docs" / "deploy.md"):
+        documented = _documented_secrets(source.read_text())
+        for name, key, optional in refs:
+            if not optional:
+                assert key in documented.get(name, set()), f"{source.name}: no command creates {name}/{key}"
+        assert not any(o["kind"] == "Secret" for o in base_objects)
+
+
+def _port_number(pod: dict[str, Any], port: int | str) -> int | None:
+    if isinstance(port, int):
+        return port
+    for c in pod["spec"]["template"]["spec"]["containers"]:
+        for p in c.get("ports", []):
+            if p["name"] == port:
+                return int(p["containerPort"])
+    return None
+
+
+def _selects(sel: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(sel) <= {"matchLabels"}, sel  # matchExpressions: not used here, not evaluated
+    return _matches(sel.get("matchLabels", {}), labels)
+
+
+def ingress_allowed(policies: list[dict[str, Any]], dst: dict[str, Any], port: int, src_labels: dict[str, str],
+                    src_namespace: str, namespaces: dict[str, dict[str, str]]) -> bool:
+    """NetworkPolicy ingress semantics (namespace-local policies, label selectors, TCP ports): a pod no policy
+    selects takes everything; a selected pod takes what any rule of any selecting policy allows."""
+    dst_ns = dst["metadata"]["namespace"]
+    selecting = [p for p in policies if p["metadata"]["namespace"] == dst_ns
+                 and "Ingress" in p["spec"]["policyTypes"] and _selects(p["spec"]["podSelector"], _pod_labels(dst))]
+    if not selecting:
+        return True
+    for pol in selecting:
+        for rule in pol["spec"].get("ingress", []):
+            ports = rule.get("ports")
+            if ports is not None and not any(p.get("protocol", "TCP") == "TCP" and _port_number(dst, p["port"]) == port
+                                             for p in ports):
+                continue
+            peers = rule.get("from")
+            if peers is None:
+                return True
+            for peer in peers:
+                assert set(peer) <= {"podSelector", "namespaceSelector"}, peer
+                if "namespaceSelector" in peer:
+                    ns_ok = _selects(peer["namespaceSelector"], namespaces.get(src_namespace, {}))
+                else:
+                    ns_ok = src_namespace == dst_ns
+                pod_ok = _selects(peer.get("podSelector", {}), src_labels)
+                if ns_ok and pod_ok:
+                    return True
+    return False
+
+
+def test_kubernetes_network_policies(base_objects: list[dict[str, Any]]) -> None:
+    """Only gateway pods reach Redis and vLLM; Redis pods reach each other; Prometheus (namespace monitoring)
+    reaches the gateway and vLLM's port; clients reach the gateway's port 8000 and nothing else."""
+    objs = _by_key(base_objects)
+    policies = [o for o in base_objects if o["kind"] == "NetworkPolicy"]
+    workloads = [o for o in base_objects if o["kind"] in ("Deployment", "StatefulSet")]
+    ns = "llm-gateway"
+    namespaces = {ns: {"kubernetes.io/metadata.name": ns},
+                  "monitoring": {"kubernetes.io/metadata.name": "monitoring"},
+                  "other": {"kubernetes.io/metadata.name": "other"}}
+    for pol in policies:  # every selector selects something, every named port exists on what it selects
+        selected = [w for w in workloads if _selects(pol["spec"]["podSelector"], _pod_labels(w))]
+        assert selected, pol["metadata"]["name"]
+        for rule in pol["spec"].get("ingress", []):
+            for p in rule.get("ports", []):
+                assert all(_port_number(w, p["port"]) for w in selected), (pol["metadata"]["name"], p)
+            for peer in rule.get("from", []):
+                if "podSelector" in peer and "namespaceSelector" not in peer:
+                    assert any(_selects(peer["podSelector"], _pod_labels(w)) for w in workloads), peer
+    for w in workloads:  # default deny covers every pod
+        assert not ingress_allowed(policies, w, 12345, {"app": "x"}, ns, namespaces), _key(w)
+
+    gateway_labels = _pod_labels(objs[("Deployment", "gateway")])
+    redis_labels = _pod_labels(objs[("StatefulSet", "redis")])
+    vllm_labels = _pod_labels(objs[("Deployment", "vllm-large")])
+    prometheus = {"app.kubernetes.io/name": "prometheus"}
+    stranger = {"app": "debug-shell"}
+    redis, gw = objs[("StatefulSet", "redis")], objs[("Deployment", "gateway")]
+
+    def allowed(dst: dict[str, Any], port: int, labels: dict[str, str], src_ns: str = ns) -> bool:
+        return ingress_allowed(policies, dst, port, labels, src_ns, namespaces)
+
+    for port in (6379, 26379):
+        assert allowed(redis, port, gateway_labels) and allowed(redis, port, redis_labels)
+        for labels, src_ns in ((stranger, ns), (vllm_labels, ns), (gateway_labels, "other"),
+                               (prometheus, "monitoring")):
+            assert not allowed(redis, port, labels, src_ns), (port, labels, src_ns)
+    for name in ("vllm-large", "vllm-small"):
+        vllm = objs[("Deployment", name)]
+        assert allowed(vllm, 8000, gateway_labels) and allowed(vllm, 8000, prometheus, "monitoring")
+        for labels, src_ns in ((stranger, ns), (redis_labels, ns), (prometheus, "other"), (stranger, "monitoring"),
+                               (gateway_labels, "other")):
+            assert not allowed(vllm, 8000, labels, src_ns), (name, labels, src_ns)
+    assert allowed(gw, 8000, stranger, "other") and allowed(gw, 8000, prometheus, "monitoring")
+    assert not allowed(gw, 9000, stranger, "other")
+
+
+def test_kubernetes_pdbs_let_unhealthy_pods_go(base_objects: list[dict[str, Any]]) -> None:
+    """A PDB must never block a node drain because pods are unready anyway (crash loop, engines gone)."""
+    pdbs = [o for o in base_objects if o["kind"] == "PodDisruptionBudget"]
+    assert {p["metadata"]["name"] for p in pdbs} == {"gateway", "redis"}
+    for p in pdbs:
+        assert p["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+        assert p["spec"]["maxUnavailable"] == 1 and "minAvailable" not in p["spec"]
+
+
+ADAPTER_VALUES = K8S / "autoscaling" / "prometheus-adapter-values.yaml"
+
+
+def test_kubernetes_hpa_scales_on_in_flight_requests(base_objects: list[dict[str, Any]],
+                                                     monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The HPA's custom metric is one prometheus-adapter serves (rule in deploy/kubernetes/autoscaling) from a
+    series the gateway exports, with a query Prometheus parses; CPU stays as the second signal."""
+    from gateway.metrics import GatewayMetrics
+
+    hpa = _by_key(base_objects)[("HorizontalPodAutoscaler", "gateway")]["spec"]
+    kinds = {m["type"]: m for m in hpa["metrics"]}
+    assert set(kinds) == {"Pods", "Resource"} and kinds["Resource"]["resource"]["name"] == "cpu"
+    pods_metric = kinds["Pods"]["pods"]
+    assert pods_metric["target"]["type"] == "AverageValue" and float(pods_metric["target"]["averageValue"]) > 0
+    name = pods_metric["metric"]["name"]
+    assert hpa["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 60
+
+    values = yaml.safe_load(ADAPTER_VALUES.read_text())
+    (rule,) = [r for r in values["rules"]["custom"] if r["name"]["as"] == name]
+    series = re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{", rule["seriesQuery"]).group(1)  # type: ignore[union-attr]
+    assert re.fullmatch(rule["name"]["matches"], series)
+    assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+    # the gateway exports that series (a gauge, one sample per model)
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    metrics = GatewayMetrics({"m"}, {"d"})
+    metrics.in_flight.labels(model="m").inc()
+    assert re.search(rf"^{series}\{{model=\"m\"\}} 1\.0$", metrics.render().decode(), re.M)
+    # the query, as the adapter fills in its template, parses in Prometheus
+    query = (rule["metricsQuery"].replace("<<.Series>>", series)
+             .replace("<<.LabelMatchers>>", 'namespace="llm-gateway",pod=~"gateway-a|gateway-b"')
+             .replace("<<.GroupBy>>", "pod"))
+    assert "<<" not in query
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed: the query was not parsed")
+    rules = tmp_path / "q.yml"
+    rules.write_text(yaml.safe_dump({"groups": [{"name": "q", "rules": [{"record": "q:in_flight", "expr": query}]}]}))
+    r = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_kubernetes_vllm_and_config_upstreams(base_objects: list[dict[str, Any]]) -> None:
@@ -567,7 +878,7 @@ def test_kubernetes_vllm_and_config_upstreams(base_objects: list[dict[str, Any]]
                         ("vllm-small", "Qwen/Qwen2.5-0.5B-Instruct")):
         dep = objs[("Deployment", name)]
         (c,) = dep["spec"]["template"]["spec"]["containers"]
-        assert re.fullmatch(r"vllm/vllm-openai:v\d+\.\d+\.\d+", c["image"])
+        assert re.fullmatch(r"vllm/vllm-openai:v\d+\.\d+\.\d+@sha256:[0-9a-f]{64}", c["image"])
         assert c["command"] == ["vllm", "serve"] and c["args"][0] == model
         assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
         assert c["readinessProbe"]["httpGet"]["path"] == "/health"
@@ -594,7 +905,11 @@ def test_servicemonitors(base_objects: list[dict[str, Any]]) -> None:
         hits = [s for s in services if _matches(sel, s["metadata"].get("labels", {}))]
         assert hits, f"ServiceMonitor {sm['metadata']['name']} selects no Service"
         for ep in sm["spec"]["endpoints"]:
-            assert set(ep) <= {"port", "path", "interval", "scrapeTimeout", "scheme", "honorLabels", "relabelings"}
+            assert set(ep) <= {"port", "path", "interval", "scrapeTimeout", "scheme", "honorLabels", "relabelings",
+                               "authorization"}
+            if sm["metadata"]["name"] == "gateway":  # /metrics needs the key the gateway reads from the Secret
+                assert ep["authorization"] == {"type": "Bearer",
+                                               "credentials": {"name": "gateway-metrics", "key": "token"}}
             for rl in ep.get("relabelings", []):  # monitoring.coreos.com/v1 RelabelConfig fields only
                 assert set(rl) <= {"sourceLabels", "separator", "targetLabel", "regex", "modulus", "replacement",
                                    "action"}
