@@ -576,9 +576,10 @@ def test_kubernetes_redis_is_persistent_and_replicated(base_objects: list[dict[s
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert containers["redis"]["lifecycle"]["preStop"]["exec"]["command"] == ["sh", "/etc/redis/redis-prestop.sh"]
     assert {e["name"] for e in containers["redis"]["env"]} >= {"POD_NAME", "REPLICAS", "PEER_FMT", "REDIS_PASSWORD"}
-    # the preStop waits at most WAIT_S (20) for the handover, within the grace period
-    wait_s = int(re.search(r"WAIT_S=\$\{WAIT_S:-(\d+)\}", conf_map["redis-prestop.sh"]).group(1))  # type: ignore[union-attr]
-    assert sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= wait_s + 10
+    # the preStop waits at most AWARE_S for an informed sentinel and WAIT_S for the handover: within the grace
+    waits = [int(re.search(rf"{v}=\$\{{{v}:-(\d+)\}}", conf_map["redis-prestop.sh"]).group(1))  # type: ignore[union-attr]
+             for v in ("AWARE_S", "WAIT_S")]
+    assert sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= sum(waits) + 5
     # never two copies on one node
     spread = sts["spec"]["template"]["spec"]["topologySpreadConstraints"]
     assert {"topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule"}.items() <= next(

@@ -101,6 +101,14 @@ class Pod:
         _until(lambda: self.client().ping() and self.sentinel().ping(), 20, f"pod {self.ordinal} up")
         return init.stdout
 
+    def stop(self) -> None:
+        """The kubelet's SIGTERM to both containers (after the preStop hook)."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            p.wait(30)
+
     def kill(self) -> None:
         """A node loss: both containers SIGKILLed."""
         for p in self.procs:
@@ -227,16 +235,22 @@ def _master(pods: list[Pod]) -> Pod:
     return masters[0]
 
 
-def test_redis_statefulset_bootstraps_fails_over_and_rejoins(pods: list[Pod]) -> None:
-    # first start, in StatefulSet order
+def _first_start(pods: list[Pod]) -> list[str]:
+    """The StatefulSet's first start, in order; returns each init container's output."""
     outputs = [p.start() for p in pods]
+    for p in pods:
+        _until(lambda p=p: (m := p.sentinel().sentinel_master("gateway"))["num-slaves"] == 2
+               and m["num-other-sentinels"] == 2, 30, f"sentinel {p.ordinal} sees the set")
+    return outputs
+
+
+def test_redis_statefulset_bootstraps_fails_over_and_rejoins(pods: list[Pod]) -> None:
+    outputs = _first_start(pods)
     assert "first start" in outputs[0] and "master" in outputs[0]
     for p in pods[1:]:
         _until(lambda p=p: p.client().info("replication")["master_link_status"] == "up", 20, "replica synced")
         assert p.client().info("replication")["master_host"] == pods[0].host
     for p in pods:
-        _until(lambda p=p: (m := p.sentinel().sentinel_master("gateway"))["num-slaves"] == 2
-               and m["num-other-sentinels"] == 2, 30, f"sentinel {p.ordinal} sees the set")
         assert p.sentinel().sentinel_get_master_addr_by_name("gateway") == (pods[0].host, pods[0].port)
 
     # the password is required, by Redis and by the sentinels
@@ -259,6 +273,11 @@ def test_redis_statefulset_bootstraps_fails_over_and_rejoins(pods: list[Pod]) ->
     assert ok <= value <= ok + in_doubt, (ok, value, in_doubt)
     assert ok > 50 and handover_s < 15 and gap_s < 10, (ok, handover_s, gap_s)
     asyncio.run(_gateway_write(url, "k:after-handover", "2", 15))
+    # replication is asynchronous: only what the replicas have survives a crash of the master. Both are
+    # back in sync (partial resync, or a full one started at once: repl-diskless-sync-delay 0) soon after.
+    t0 = time.monotonic()
+    assert new.client().execute_command("WAIT", 2, 20000) == 2
+    resync_s = time.monotonic() - t0
 
     # node loss of the new master: the two remaining sentinels promote the other replica
     new.kill()
@@ -266,7 +285,8 @@ def test_redis_statefulset_bootstraps_fails_over_and_rejoins(pods: list[Pod]) ->
     write_s = asyncio.run(_gateway_write(url, "k:after-kill", "3", 45))
     survivors = [p for p in pods if p is not new]
     promoted = _master(survivors)
-    print(f"preStop handover {handover_s:.1f} s, longest gap between acknowledged writes {gap_s:.1f} s "
+    print(f"replicas in sync {resync_s:.1f} s after the handover's first write; "
+          f"preStop handover {handover_s:.1f} s, longest gap between acknowledged writes {gap_s:.1f} s "
           f"({ok} acknowledged, {in_doubt} in doubt, counter {value}); SIGKILLed master replaced, gateway "
           f"writing again after {write_s:.1f} s (down-after {DOWN_AFTER_MS} ms)")
     assert promoted.client().get("k:after-handover") == "2"
@@ -282,3 +302,73 @@ def test_redis_statefulset_bootstraps_fails_over_and_rejoins(pods: list[Pod]) ->
     t0 = time.monotonic()
     assert new.prestop().returncode == 0 and time.monotonic() - t0 < 5
     assert _master(pods) is promoted
+
+
+def test_redis_rolling_restart_loses_no_acknowledged_write(pods: list[Pod]) -> None:
+    """`kubectl rollout restart statefulset/redis`: pods 2, 1, 0 in turn get their preStop, SIGTERM, and
+    start again (init script, then Redis and Sentinel, ready before the next), while the gateway's client
+    writes all along. The master's turn hands over; the replicas' turns cost nothing."""
+    _first_start(pods)
+    url = _gateway_url(pods)
+
+    def rollout() -> list[str]:
+        events = []
+        for p in reversed(pods):
+            was = p.role()
+            r = p.prestop()
+            assert r.returncode == 0, r.stderr
+            p.stop()
+            out = p.start()
+            _until(lambda p=p: p.role() == "master" or p.client().info("replication")["master_link_status"] == "up",
+                   30, f"pod {p.ordinal} back")
+            events.append(f"redis-{p.ordinal} ({was}): {out.strip().splitlines()[-1]}")
+        return events
+
+    async def run() -> tuple[int, int, float, list[str]]:
+        client = connect(url, socket_timeout=1, socket_connect_timeout=1)
+        ok = in_doubt = 0
+        gap = 0.0
+        stop = asyncio.Event()
+
+        async def writer() -> None:
+            nonlocal ok, in_doubt, gap
+            last = time.monotonic()
+            while not stop.is_set():
+                try:
+                    await client.incr("k:rollout")
+                    ok += 1
+                    now = time.monotonic()
+                    gap, last = max(gap, now - last), now
+                except redis.ResponseError:
+                    pass
+                except (redis.RedisError, OSError):
+                    in_doubt += 1
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.005)
+
+        task = asyncio.create_task(writer())
+        try:
+            await asyncio.sleep(0.5)
+            events = await asyncio.to_thread(rollout)
+            await asyncio.sleep(1.5)
+        finally:
+            stop.set()
+            await task
+            await client.aclose()
+        return ok, in_doubt, gap, events
+
+    ok, in_doubt, gap, events = asyncio.run(run())
+    master = _master(pods)
+    value = int(master.client().get("k:rollout") or 0)
+    print(f"rolling restart: {'; '.join(events)}; {ok} writes acknowledged, {in_doubt} in doubt, counter {value}, "
+          f"longest gap {gap:.1f} s")
+    assert ok <= value <= ok + in_doubt, (ok, value, in_doubt)
+    assert master.ordinal != 0 and ok > 100 and gap < 10, (master.ordinal, ok, gap)
+    t0 = time.monotonic()
+    for p in pods:  # whole again, every sentinel naming one master with both replicas (none following an old one)
+        _until(lambda p=p: p.sentinel().sentinel_get_master_addr_by_name("gateway") == (master.host, master.port)
+               and p.sentinel().sentinel_master("gateway")["num-slaves"] == 2, 30, f"sentinel {p.ordinal}")
+    print(f"sentinels whole again after {time.monotonic() - t0:.1f} s")
+    for p in pods:
+        if p is not master:
+            assert p.client().info("replication")["master_host"] == master.host, p.ordinal

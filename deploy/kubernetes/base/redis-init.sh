@@ -82,7 +82,8 @@ umask 077  # both files hold the password
   echo "sentinel monitor $MASTER_NAME $master $REDIS_PORT $QUORUM"
   echo "sentinel auth-pass $MASTER_NAME \"$REDIS_PASSWORD\""
   echo "sentinel down-after-milliseconds $MASTER_NAME $DOWN_AFTER_MS"
-  echo "sentinel failover-timeout $MASTER_NAME 60000"
+  # also how long a replica left following the old master waits before the sentinels fix it (default 180 s)
+  echo "sentinel failover-timeout $MASTER_NAME 10000"
   echo "sentinel parallel-syncs $MASTER_NAME 1"
 } > "$CONF_DIR/sentinel.conf"
 echo "$self: $( [ "$master" = "$self" ] && echo master || echo "replica of $master" )"

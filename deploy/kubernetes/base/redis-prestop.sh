@@ -2,8 +2,11 @@
 # preStop of the redis container: a master hands over to a replica before it stops, so a node drain or a
 # rollout costs one promotion (a second or two of waiting writes) instead of down-after-milliseconds plus
 # the promotion, and loses no acknowledged write:
-#   1. pause writes here (clients wait; replication keeps flowing, so the replicas catch up);
-#   2. ask another pod's sentinel to fail over (this pod's own sentinel is being stopped alongside);
+#   1. find another pod's sentinel (this pod's own is being stopped alongside) that knows every replica
+#      attached here: one restarted moments ago (a rollout) learns them only from its next INFO (10 s),
+#      and a failover it led would leave the replicas it does not know following this pod;
+#   2. pause writes here (clients wait; replication keeps flowing, so the replicas catch up), and ask
+#      that sentinel to fail over;
 #   3. as soon as the sentinels name the new master, follow it (the sentinels would demote this pod only
 #      at their next INFO, up to 10 s later) and unpause: waiting writes get READONLY, and the gateway
 #      reconnects through the sentinels to the new master.
@@ -14,6 +17,7 @@ SENTINEL_PORT=${SENTINEL_PORT:-26379}
 MASTER_NAME=${MASTER_NAME:-gateway}
 LOCAL=${LOCAL:-127.0.0.1}
 WAIT_S=${WAIT_S:-20}
+AWARE_S=${AWARE_S:-12}
 export REDISCLI_AUTH="$REDIS_PASSWORD"
 
 cli() { timeout 3 redis-cli --raw "$@" 2>/dev/null; }
@@ -24,17 +28,39 @@ peer() { printf "$PEER_FMT" "$1"; }
 ordinal=${POD_NAME##*-}
 self=$(peer "$ordinal")
 
-here client pause $((WAIT_S * 1000)) write >/dev/null
+attached() { here info replication | tr -d '\r' | sed -n 's/^connected_slaves://p'; }
+known() {  # replicas the sentinel at $1 knows for this master (SENTINEL MASTER: key and value lines)
+  cli -h "$1" -p "$SENTINEL_PORT" sentinel master "$MASTER_NAME" | awk 'prev == "num-slaves" {print; exit} {prev = $0}'
+}
 asked=""
-i=0
-while [ "$i" -lt "$REPLICAS" ]; do
-  if [ "$i" != "$ordinal" ] && [ "$(cli -h "$(peer "$i")" -p "$SENTINEL_PORT" sentinel failover "$MASTER_NAME")" = OK ]
-  then
-    asked=$(peer "$i")
-    break
+waited=0
+while [ -z "$asked" ] && [ "$waited" -le "$AWARE_S" ]; do
+  need=$(attached)
+  i=0
+  while [ "$i" -lt "$REPLICAS" ]; do
+    if [ "$i" != "$ordinal" ]; then
+      k=$(known "$(peer "$i")")
+      if [ -n "$k" ] && [ -n "$need" ] && [ "$k" -ge "$need" ]; then
+        asked=$(peer "$i")
+        break
+      fi
+    fi
+    i=$((i + 1))
+  done
+  if [ -z "$asked" ]; then
+    sleep 1
+    waited=$((waited + 1))
   fi
-  i=$((i + 1))
 done
+if [ -z "$asked" ]; then
+  echo "no sentinel knows every replica: stopping as master (the sentinels fail over after down-after)"
+  exit 0
+fi
+
+here client pause $((WAIT_S * 1000)) write >/dev/null
+if [ "$(cli -h "$asked" -p "$SENTINEL_PORT" sentinel failover "$MASTER_NAME")" != OK ]; then
+  asked=""
+fi
 if [ -n "$asked" ]; then
   tries=0
   while [ "$tries" -lt $((WAIT_S * 5)) ]; do
