@@ -237,6 +237,9 @@ class ServerSpec(_Strict):
     openapi: bool = Field(True, description="serve /openapi.json (names the public models; no secrets)")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, requests still running after this long "
                                     "are cut (outcome gateway_shutdown, accounted)")
+    drain_notice_s: float = Field(0.0, ge=0, le=600, description="on SIGTERM, seconds the replica keeps serving "
+                                  "while /readyz answers 503 (so load balancers take it out) before it stops "
+                                  "accepting; then shutdown_grace_s for what still runs (gateway/drain.py)")
 
     @field_validator("request_log", mode="before")
     @classmethod

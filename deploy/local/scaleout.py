@@ -7,9 +7,15 @@ one work directory (the machine's own Redis on 6379 is never touched):
     redis-server  replica of the master (same settings, so that it is a full stand-in once promoted)
     redis-sentinel x3, quorum 2, down-after 1000 ms: a dead master is replaced in ~2-3 s
     gateway       N replicas (`python -m gateway serve`), REDIS_URL=redis+sentinel://.../gw
-    haproxy       round robin, health check GET /healthz every 500 ms, a refused connection retried
+    haproxy       round robin, health check GET /readyz every 500 ms, a refused connection retried
                   on another replica (`retry-on conn-failure`; a request a replica already received is
                   never sent twice), stats and its own Prometheus exporter on /metrics of a second port
+
+A graceful stop (SIGTERM to a replica) drains: the replica answers /readyz with 503 for
+DRAIN_NOTICE_S while it still serves, HAProxy marks it down (2 failed checks, ~1 s) and sends it
+nothing new, then the replica closes its listener and lets running requests (long streams included)
+finish within server.shutdown_grace_s. HAProxy never cuts the sessions of a server it marks down:
+a stream in progress on a stopping replica runs to its end.
 
 The upstream is the test upstream (gateway/testing/fake_vllm.py) or URLs of running vLLM engines.
 Used by `python -m deploy.local.stack up --replicas 3 --lb haproxy`, by the `replicas` load test
@@ -34,6 +40,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 MASTER_NAME = "gw"
+# /readyz 503 for this long after SIGTERM: HAProxy's checks (every 0.5 s, down after 2 misses) take the
+# replica out well before it stops accepting, also on a loaded machine.
+DRAIN_NOTICE_S = 2.0
 NEEDS = {"redis-server": "redis-server", "redis-sentinel": "redis-sentinel", "haproxy": "haproxy"}
 
 
@@ -177,14 +186,16 @@ frontend gateway
 
 backend gateways
     balance roundrobin
-    option httpchk GET /healthz
+    # /readyz: 503 from the moment a replica starts draining (SIGTERM), so it is out after 2 checks (~1 s)
+    option httpchk GET /readyz
     http-check expect status 200
-    # a replica that refuses connections is skipped at once; one that stops answering health checks
-    # is out after 2 misses (1 s) and its open sessions are cut
+    # a replica that refuses connections is skipped at once (retried on another); one marked down keeps
+    # its established sessions: a stream on a draining replica runs to its end (no on-marked-down
+    # shutdown-sessions; a killed replica's connections die with it anyway)
     retries 2
     option redispatch 1
     retry-on conn-failure
-    default-server check inter 500ms fall 2 rise 2 on-marked-down shutdown-sessions
+    default-server check inter 500ms fall 2 rise 2
 {servers}
 
 frontend stats
@@ -204,7 +215,7 @@ frontend stats
     def _gateway(self, i: int, port: int | None = None) -> Proc:
         port = port or free_port()
         cfg = {**self.gateway_config, "redis": {**self.gateway_config.get("redis", {}), "url": self.redis_url},
-               "server": {**self.gateway_config.get("server", {}),
+               "server": {"drain_notice_s": DRAIN_NOTICE_S, **self.gateway_config.get("server", {}),
                           "request_log": str(self.workdir / f"gateway-{i}-requests.jsonl")}}
         path = self.workdir / f"gateway-{i}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False).replace("${UPSTREAM_URL}", self.upstream_url))
@@ -284,6 +295,10 @@ frontend stats
     def kill_gateway(self, i: int) -> None:
         self.gateways[i].proc.send_signal(signal.SIGKILL)
         self.gateways[i].proc.wait()
+
+    def stop_gateway(self, i: int) -> None:
+        """A graceful stop (SIGTERM), as an orchestrator sends it; returns at once (wait on its proc)."""
+        self.gateways[i].proc.send_signal(signal.SIGTERM)
 
     def restart_gateway(self, i: int) -> None:
         """Start replica `i` again on its old port (HAProxy's health check brings it back)."""
