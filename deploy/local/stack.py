@@ -159,7 +159,8 @@ def up(a: argparse.Namespace) -> int:
 The stack is ready. The gateway listens on http://{a.host}:{a.port} (OpenAI API under /v1).
 
   curl http://127.0.0.1:{a.port}/v1/chat/completions{auth} -H 'Content-Type: application/json' \\
-    -d '{{"model": "smollm2", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}' -i
+    -d '{{"model": "smollm2", "temperature": 0,
+         "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}' -i
 
   models: smollm2 (chat), sentiment (LoRA adapter; held-out accuracy {ev.get('lora_sentiment', {}).get('accuracy', '?')}
           vs base zero-shot {ev.get('base_zero_shot', {}).get('accuracy', '?')}), minilm (embeddings),
@@ -204,10 +205,16 @@ def up_scaleout(a: argparse.Namespace) -> int:
                 engines.ensure_ready()
                 started.append(start(port))
             wait_url(f"http://127.0.0.1:{port}/health", f"vLLM on port {port}", 900)
-        text = text.replace("${CHAT_URL}", chat_url).replace("${EMBED_URL}", embed_url)
+        # one chat engine here: both smollm2 deployments name it (gateway.yaml's CHAT_URL_B)
+        text = text.replace("${CHAT_URL}", chat_url).replace("${CHAT_URL_B}", chat_url) \
+            .replace("${EMBED_URL}", embed_url)
         upstream_url = chat_url
+        with contextlib.suppress(RuntimeError):  # engines prepared here: count prompts with SmolLM2's tokenizer
+            os.environ.setdefault("SMOLLM2_TOKENIZER", str(engines.manifest()["chat_model"]))  # replicas inherit it
     else:
-        text = text.replace("${CHAT_URL}", "${UPSTREAM_URL}").replace("${EMBED_URL}", "${UPSTREAM_URL}")
+        # every URL of gateway.yaml names the test upstream the scale-out stack starts
+        for var in ("${CHAT_URL}", "${CHAT_URL_B}", "${EMBED_URL}"):
+            text = text.replace(var, "${UPSTREAM_URL}")
     workdir = Path(tempfile.mkdtemp(prefix="gateway-scaleout-"))
     so = scaleout.ScaleOut(workdir, replicas=a.replicas, gateway_config=yaml.safe_load(text),
                            upstream_models=["smollm2", "sentiment", "minilm"], upstream_url=upstream_url,
@@ -220,7 +227,7 @@ The scale-out stack is ready:
 {so.describe()}
 
   curl {so.url}/v1/chat/completions -H 'Content-Type: application/json' \\
-    -d '{{"model": "smollm2", "messages": [{{"role": "user", "content": "Hi"}}]}}' -i
+    -d '{{"model": "smollm2", "temperature": 0, "messages": [{{"role": "user", "content": "Hi"}}]}}' -i
 
 Ctrl-C stops everything this command started.""", flush=True)
         signal.signal(signal.SIGINT, _interrupt)
