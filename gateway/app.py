@@ -71,9 +71,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     if gw.ledger.backend is not gw.store:
         await gw.ledger.backend.start()  # the embedded SQLite file (or this process's memory)
     await gw.ledger.start()
+    roller = asyncio.create_task(gw.metrics.spend.keep_rolled(), name="spend-rollover")
     try:
         yield
     finally:
+        roller.cancel()
         app.state.drain.uninstall()
         if gw.active:  # requests cut by shutdown are still draining vLLM and writing their records
             await asyncio.wait(list(gw.active), timeout=DRAIN_S + 1.0)
