@@ -96,6 +96,19 @@ def test_documented_scaleout_command_starts_serves_and_stops() -> None:
         assert embed.status_code == 200, embed.text
         for p in ports[:3]:
             assert httpx.get(f"http://127.0.0.1:{p}/readyz", timeout=5).status_code == 200
+        if not missing_tools(monitoring=True):  # the alerting path: Prometheus scrapes all 3 replicas
+            prom = re.search(r"prometheus: (http://127\.0\.0\.1:\d+).*alertmanager: (http://127\.0\.0\.1:\d+)", out)
+            assert prom, out
+            assert httpx.get(prom.group(2) + "/-/ready", timeout=5).status_code == 200
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                up = httpx.get(prom.group(1) + "/api/v1/query", params={"query": 'sum(up{job="gateway"})'},
+                               timeout=5).json()["data"]["result"]
+                if up and float(up[0]["value"][1]) == 3:
+                    break
+                time.sleep(1)
+            else:
+                raise AssertionError(f"Prometheus does not scrape the 3 replicas: {up}")
 
         stopping = time.monotonic()
         proc.send_signal(signal.SIGINT)  # Ctrl-C
