@@ -268,6 +268,7 @@ def test_sigterm_drains_a_replica_without_cutting_its_streams(stack: ScaleOut) -
             stack.stop_gateway(victim)
             ready = httpx.get(stack.replica_urls[victim] + "/readyz", timeout=5)
             assert ready.status_code == 503 and ready.json()["draining"] is True
+            assert ready.headers["connection"] == "close"  # kept-alive clients move to another replica
             deadline = time.monotonic() + 10
             while stack.backends_up() > 2 and time.monotonic() < deadline:
                 time.sleep(0.1)

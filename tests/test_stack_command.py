@@ -73,6 +73,7 @@ def test_documented_scaleout_command_starts_serves_and_stops() -> None:
         while not ready.wait(0.5):
             assert proc.poll() is None, "".join(lines)
             assert time.monotonic() - started < 120, "not ready after 120 s:\n" + "".join(lines)
+        ready_after = time.monotonic() - started
         out = "".join(lines)
         lb = re.search(r"load balancer \(haproxy\): (http://127\.0\.0\.1:(\d+))", out)
         assert lb, out
@@ -123,3 +124,4 @@ def test_documented_scaleout_command_starts_serves_and_stops() -> None:
     assert not [p for p in ports if listening(p)], ports
     assert not processes_naming(workdir.group(1))
     assert stopped_in < 30
+    print(f"\nstack command: ready in {ready_after:.1f} s, stopped {stopped_in:.1f} s after SIGINT")
