@@ -154,6 +154,7 @@ class RedisStore:
         # slot each), and an outage is marked per hash slot, so a failing master switches off only its slots.
         self.cluster = is_cluster(url)
         self._down_slots: dict[int, float] = {}
+        self._answers_logged = float("-inf")
         self.stream = prefix + ledger_stream
         self.maxlen = ledger_maxlen
         self.usage_ttl_s = usage_days * 86400
@@ -210,8 +211,12 @@ class RedisStore:
                 self.down_until = 0.0
             else:
                 self._down_slots.pop(slot, None)
-            if not self.cluster or not self._down_slots:
+            now = time.monotonic()
+            if not self.cluster:
                 log.warning("redis answers again")
+            elif now - self._answers_logged >= 10.0:  # slots recover one by one (and may flap): one line per 10 s
+                self._answers_logged = now
+                log.warning("redis cluster answers again (slot %s)", slot)
         return result
 
     async def ping(self) -> None:
