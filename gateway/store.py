@@ -174,6 +174,8 @@ class RedisStore:
     async def start(self) -> None:
         try:
             await self.ping()
+        except StoreCommandError as e:  # e.g. redis+cluster:// naming a server without cluster mode
+            log.error("redis answers but refuses the gateway (check redis.url): %s", e)
         except StoreUnavailable:
             log.warning("redis is not reachable at start-up; serving without it until it answers")
 
