@@ -270,5 +270,8 @@ def test_master_failover_under_load_loses_no_finished_record(
           f"(tenant on the killed master: {sorted(exposed)})")
     assert not lost, f"{len(lost)} of {len(answered)} answered requests have no ledger record"
     assert dropped == 0
+    # the settles the dead master did not take were retried on the promoted one
+    assert all(metric_value(g.metrics(), "gateway_limit_settles_pending") == 0 for g in gws)
+    assert sum(metric_value(g.metrics(), "gateway_limit_settles_dropped_total") for g in gws) == 0
     assert all(fail_open[t] == 0 for t in tenants if t not in exposed), fail_open
 
