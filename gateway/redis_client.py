@@ -16,7 +16,8 @@ still open to a demoted master is dropped on its first READONLY answer (redis-py
 The Cluster form lists seed nodes (any masters or replicas of the cluster; one that answers is enough):
 
     redis+cluster://[user:password@]host1:7000,host2:7001[,...]
-    rediss+cluster://...   TLS to every node
+    rediss+cluster://...[?ssl_ca_certs=/path/ca.pem&ssl_cert_reqs=required&ssl_certfile=...&ssl_keyfile=...]
+                           TLS to every node (a private CA, a client certificate)
 
 redis-py's asyncio RedisCluster asks a seed for the slot map (CLUSTER SLOTS), sends each command to
 the master of its key's slot, follows MOVED/ASK and reloads the map after a connection error (a
@@ -86,6 +87,10 @@ class ClusterTarget:
     username: str | None = None
     password: str | None = None
     tls: bool = False
+    tls_options: tuple[tuple[str, str], ...] = ()  # the ssl_* query parameters, for redis-py
+
+
+_CLUSTER_TLS_QUERY = {"ssl_ca_certs", "ssl_cert_reqs", "ssl_certfile", "ssl_keyfile"}
 
 
 def parse_cluster_url(url: str) -> ClusterTarget:
@@ -96,9 +101,17 @@ def parse_cluster_url(url: str) -> ClusterTarget:
     username, password, seeds = _credentials_and_hosts(parts.netloc, "cluster node")
     if parts.path.strip("/") not in ("", "0"):
         raise ValueError("a Redis Cluster has only database 0: leave the path out")
-    if parts.query:
-        raise ValueError("a Cluster URL takes no query parameters")
-    return ClusterTarget(tuple(seeds), username, password, parts.scheme == "rediss+cluster")
+    tls = parts.scheme == "rediss+cluster"
+    query = parse_qs(parts.query, keep_blank_values=True)
+    unknown = sorted(set(query) - _CLUSTER_TLS_QUERY) if tls else sorted(query)
+    if unknown:
+        known = ", ".join(sorted(_CLUSTER_TLS_QUERY)) + " (rediss+cluster:// only)"
+        raise ValueError(f"unknown query parameter(s) {', '.join(unknown)}; known: {known}")
+    options = tuple(sorted((k, v[0]) for k, v in query.items()))
+    reqs = dict(options).get("ssl_cert_reqs")
+    if reqs is not None and reqs not in ("none", "optional", "required"):
+        raise ValueError(f"ssl_cert_reqs {reqs!r} is not none, optional or required")
+    return ClusterTarget(tuple(seeds), username, password, tls, options)
 
 
 def _credentials_and_hosts(netloc: str, what: str) -> tuple[str | None, str | None, list[tuple[str, int]]]:
@@ -179,7 +192,7 @@ class SentinelMaster(aioredis.Redis):
 def connect_cluster(t: ClusterTarget, **options: Any) -> RedisCluster:
     """redis-py's asyncio RedisCluster on the seeds. It keeps serving the slots it can when some are not
     covered (a master down before its replica is promoted): the gateway marks only those slots down."""
-    opts = {**options}
+    opts: dict[str, Any] = {**dict(t.tls_options), **options}
     if opts.get("max_connections") is None:
         opts["max_connections"] = CLUSTER_MAX_CONNECTIONS
     return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in t.seeds],

@@ -4,11 +4,13 @@ Each node runs on a free port with its own temporary directory (nodes.conf, appe
 `redis-cli --cluster create ... --cluster-replicas 1` assigns the 16384 slots and the replicas. The
 node timeout is 1 s (the default 15 s would make every failover test slow) and
 `cluster-require-full-coverage no`, as docs/redis.md recommends: the masters that are up keep serving
-their slots while a failed one is being replaced.
+their slots while a failed one is being replaced. Every node requires a password (the gateway's URL
+carries it to the nodes it discovers).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -24,6 +26,7 @@ from redis.crc import key_slot
 from tests.conftest import free_port
 
 NODE_TIMEOUT_MS = 1000
+PASSWORD = "cluster-secret"  # requirepass + masterauth on every node: the URL's password must reach every node
 
 
 @dataclass
@@ -33,7 +36,7 @@ class Node:
     proc: subprocess.Popen[bytes] | None = None
 
     def client(self, timeout: float = 2.0) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=timeout)
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=timeout, password=PASSWORD)
 
     @property
     def alive(self) -> bool:
@@ -46,7 +49,7 @@ class LocalCluster:
 
     @property
     def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+        return f"redis+cluster://:{PASSWORD}@" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
     def live(self) -> list[Node]:
         return [n for n in self.nodes if n.alive]
@@ -147,7 +150,8 @@ def start_cluster(base: Path, n_masters: int = 3) -> LocalCluster:
                  "--cluster-port", str(free_port()),  # the bus port; port + 10000 may be taken or too high
                  "--cluster-node-timeout", str(NODE_TIMEOUT_MS), "--cluster-require-full-coverage", "no",
                  "--cluster-replica-validity-factor", "0", "--appendonly", "yes", "--appendfsync", "everysec",
-                 "--save", "", "--daemonize", "no", "--loglevel", "warning", "--logfile", str(d / "redis.log")],
+                 "--requirepass", PASSWORD, "--masterauth", PASSWORD, "--save", "", "--daemonize", "no",
+                 "--loglevel", "warning", "--logfile", str(d / "redis.log")],
                 stdout=subprocess.DEVNULL)
             cluster.nodes.append(node)
         for node in cluster.nodes:
@@ -161,7 +165,8 @@ def start_cluster(base: Path, n_masters: int = 3) -> LocalCluster:
                         raise TimeoutError(f"redis-server on port {node.port} did not start") from None
                     time.sleep(0.02)
         subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in cluster.nodes),
-                        "--cluster-replicas", "1", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+                        "--cluster-replicas", "1", "--cluster-yes"], check=True, capture_output=True, timeout=60,
+                       env={**os.environ, "REDISCLI_AUTH": PASSWORD})
         cluster.wait_healthy()
         # every replica has finished its first sync, so a failover has a replica to promote
         deadline = time.monotonic() + 30

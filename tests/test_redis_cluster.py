@@ -67,9 +67,14 @@ def test_cluster_url_is_parsed_and_checked() -> None:
         ClusterTarget((("h1", 7000), ("::1", 7001)))
     assert parse_cluster_url("rediss+cluster://app:s%40cret@h1:7000/") == \
         ClusterTarget((("h1", 7000),), "app", "s@cret", True)
+    assert parse_cluster_url("rediss+cluster://h1:7000?ssl_ca_certs=/ca.pem&ssl_cert_reqs=required") == \
+        ClusterTarget((("h1", 7000),), tls=True,
+                      tls_options=(("ssl_ca_certs", "/ca.pem"), ("ssl_cert_reqs", "required")))
     for url, problem in (("redis+cluster://h1:7000,h2", "cluster node address 'h2' is not host:port"),
                          ("redis+cluster://h1:7000/3", "only database 0"),
-                         ("redis+cluster://h1:7000?ssl=1", "no query parameters")):
+                         ("redis+cluster://h1:7000?ssl_ca_certs=/ca.pem", "unknown query parameter"),
+                         ("rediss+cluster://h1:7000?password=x", "unknown query parameter.s. password"),
+                         ("rediss+cluster://h1:7000?ssl_cert_reqs=maybe", "is not none, optional or required")):
         with pytest.raises(ValueError, match=problem):
             check_url(url)
 
