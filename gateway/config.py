@@ -123,7 +123,8 @@ class RedisFailureSpec(_Strict):
 
 class RedisSpec(_Strict):
     url: str | None = Field(None, description="redis://[user:pw@]host:port/db, rediss:// (TLS), unix://, or "
-                            "redis+sentinel://host:port,host:port/MASTER[/db] (docs/redis.md); unset or empty: "
+                            "redis+sentinel://host:port,host:port/MASTER[/db], redis+cluster://seed:port,seed:port "
+                            "(docs/redis.md); unset or empty: "
                             "in-process backend")
     key_prefix: str = "gw:"
     timeout_s: float = Field(0.25, gt=0, description="socket timeout of each Redis command")
