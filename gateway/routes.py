@@ -112,11 +112,13 @@ async def healthz() -> Response:
 
 @router.get("/readyz", responses={
     400: {"model": ErrorResponse, "description": "require is neither 'all' nor 'any'"},
-    503: {"description": "a model (require=any: every model) has no healthy deployment"}})
+    503: {"description": "draining (SIGTERM), or a model (require=any: every model) has no healthy deployment"}})
 async def readyz(request: Request, require: Literal["all", "any"] = "all") -> Response:
     """`require=all` (default): every model has a healthy deployment. `require=any`: at least one has, for a
     Kubernetes readiness probe, where an engine that is down for every replica must not take them all out of
-    the Service (and then block node drains) while the other models still answer."""
+    the Service (and then block node drains) while the other models still answer. Draining: 503 either way."""
+    if request.app.state.drain.draining:  # going away: load balancers stop sending (gateway/drain.py)
+        return Response(b'{"ready":false,"draining":true}', status_code=503, media_type=JSON)
     ready = _gateway(request).pool.ready_models()
     ok = (all if require == "all" else any)(ready.values())
     return Response(orjson.dumps({"ready": ok, "models": ready}), status_code=200 if ok else 503, media_type=JSON)
