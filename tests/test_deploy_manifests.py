@@ -478,7 +478,7 @@ def test_kubernetes_expected_objects(base_objects: list[dict[str, Any]]) -> None
         ("StatefulSet", "redis"), ("Service", "redis"), ("PersistentVolumeClaim", "model-cache"),
         ("Deployment", "vllm-large"), ("Service", "vllm-large"), ("Deployment", "vllm-small"),
         ("Service", "vllm-small"), ("ServiceMonitor", "gateway"), ("ServiceMonitor", "vllm"),
-        ("ConfigMap", "redis-config"), ("PodDisruptionBudget", "redis"),
+        ("ServiceMonitor", "redis"), ("ConfigMap", "redis-config"), ("PodDisruptionBudget", "redis"),
         ("NetworkPolicy", "default-deny-ingress"), ("NetworkPolicy", "allow-clients-to-gateway"),
         ("NetworkPolicy", "allow-gateway-to-redis"), ("NetworkPolicy", "allow-gateway-to-vllm"),
         ("NetworkPolicy", "allow-prometheus-to-vllm"),
@@ -549,7 +549,7 @@ def test_kubernetes_redis_is_persistent_and_replicated(base_objects: list[dict[s
     assert ("Deployment", "redis") not in objs
     sts, containers = _sts_redis(objs)
     assert sts["spec"]["replicas"] == 3 and sts["spec"]["podManagementPolicy"] == "OrderedReady"
-    assert set(containers) == {"config", "redis", "sentinel"}
+    assert set(containers) == {"config", "redis", "sentinel", "exporter"}
     conf_map = objs[("ConfigMap", "redis-config")]["data"]
     assert set(conf_map) == {"redis.conf", "redis-init.sh", "redis-prestop.sh"}
     conf = _redis_conf(conf_map["redis.conf"])
@@ -588,7 +588,11 @@ def test_kubernetes_redis_is_persistent_and_replicated(base_objects: list[dict[s
     svc = objs[("Service", "redis")]
     assert sts["spec"]["serviceName"] == "redis" and svc["spec"]["clusterIP"] == "None"
     assert svc["spec"]["publishNotReadyAddresses"] is True  # a starting pod must resolve its peers
-    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"redis": 6379, "sentinel": 26379}
+    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"redis": 6379, "sentinel": 26379, "metrics": 9121}
+    # the exporter reads the local Redis with the Secret's password (GatewayRedisMemoryNearMax needs it)
+    exporter = _env(containers["exporter"])
+    assert exporter["REDIS_ADDR"]["value"] == "redis://127.0.0.1:6379"
+    assert exporter["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "redis-auth", "key": "password"}
 
 
 def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -683,12 +687,12 @@ def test_kubernetes_images_pinned_by_digest(base_objects: list[dict[str, Any]], 
     for label, objs in _all_renderings(base_objects, dashboards_dir):
         for o in objs:
             for c in _pod_containers(o):
-                m = re.fullmatch(r"([a-z0-9./-]+):([A-Za-z0-9._-]+)@(sha256:[0-9a-f]{64})", c["image"])
+                m = re.fullmatch(r"([a-z0-9._/-]+):([A-Za-z0-9._-]+)@(sha256:[0-9a-f]{64})", c["image"])
                 assert m, f"{label}: {_key(o)} {c['name']}: {c['image']} is not pinned by digest"
                 if m.group(3) == _ZERO_DIGEST:
                     assert m.group(1) in RELEASE_FILLED, f"{label}: {c['image']}: placeholder digest"
                 seen.add(m.group(1))
-    assert {"registry.example.com/vllm-gateway", "vllm/vllm-openai", "redis"} <= seen
+    assert {"registry.example.com/vllm-gateway", "vllm/vllm-openai", "redis", "oliver006/redis_exporter"} <= seen
     docs = (ROOT / "docs" / "deploy.md").read_text()
     for name in RELEASE_FILLED:
         assert name.split("/")[-1] in docs
@@ -814,6 +818,9 @@ def test_kubernetes_network_policies(base_objects: list[dict[str, Any]]) -> None
         for labels, src_ns in ((stranger, ns), (vllm_labels, ns), (gateway_labels, "other"),
                                (prometheus, "monitoring")):
             assert not allowed(redis, port, labels, src_ns), (port, labels, src_ns)
+    assert allowed(redis, 9121, prometheus, "monitoring")  # the exporter, for Prometheus only
+    for labels, src_ns in ((stranger, ns), (gateway_labels, ns), (prometheus, "other")):
+        assert not allowed(redis, 9121, labels, src_ns), (labels, src_ns)
     for name in ("vllm-large", "vllm-small"):
         vllm = objs[("Deployment", name)]
         assert allowed(vllm, 8000, gateway_labels) and allowed(vllm, 8000, prometheus, "monitoring")
@@ -923,7 +930,7 @@ def test_servicemonitors(base_objects: list[dict[str, Any]]) -> None:
             for s in hits:
                 assert ep["port"] in {p["name"] for p in s["spec"]["ports"]}
         selected_names |= {s["metadata"]["name"] for s in hits}
-    assert {"gateway", "vllm-large", "vllm-small"} <= selected_names
+    assert {"gateway", "vllm-large", "vllm-small", "redis"} <= selected_names
 
 
 def test_dashboards_overlay(dashboards_dir: Path) -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 import yaml
@@ -229,6 +230,36 @@ async def _handover_under_writes(url: str, pod: Pod) -> tuple[int, int, float, f
     return ok, in_doubt, gap, took, out.decode()
 
 
+def _exporter_reads(pod: Pod) -> None:
+    """The exporter container's env (REDIS_ADDR, REDIS_PASSWORD from the Secret) gets the series the
+    GatewayRedisMemoryNearMax alert divides, with the ConfigMap's maxmemory (Debian's redis_exporter)."""
+    exe = shutil.which("prometheus-redis-exporter")
+    if exe is None:
+        return  # scripts/test.sh installs it; without it only the manifest checks cover the exporter
+    (c,) = [c for c in _statefulset()["spec"]["template"]["spec"]["containers"] if c["name"] == "exporter"]
+    env = _plain_env(c)
+    assert env["REDIS_ADDR"] == "redis://127.0.0.1:6379"
+    port = free_port()
+    proc = subprocess.Popen([exe, "-web.listen-address", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL,
+                            env={**os.environ, "REDIS_ADDR": f"redis://{pod.host}:{pod.port}",
+                                 "REDIS_PASSWORD": pod.password})
+    try:
+        deadline = time.monotonic() + 20
+        text = ""
+        while "redis_up 1" not in text and time.monotonic() < deadline:
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        assert "redis_up 1" in text
+        assert re.search(r"^redis_memory_max_bytes 2\.147483648e\+09$", text, re.M), "maxmemory 2gb"
+        assert re.search(r"^redis_memory_used_bytes \d", text, re.M)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def _master(pods: list[Pod]) -> Pod:
     masters = [p for p in pods if p.procs[0].poll() is None and p.role() == "master"]
     assert len(masters) == 1, [p.ordinal for p in masters]
@@ -258,6 +289,8 @@ def test_redis_statefulset_bootstraps_fails_over_and_rejoins(pods: list[Pod]) ->
                  redis.Redis(pods[1].host, pods[1].sentinel_port, socket_timeout=2)):
         with pytest.raises(redis.AuthenticationError):
             conn.ping()
+
+    _exporter_reads(pods[0])
 
     url = _gateway_url(pods)
     asyncio.run(_gateway_write(url, "k:before", "1", 10))
