@@ -106,6 +106,28 @@ redis.call('EXPIRE', KEYS[2], ttl)
 return 1
 """
 
+# A ledger batch's entries in the stream, once per (writer, sequence): a batch re-sent after a lost reply,
+# or replayed from the spool after a crash between this write and the spool's delete, adds nothing.
+# A writer's batches arrive in order (gateway/ledger.py). KEYS: the writer's last sequence, the stream.
+# ARGV: seq, ttl_s, maxlen (0: none), then the entries.
+LEDGER_LUA = """
+local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+if last >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+local maxlen = tonumber(ARGV[3])
+for i = 4, #ARGV do
+  if maxlen > 0 then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'r', ARGV[i])
+  else
+    redis.call('XADD', KEYS[2], '*', 'r', ARGV[i])
+  end
+end
+return 1
+"""
+# How long Redis remembers a writer's last batch (usage sums and stream): a spool replayed later than this
+# after a crash between a write and its delete could count that one batch twice.
+WRITER_TTL_S = 7 * 86400
+
 # Store an entry and release its stampede lock.
 PUT_LUA = """
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -154,6 +176,7 @@ class RedisStore:
         self._lookup = self.client.register_script(LOOKUP_LUA)
         self._put = self.client.register_script(PUT_LUA)
         self._usage = self.client.register_script(USAGE_LUA)
+        self._ledger = self.client.register_script(LEDGER_LUA)
 
     async def start(self) -> None:
         try:
@@ -220,9 +243,8 @@ class RedisStore:
         return f"{self.prefix}{{t:{tenant}}}"  # hash tag: a tenant's usage keys share one Cluster slot
 
     async def ledger_write(self, writer: str, seq: int, entries: Sequence[bytes], groups: usage.Groups) -> None:
-        """One MULTI: each tenant's sums (USAGE_LUA, at most once per writer/seq) and the stream entries.
-        After a lost reply the batch comes again: the sums skip it, the stream gets it twice (readers
-        drop the repeats by request id and ts)."""
+        """One MULTI: each tenant's sums (USAGE_LUA) and the stream entries (LEDGER_LUA), each at most once
+        per (writer, seq): a batch that comes again (a lost reply, a replay from the spool) adds nothing."""
         by_tenant: dict[str, dict[int, list[Any]]] = {}
         for (t, day, hour, model), g in groups.items():
             fields = by_tenant.setdefault(t, {}).setdefault(day, [])
@@ -242,11 +264,16 @@ class RedisStore:
                         args += [day, len(fields) // 2, *fields]
                     await self._usage(keys=[base + ":uw", base + ":u:days", *(f"{base}:u:{d}" for d in days)],
                                       args=args, client=p)
-                for e in entries:
-                    p.xadd(self.stream, {"r": e}, maxlen=self.maxlen, approximate=True)
+                if entries:
+                    await self._ledger(keys=[self._writer_key(writer), self.stream],
+                                       args=[seq, WRITER_TTL_S, self.maxlen or 0, *entries], client=p)
                 await p.execute()
 
         await self._run("ledger_append", go, probe=True)
+
+    def _writer_key(self, writer: str) -> str:
+        # in the stream's Redis Cluster slot: the stream's own name as hash tag (unless it has a tag already)
+        return (self.stream if "{" in self.stream else "{" + self.stream + "}") + ":lw:" + writer
 
     async def ledger_read(self, cursor: str | None, start_ts: float | None,
                           count: int) -> tuple[list[bytes], str | None]:
