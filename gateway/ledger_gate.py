@@ -36,6 +36,7 @@ class LedgerGate:
         self.skip_s = skip_s
         self.settles = settles  # makes the limiter's settles that Redis did not take durable (the spool)
         self._skip_until = 0.0
+        self._logged = -60.0
         self._drain: asyncio.Future[None] | None = None
 
     async def wait(self) -> None:
@@ -74,7 +75,10 @@ class LedgerGate:
             self._skip(str(e))
 
     def _skip(self, why: str) -> None:
-        if time.monotonic() >= self._skip_until:
+        now = time.monotonic()
+        if now >= self._skip_until and now - self._logged >= 10.0:  # an outage: one line per 10 s
+            self._logged = now
             how = "into the spool" if self.ledger.spool is not None else "while their records wait in memory"
-            log.warning("responses go out with their ledger record written %s for %.1f s: %s", how, self.skip_s, why)
-        self._skip_until = time.monotonic() + self.skip_s
+            log.warning("responses go out with their ledger record written %s (for %.1f s, then Redis is tried "
+                        "again): %s", how, self.skip_s, why)
+        self._skip_until = now + self.skip_s

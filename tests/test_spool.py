@@ -371,6 +371,25 @@ def test_a_full_spool_drops_and_counts(gateway_factory: Callable[..., GatewayPro
     assert spooled + metric_value(text, "gateway_ledger_buffered") + dropped == sent
 
 
+def test_an_unwritable_spool_keeps_records_in_memory(gateway_factory: Callable[..., GatewayProcess],
+                                                     upstream: FakeUpstream, own_redis: RedisServer) -> None:
+    """A spool that cannot be written (here: a path under /proc) is counted; serving and the ledger go on as
+    without a spool: the records wait in memory and reach Redis when it answers."""
+    cfg = with_redis(spool_config(upstream, Path("/proc/no-such-dir/spool.sqlite3")), own_redis.url, "gw:",
+                     timeout_s=0.2, down_for_s=0.5)
+    gw = gateway_factory(cfg)
+    own_redis.kill()
+    served = chat(gw, 4)
+    text = gw.metrics()
+    assert metric_value(text, "gateway_spool_errors_total", reason="io") > 0
+    assert metric_value(text, "gateway_ledger_buffered") == 4
+    assert metric_value(text, "gateway_ledger_dropped_total") == 0
+    own_redis.start()
+    wait_until(lambda: Counter(stream_ids(own_redis)) == Counter(served), "the buffered records written")
+    wait_until(lambda: month_spend(own_redis) > 0 and metric_value(gw.metrics(), "gateway_limit_settles_pending") == 0,
+               "the kept settles applied")
+
+
 # ------------------------------------------------------------------------------------------------ scale-out
 
 
