@@ -345,6 +345,39 @@ def test_graceful_stop_during_a_redis_outage_loses_nothing(
     assert metric_value(gw.metrics(), "gateway_ledger_dropped_total") == 0
 
 
+def test_two_workers_share_one_spool(gateway_factory: Callable[..., GatewayProcess], upstream: FakeUpstream,
+                                     own_redis: RedisServer, tmp_path: Path) -> None:
+    """`--workers 2` (the image's default): both processes spool into the replica's one file, and after a
+    restart one replays it (the other waits on the lock): each record and charge once."""
+    spool = tmp_path / "replica-0" / "spool.sqlite3"
+    cfg = with_redis(spool_config(upstream, spool), own_redis.url, "gw:", timeout_s=0.2, down_for_s=0.5)
+    gw = gateway_factory(cfg, workers=2)
+    own_redis.kill()
+    served = []
+    with httpx.Client(timeout=30) as c:  # a new connection each: both workers get requests
+        for _ in range(40):
+            rid = uuid.uuid4().hex
+            r = c.post(gw.url + "/v1/chat/completions", headers={**A, "x-request-id": rid, "Connection": "close"},
+                       json={"model": "m1", "messages": [{"role": "user", "content": "w"}], "max_tokens": 2,
+                             "temperature": 0.7})
+            assert r.status_code == 200
+            served.append(rid)
+    in_spool, settles = spool_content(spool)
+    assert sorted(in_spool) == sorted(served) and settles == len(served)
+    db = sqlite3.connect(spool)
+    writers = {w for (w,) in db.execute("SELECT writer FROM batches")}
+    db.close()
+    assert len(writers) >= 2, "batches of more than one writer in the one file"
+    gw.proc.terminate()
+    gw.proc.wait(60)
+    own_redis.start()
+    gw = gateway_factory(cfg, workers=2)
+    wait_until(lambda: spool_content(spool) == ([], 0), "the spool replayed")
+    assert Counter(stream_ids(own_redis)) == Counter(served)
+    records = stream_records(own_redis)
+    assert month_spend(own_redis) == sum(r["cost_pico_usd"] for r in records)
+
+
 def test_a_full_spool_drops_and_counts(gateway_factory: Callable[..., GatewayProcess], upstream: FakeUpstream,
                                        own_redis: RedisServer, tmp_path: Path) -> None:
     spool = tmp_path / "spool.sqlite3"
