@@ -265,8 +265,9 @@ class Ledger:
     async def records(self, start_ts: float | None = None, end_ts: float | None = None,
                       tenant: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """Ledger records with start_ts <= ts < end_ts (unix seconds), optionally of one tenant."""
-        # A batch re-sent after a lost reply is in the stream twice, a few batches apart: remembering the
-        # last SEEN_WINDOW records finds the repeats without growing with the ledger.
+        # Redis takes a batch's entries once (LEDGER_LUA); a stream written by an older gateway may hold a
+        # batch re-sent after a lost reply twice, a few batches apart: remembering the last SEEN_WINDOW
+        # records finds such repeats without growing with the ledger.
         seen: set[tuple[str, float]] = set()
         order: deque[tuple[str, float]] = deque()
         cursor: str | None = None
