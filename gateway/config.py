@@ -123,7 +123,8 @@ class RedisFailureSpec(_Strict):
 
 class RedisSpec(_Strict):
     url: str | None = Field(None, description="redis://[user:pw@]host:port/db, rediss:// (TLS), unix://, or "
-                            "redis+sentinel://host:port,host:port/MASTER[/db] (docs/redis.md); unset or empty: "
+                            "redis+sentinel://host:port,host:port/MASTER[/db], redis+cluster://seed:port,seed:port "
+                            "(docs/redis.md); unset or empty: "
                             "in-process backend")
     key_prefix: str = "gw:"
     timeout_s: float = Field(0.25, gt=0, description="socket timeout of each Redis command")
@@ -242,6 +243,9 @@ class ServerSpec(_Strict):
     openapi: bool = Field(True, description="serve /openapi.json (names the public models; no secrets)")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, requests still running after this long "
                                     "are cut (outcome gateway_shutdown, accounted)")
+    drain_notice_s: float = Field(0.0, ge=0, le=600, description="on SIGTERM, seconds the replica keeps serving "
+                                  "while /readyz answers 503 (so load balancers take it out) before it stops "
+                                  "accepting; then shutdown_grace_s for what still runs (gateway/drain.py)")
 
     @field_validator("request_log", mode="before")
     @classmethod

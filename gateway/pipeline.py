@@ -135,6 +135,13 @@ class Gateway:
             for period, budget in (("day", lim.budget_day), ("month", lim.budget_month)):
                 if budget:
                     self.metrics.tenant_budget.labels(tenant, period).set(budget)
+        # Counters alerts take increase() of exist from the start at 0: the first fail-open admission or
+        # dropped settle is then an increase (a series born at 3 would read as no increase at all).
+        for tenant in {t.name for t in self.config.keys_by_sha256.values()} | set(self.config.features.tenant_limits):
+            self.metrics.limits_fail_open.labels(tenant)
+        for reason in ("overflow", "command_error"):
+            self.metrics.limit_settles_dropped.labels(reason)
+        self.metrics.ledger_capacity.set(self.config.features.redis.ledger_buffer)
 
     def _redis_error(self, operation: str, exc: BaseException) -> None:
         self.metrics.redis_errors.labels(operation).inc()
@@ -151,7 +158,7 @@ class Gateway:
         self.metrics.limit_settles_spooled.set(settles)
 
     def _spend_seen(self, tenant: str, period: str, usd: float) -> None:
-        self.metrics.tenant_spend.labels(tenant, period).set(usd)
+        self.metrics.spend.seen(tenant, period, usd)
 
     def _breaker_changed(self, deployment: str, state: BreakerState) -> None:
         log.warning("circuit breaker of %s is now %s", deployment, state.name.lower())

@@ -9,6 +9,7 @@ process without Redis (nothing shared across replicas, nothing survives a restar
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import logging
 import time
@@ -140,11 +141,21 @@ def _server_down_errors() -> tuple[type[BaseException], ...]:
     import redis
     from redis import exceptions as rx
 
+    # SlotNotCoveredError, RedisClusterUnreachableError: a Cluster's master is gone and not yet replaced, or no
+    # node answers. They are not RedisErrors; other RedisClusterExceptions are about the command (cross-slot).
     return (TimeoutError, OSError, redis.ConnectionError, redis.TimeoutError, rx.BusyLoadingError,
-            rx.ReadOnlyError, rx.OutOfMemoryError, rx.MasterDownError, rx.ClusterDownError, rx.TryAgainError)
+            rx.ReadOnlyError, rx.OutOfMemoryError, rx.MasterDownError, rx.ClusterDownError, rx.TryAgainError,
+            rx.SlotNotCoveredError, rx.RedisClusterUnreachableError)
+
+
+def _command_errors() -> tuple[type[BaseException], ...]:
+    from redis import exceptions as rx
+
+    return (rx.RedisError, rx.RedisClusterException)
 
 
 _SERVER_DOWN_ERRORS = _server_down_errors()
+_COMMAND_ERRORS = _command_errors()
 
 
 class RedisStore:
@@ -158,9 +169,14 @@ class RedisStore:
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
 
-        from gateway.redis_client import connect
+        from gateway.redis_client import connect, is_cluster
 
         self.prefix = prefix
+        # A Cluster: the stream's entries, each tenant's usage and the tenants set go in separate calls (one
+        # slot each), and an outage is marked per hash slot, so a failing master switches off only its slots.
+        self.cluster = is_cluster(url)
+        self._down_slots: dict[int, float] = {}
+        self._answers_logged = float("-inf")
         self.stream = prefix + ledger_stream
         self.maxlen = ledger_maxlen
         self.usage_ttl_s = usage_days * 86400
@@ -181,60 +197,89 @@ class RedisStore:
     async def start(self) -> None:
         try:
             await self.ping()
+        except StoreCommandError as e:  # e.g. redis+cluster:// naming a server without cluster mode
+            log.error("redis answers but refuses the gateway (check redis.url): %s", e)
         except StoreUnavailable:
             log.warning("redis is not reachable at start-up; serving without it until it answers")
 
     async def close(self) -> None:
         await self.client.aclose()
 
-    async def _run(self, op: str, coro_fn: Callable[[], Any], probe: bool = False) -> Any:
-        import redis
+    async def _run(self, op: str, coro_fn: Callable[[], Any], probe: bool = False, key: str | None = None) -> Any:
+        """Run one Redis call. `key`: the call's (first) key; on a Cluster its hash slot is what an error marks
+        down, so tenants whose slots live on other masters keep their limits during a failover. A call
+        without a key on a Cluster (ledger, usage, ping) marks nothing: those callers probe anyway."""
+        slot = None
+        if self.cluster:
+            from redis.crc import key_slot
 
-        if not probe and self.down_until and time.monotonic() < self.down_until:
+            slot = key_slot(key.encode()) if key is not None else None
+        down_until = self.down_until if slot is None else self._down_slots.get(slot, 0.0)
+        if not probe and down_until and time.monotonic() < down_until:
             raise StoreUnavailable(f"redis is marked down (operation {op})", sent=False)
         try:
             result = await coro_fn()
         except _SERVER_DOWN_ERRORS as e:
             # Redis cannot serve anyone (gone, slow, loading, a read-only replica, full): skip it a while
-            self.down_until = time.monotonic() + self.down_for_s
+            if not self.cluster:
+                self.down_until = time.monotonic() + self.down_for_s
+            elif slot is not None:
+                self._down_slots[slot] = time.monotonic() + self.down_for_s
             self._on_error(op, e)
             raise StoreUnavailable(f"redis {op} failed: {type(e).__name__}: {e}") from None
-        except redis.RedisError as e:
+        except _COMMAND_ERRORS as e:
             # Redis answered, about this command only (bad argument, script bug): this request's error
             self._on_error(op, e)
             raise StoreCommandError(f"redis {op} refused the command: {type(e).__name__}: {e}") from None
-        if self.down_until:
-            self.down_until = 0.0
-            log.warning("redis answers again")
+        if down_until:
+            if slot is None:
+                self.down_until = 0.0
+            else:
+                self._down_slots.pop(slot, None)
+            now = time.monotonic()
+            if not self.cluster:
+                log.warning("redis answers again")
+            elif now - self._answers_logged >= 10.0:  # slots recover one by one (and may flap): one line per 10 s
+                self._answers_logged = now
+                log.warning("redis cluster answers again (slot %s)", slot)
         return result
 
     async def ping(self) -> None:
         await self._run("ping", self.client.ping, probe=True)
 
+    def _cache_key(self, key: str) -> str:
+        # The digest is the hash tag: an entry and its lock (LOOKUP_LUA, PUT_LUA) share one Cluster slot,
+        # and the entries spread over all slots.
+        return self.prefix + "c:{" + key + "}"
+
     async def cache_lookup(self, key: str, lock_ms: int) -> tuple[bytes | None, bool]:
-        k = self.prefix + "c:" + key
-        v, locked = await self._run("cache_lookup", lambda: self._lookup(keys=[k, k + ":lock"], args=[lock_ms]))
+        k = self._cache_key(key)
+        v, locked = await self._run("cache_lookup", lambda: self._lookup(keys=[k, k + ":lock"], args=[lock_ms]), key=k)
         return v, bool(locked)
 
     async def cache_get(self, key: str) -> bytes | None:
-        return await self._run("cache_get", lambda: self.client.get(self.prefix + "c:" + key))  # type: ignore[no-any-return]
+        k = self._cache_key(key)
+        return await self._run("cache_get", lambda: self.client.get(k), key=k)  # type: ignore[no-any-return]
 
     async def cache_put(self, key: str, value: bytes, ttl_s: float) -> None:
-        k = self.prefix + "c:" + key
-        await self._run("cache_put", lambda: self._put(keys=[k, k + ":lock"], args=[value, int(ttl_s * 1000)]))
+        k = self._cache_key(key)
+        await self._run("cache_put", lambda: self._put(keys=[k, k + ":lock"], args=[value, int(ttl_s * 1000)]),
+                        key=k)
 
     async def cache_unlock(self, key: str) -> None:
-        await self._run("cache_unlock", lambda: self.client.delete(self.prefix + "c:" + key + ":lock"))
+        k = self._cache_key(key)
+        await self._run("cache_unlock", lambda: self.client.delete(k + ":lock"), key=k)
 
     async def admit(self, scopes: Sequence[Scope], a: Admission) -> AdmitResult:
         keys = [marker_key(scopes, a.lease), *(s.base for s in scopes)]
-        r = await self._run("admit", lambda: self._admit(keys=keys, args=admit_args(scopes, a)))
+        r = await self._run("admit", lambda: self._admit(keys=keys, args=admit_args(scopes, a)), key=keys[0])
         return parse_admit(r, len(scopes))
 
     async def settle(self, scopes: Sequence[Scope], s: Settlement, retry: bool = False) -> list[ScopeState]:
         """Idempotent; `retry` asks Redis even while it is marked down (the settle retry loop is a probe)."""
         keys = [marker_key(scopes, s.lease), *(sc.base for sc in scopes)]
-        r = await self._run("settle", lambda: self._settle(keys=keys, args=settle_args(scopes, s)), probe=retry)
+        r = await self._run("settle", lambda: self._settle(keys=keys, args=settle_args(scopes, s)), probe=retry,
+                            key=keys[0])
         return parse_states(r, len(scopes))
 
     # ---- ledger (gateway/ledger.py LedgerBackend): the stream for export, per-tenant day hashes for usage
@@ -244,7 +289,8 @@ class RedisStore:
 
     async def ledger_write(self, writer: str, seq: int, entries: Sequence[bytes], groups: usage.Groups) -> None:
         """One MULTI: each tenant's sums (USAGE_LUA) and the stream entries (LEDGER_LUA), each at most once
-        per (writer, seq): a batch that comes again (a lost reply, a replay from the spool) adds nothing."""
+        per (writer, seq): a batch that comes again (a lost reply, a replay from the spool) adds nothing.
+        On a Cluster: one call per slot (_write_cluster)."""
         by_tenant: dict[str, dict[int, list[Any]]] = {}
         for (t, day, hour, model), g in groups.items():
             fields = by_tenant.setdefault(t, {}).setdefault(day, [])
@@ -252,24 +298,44 @@ class RedisStore:
                 if v:
                     fields += [f"{hour:02d}|{model}|{c}", v]
         oldest = usage.day_hour(time.time() - self.usage_ttl_s)[0]
+        calls: list[tuple[list[str], list[Any]]] = []  # one USAGE_LUA per tenant: its keys and args
+        for t, days in by_tenant.items():
+            base = self._tenant(t)
+            args: list[Any] = [writer, seq, self.usage_ttl_s, oldest]
+            for day, fields in days.items():
+                args += [day, len(fields) // 2, *fields]
+            calls.append(([base + ":uw", base + ":u:days", *(f"{base}:u:{d}" for d in days)], args))
+        tenants = list(by_tenant)
 
         async def go() -> None:
             async with self.client.pipeline(transaction=True) as p:
-                if by_tenant:
-                    p.sadd(self.prefix + "u:tenants", *by_tenant)
-                for t, days in by_tenant.items():
-                    base = self._tenant(t)
-                    args: list[Any] = [writer, seq, self.usage_ttl_s, oldest]
-                    for day, fields in days.items():
-                        args += [day, len(fields) // 2, *fields]
-                    await self._usage(keys=[base + ":uw", base + ":u:days", *(f"{base}:u:{d}" for d in days)],
-                                      args=args, client=p)
+                if tenants:
+                    p.sadd(self.prefix + "u:tenants", *tenants)
+                for keys, args in calls:
+                    await self._usage(keys=keys, args=args, client=p)
                 if entries:
                     await self._ledger(keys=[self._writer_key(writer), self.stream],
                                        args=[seq, WRITER_TTL_S, self.maxlen or 0, *entries], client=p)
                 await p.execute()
 
-        await self._run("ledger_append", go, probe=True)
+        await self._run("ledger_append", (lambda: self._write_cluster(writer, seq, calls, tenants, entries))
+                        if self.cluster else go, probe=True)
+
+    async def _write_cluster(self, writer: str, seq: int, calls: list[tuple[list[str], list[Any]]],
+                             tenants: list[str], entries: Sequence[bytes]) -> None:
+        """A batch on a Cluster: one call per slot, all at once: each tenant's USAGE_LUA (atomic, at most
+        once per writer and sequence), the tenants set (SADD: idempotent) and the stream entries
+        (LEDGER_LUA: the stream and its writer key share a slot; at most once per writer and sequence).
+        Not atomic together: if any fails the whole batch is sent again, which adds nothing twice."""
+        parts: list[Any] = [self._usage(keys=keys, args=args) for keys, args in calls]
+        if tenants:
+            parts.append(self.client.sadd(self.prefix + "u:tenants", *tenants))
+        if entries:
+            parts.append(self._ledger(keys=[self._writer_key(writer), self.stream],
+                                      args=[seq, WRITER_TTL_S, self.maxlen or 0, *entries]))
+        for r in await asyncio.gather(*parts, return_exceptions=True):
+            if isinstance(r, BaseException):
+                raise r
 
     def _writer_key(self, writer: str) -> str:
         # in the stream's Redis Cluster slot: the stream's own name as hash tag (unless it has a tag already)
