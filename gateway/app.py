@@ -68,6 +68,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     await gw.pool.start()
     gw.live.start(gw.pool.session)
     await gw.store.start()
+    if gw.spool is not None:
+        await gw.spool.start()  # what a gateway before this one left there is replayed once Redis answers
+    await gw.limiter.start()
     if gw.ledger.backend is not gw.store:
         await gw.ledger.backend.start()  # the embedded SQLite file (or this process's memory)
     await gw.ledger.start()
@@ -86,6 +89,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await gw.ledger.close()  # writes what is still buffered, if the store answers
         if gw.ledger.backend is not gw.store:
             await gw.ledger.backend.close()
+        if gw.spool is not None:
+            await gw.spool.close()
         await gw.store.close()
         gw.finalizer.request_log.close()
 

@@ -157,6 +157,11 @@ class LedgerSpec(_Strict):
     memory_bytes: int = Field(16 * 1024 * 1024, ge=65536, description="path 'memory': bytes of records kept")
     buffer_bytes: int = Field(8 * 1024 * 1024, ge=65536,
                               description="records waiting to be written, in bytes (beyond: dropped, counted)")
+    spool_path: str | None = Field(None, description="with redis.url: the local file where records and budget "
+                                   "charges wait while Redis is away (gateway/spool.py); default "
+                                   "$GATEWAY_STATE_DIR/spool.sqlite3, one per replica; 'off': memory only")
+    spool_max_bytes: int = Field(1024 * 1024 * 1024, ge=65536,
+                                 description="the spool's bound (beyond: kept in memory, then dropped and counted)")
 
 
 class PrefixRoutingSpec(_Strict):

@@ -124,6 +124,16 @@ class GatewayMetrics:
         self.limit_settles_dropped = Counter("gateway_limit_settles_dropped", "Limit settles given up (see docs)",
                                              ["reason"], registry=r)
         self.ledger_dropped = Counter("gateway_ledger_dropped", "Ledger records lost to a full buffer", registry=r)
+        # The spool (gateway/spool.py): what waits on local disk for Redis, and what it could not take.
+        self.ledger_spooled = Gauge("gateway_ledger_spooled", "Ledger records in the spool file, waiting for Redis",
+                                    multiprocess_mode="max", registry=r)
+        self.limit_settles_spooled = Gauge("gateway_limit_settles_spooled", "Limit settles in the spool file, "
+                                           "waiting for Redis", multiprocess_mode="max", registry=r)
+        self.ledger_replayed = Counter("gateway_ledger_replayed", "Ledger records written to Redis from the spool",
+                                       registry=r)
+        self.spool_errors = Counter("gateway_spool_errors", "Spool writes refused (full: ledger.spool_max_bytes; "
+                                    "io: file unwritable): what they held stays in memory only", ["reason"],
+                                    registry=r)
         self.cache_corrupt = Counter("gateway_cache_corrupt_entries",
                                      "Cache entries that could not be decoded (answered as a miss)", registry=r)
         self.ledger_buffered = Gauge("gateway_ledger_buffered", "Ledger records waiting to be written",

@@ -242,7 +242,10 @@ frontend stats
         path.write_text(yaml.safe_dump(cfg, sort_keys=False).replace("${UPSTREAM_URL}", self.upstream_url))
         cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", str(port),
                "--workers", str(self.gateway_workers), "--log-level", "warning"]
-        proc = self._spawn(f"gateway-{i}", cmd, port)
+        # Each replica its own state dir, kept across restarts: its spool (records and budget charges waiting
+        # for Redis) is replayed by the replica that starts on it (docs/redis.md, "The spool").
+        state = self.workdir / f"gateway-{i}-state"
+        proc = self._spawn(f"gateway-{i}", cmd, port, env={"GATEWAY_STATE_DIR": str(state)})
         wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/healthz"), f"gateway-{i}", 60, proc.proc)
         return proc
 
@@ -389,6 +392,25 @@ frontend stats
     def restart_gateway(self, i: int) -> None:
         """Start replica `i` again on its old port (HAProxy's health check brings it back)."""
         self.gateways[i] = self._gateway(i, self.gateways[i].port)
+
+    def kill_redis(self) -> None:
+        """SIGKILL every Redis node (master and replica): an outage no failover can bridge."""
+        for node in self.redis_nodes:
+            if node.proc.poll() is None:
+                node.proc.send_signal(signal.SIGKILL)
+                node.proc.wait()
+
+    def restart_redis(self) -> None:
+        """Start the killed Redis nodes again on their ports and data (AOF); the sentinels find the master."""
+        for i, node in enumerate(self.redis_nodes):
+            if node.proc.poll() is None:
+                continue
+            self.procs.remove(node)
+            args = node.proc.args
+            assert isinstance(args, list)
+            proc = self._spawn(node.name, [str(a) for a in args], node.port)
+            wait_for(lambda p=node.port: redis_cmd(p, "PING").startswith("+PONG"), node.name, 10, proc.proc)
+            self.redis_nodes[i] = proc
 
     def kill_master(self) -> int:
         """SIGKILL the Redis master; returns its port."""
