@@ -599,7 +599,16 @@ def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {e["name"]: e for e in container["env"]}
 
 
+def _bytes(quantity: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    m = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti)?", quantity)
+    assert m, quantity
+    return int(m.group(1)) * units.get(m.group(2) or "", 1)
+
+
 def test_kubernetes_gateway_deployment(base_objects: list[dict[str, Any]]) -> None:
+    from gateway.config import parse_config
+
     objs = _by_key(base_objects)
     dep = objs[("Deployment", "gateway")]
     assert dep["spec"]["replicas"] == 3
@@ -627,6 +636,18 @@ def test_kubernetes_gateway_deployment(base_objects: list[dict[str, Any]]) -> No
     required = {m.group(1) for m in re.finditer(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", cm["data"]["gateway.yaml"])}
     assert required <= set(env)
     assert yaml.safe_load(cm["data"]["gateway.yaml"])["server"]["metrics_key"] == "${GATEWAY_METRICS_KEY}"
+    # the root file system is read-only: every place the gateway writes is a volume (the spool in
+    # GATEWAY_STATE_DIR from the Dockerfile, PROMETHEUS_MULTIPROC_DIR under /tmp)
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    state_dir = next(a.split("=", 1)[1] for i, a in _stages()[-1] if i == "ENV"
+                     for a in a.split() if a.startswith("GATEWAY_STATE_DIR="))
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    vols = {v["name"]: v for v in pod["spec"]["volumes"]}
+    for path in (state_dir, "/tmp"):
+        assert path in mounts and "emptyDir" in vols[mounts[path]], path
+    spool_max = parse_config(cm["data"]["gateway.yaml"], "gateway.yaml",
+                             _dummy_env(K8S_BASE / "gateway.yaml")).features.ledger.spool_max_bytes
+    assert _bytes(vols[mounts[state_dir]]["emptyDir"]["sizeLimit"]) > spool_max
 
 
 def test_kubernetes_gateway_redis_url(base_objects: list[dict[str, Any]]) -> None:
