@@ -207,8 +207,9 @@ frontend gateway
 
 backend gateways
     balance roundrobin
-    # /readyz: 503 from the moment a replica starts draining (SIGTERM), so it is out after 2 checks (~1 s)
-    option httpchk GET /readyz
+    # /readyz: 503 from the moment a replica starts draining (SIGTERM), so it is out after 2 checks (~1 s);
+    # ?require=any: one model with no healthy engine must not take every replica out (they all see it)
+    option httpchk GET /readyz?require=any
     http-check expect status 200
     # a replica that refuses connections is skipped at once (retried on another); one marked down keeps
     # its established sessions: a stream on a draining replica runs to its end (no on-marked-down
