@@ -228,7 +228,11 @@ def test_gpu_time_costs_add_up_to_price_times_busy_time(
         costs = list(pool.map(one, range(4)))
     busy = fake.counters()["busy_s"]
     assert busy > 1.0
-    assert sum(costs) == pytest.approx(busy * 1.0, rel=0.01)
+    # The gateway's busy clock runs from sending a request to reading its last byte, so it holds the
+    # upstream's own busy time plus the network and event-loop delay at the two ends of the busy period:
+    # within 1 % on an idle machine, up to a few hundred ms on a loaded one. Without the sharing the costs
+    # would add up to every request's whole time (4 x ~0.7 s = ~2.8 s against ~1.6 s busy).
+    assert busy * 0.99 <= sum(costs) <= busy + 0.4, (sum(costs), busy)
     assert len(set(costs)) > 1  # overlapping requests share, they are not charged alike
 
 

@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import FakeUpstream, GatewayProcess, simple_config
 
-NOTICE_S = 3.0
+NOTICE_S = 6.0  # long enough for the checks below on a loaded 2-core machine
 
 
 def stream_tokens(url: str, n: int, out: list[Any]) -> None:
@@ -40,7 +40,7 @@ def not_serving(url: str) -> bool:
     """Nothing accepts new requests: refused (one worker), or, with several, left in the listen backlog of
     the socket uvicorn's supervisor still holds (no answer, then a reset when it exits)."""
     try:
-        httpx.get(url + "/healthz", timeout=0.5)
+        httpx.get(url + "/healthz", timeout=2)  # a slow answer on a loaded machine is still serving
     except httpx.TransportError:
         return True
     return False
@@ -56,7 +56,7 @@ def test_sigterm_with_notice_says_unready_then_stops_and_finishes_streams(
     while httpx.get(gw.url + "/readyz", timeout=5).status_code != 200:  # the first health check of the upstream
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    reset_upstream.control(itl_ms=100)  # 60 tokens: ~6 s, past the notice
+    reset_upstream.control(itl_ms=150)  # 60 tokens: ~9 s, past the notice
     results: list[Any] = []
     streams = [threading.Thread(target=stream_tokens, args=(gw.url, 60, results)) for _ in range(2)]
     for t in streams:
@@ -66,7 +66,7 @@ def test_sigterm_with_notice_says_unready_then_stops_and_finishes_streams(
     gw.proc.send_signal(signal.SIGTERM)
     # every worker gets the signal (uvicorn's supervisor passes it on within ~0.5 s): then /readyz on new
     # connections, spread over the workers, all say draining
-    deadline = time.monotonic() + 1.5
+    deadline = time.monotonic() + 4
     while httpx.get(gw.url + "/readyz", timeout=5).status_code != 503:
         assert time.monotonic() < deadline, "/readyz still 200 after SIGTERM"
         time.sleep(0.05)
@@ -90,8 +90,8 @@ def test_sigterm_with_notice_says_unready_then_stops_and_finishes_streams(
     reset_upstream.control(itl_ms=0)
     assert results == [(200, 60, 60)] * 2, results
     assert code in (0, -signal.SIGTERM)
-    assert NOTICE_S - 0.1 < closed_after < NOTICE_S + 3, closed_after
-    assert exited_after >= 4.5  # it waited for the streams (~6 s from their start, 0.8 s before SIGTERM)
+    assert NOTICE_S - 0.1 < closed_after < NOTICE_S + 6, closed_after
+    assert exited_after >= 7.5  # it waited for the streams (~9 s from their start, 0.8 s before SIGTERM)
 
 
 def test_sigterm_without_notice_stops_accepting_at_once(reset_upstream: FakeUpstream,
@@ -103,5 +103,5 @@ def test_sigterm_without_notice_stops_accepting_at_once(reset_upstream: FakeUpst
     while not not_serving(gw.url):
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    assert time.monotonic() - t0 < 1.5
+    assert time.monotonic() - t0 < 4  # no notice: at once (a notice would hold it open for drain_notice_s)
     assert gw.proc.wait(30) in (0, -signal.SIGTERM)
