@@ -136,11 +136,12 @@ def test_header_slowloris_is_cut_off(gateway_factory: Callable[..., GatewayProce
     for t in threads:
         t.join(60)
     assert len(closed_after) == 4
-    assert all(1.5 <= t <= 4.5 for t in closed_after), closed_after
+    # cut at the 2 s deadline, not after the ~29 s the client would take; up to a few s late on a loaded machine
+    assert all(1.5 <= t <= 8 for t in closed_after), closed_after
     assert all(a.startswith(b"HTTP/1.1 408") and b"request_timeout" in a for a in answers), answers
     # A connection that opens and says nothing is closed too.
     answer, _, took = _raw_exchange(_port(g), b"")
-    assert answer.startswith(b"HTTP/1.1 408") and took <= 4.5
+    assert answer.startswith(b"HTTP/1.1 408") and took <= 8
     # Keep-alive between requests is governed by uvicorn's keep-alive timeout, not the header deadline.
     with httpx.Client(base_url=g.url, timeout=30) as c:
         assert c.post("/v1/chat/completions", json=CHAT).status_code == 200
