@@ -1,0 +1,118 @@
+"""An OTLP/HTTP trace receiver for the tests: decodes what exporters send with opentelemetry-proto's types.
+
+The gateway's and vLLM's exporters post real OTLP (protobuf over HTTP) here, exactly as they would to an
+OpenTelemetry Collector. (A Collector is not installable here: it builds only with Go >= 1.24, and Debian 12
+ships Go 1.19; docs/tracing.md.) Spans are kept flattened, with ids as hex and attributes as Python values.
+"""
+
+from __future__ import annotations
+
+import gzip
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+
+def _value(v: AnyValue) -> Any:
+    kind = v.WhichOneof("value")
+    if kind == "array_value":
+        return [_value(x) for x in v.array_value.values]
+    return getattr(v, kind) if kind else None
+
+
+@dataclass
+class SpanData:
+    name: str
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+    kind: int  # 1 internal, 2 server, 3 client
+    start_ns: int
+    end_ns: int
+    status_code: int  # 0 unset, 1 ok, 2 error
+    attributes: dict[str, Any]
+    events: list[tuple[str, dict[str, Any]]]
+    service: str
+    resource: dict[str, Any] = field(default_factory=dict)
+
+
+class OtlpSink:
+    """POST /v1/traces on 127.0.0.1:<port>; `spans` holds every span received, in arrival order."""
+
+    def __init__(self) -> None:
+        self.spans: list[SpanData] = []
+        self.posts = 0
+        self._lock = threading.Lock()
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                raw = self.rfile.read(int(self.headers.get("content-length") or 0))
+                if self.headers.get("content-encoding") == "gzip":
+                    raw = gzip.decompress(raw)
+                if self.path != "/v1/traces":
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                sink._receive(ExportTraceServiceRequest.FromString(raw))
+                out = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def _receive(self, req: ExportTraceServiceRequest) -> None:
+        got = []
+        for rs in req.resource_spans:
+            resource = {a.key: _value(a.value) for a in rs.resource.attributes}
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    got.append(SpanData(
+                        s.name, s.trace_id.hex(), s.span_id.hex(), s.parent_span_id.hex(), s.kind,
+                        s.start_time_unix_nano, s.end_time_unix_nano, s.status.code,
+                        {a.key: _value(a.value) for a in s.attributes},
+                        [(e.name, {a.key: _value(a.value) for a in e.attributes}) for e in s.events],
+                        str(resource.get("service.name", "")), resource))
+        with self._lock:
+            self.spans.extend(got)
+            self.posts += 1
+
+    def trace(self, trace_id: str) -> list[SpanData]:
+        with self._lock:
+            return [s for s in self.spans if s.trace_id == trace_id]
+
+    def wait_for(self, found: Callable[[list[SpanData]], bool], timeout: float = 30.0) -> list[SpanData]:
+        """Spans received so far, once `found` accepts them (AssertionError after `timeout` seconds)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                spans = list(self.spans)
+            if found(spans):
+                return spans
+            if time.monotonic() > deadline:
+                names = sorted({(s.service, s.name) for s in spans})
+                raise AssertionError(f"spans not received within {timeout:g}s; received: {names}")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
