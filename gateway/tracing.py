@@ -181,6 +181,7 @@ class RequestTrace:
             "gen_ai.operation.name": self.op, "gen_ai.provider.name": PROVIDER, "gen_ai.request.model": op_model,
             "server.address": host, "server.port": port, "gateway.deployment": att.deployment,
             "gateway.model": att.public_model or "", "gateway.attempt": number})
+        self.attempt_end_ns = None  # a failed attempt before this one may have set it (its slot was freed)
         sc = span.get_span_context()
         self.traceparent = f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"
         if sc.trace_state:

@@ -16,8 +16,8 @@ import pytest
 
 from gateway.config import ConfigError, parse_config
 from gateway.tracing import REQUEST_PARAMS, SEMCONV_NAMES, build_tracing
+from loadtests.otlp_sink import OtlpSink, SpanData
 from tests.conftest import ROOT, FakeUpstream, GatewayProcess
-from tests.otlp_sink import OtlpSink, SpanData
 
 PROMPT = "tell me about the secret project zebra-42"  # must never reach a span
 SERVER, CLIENT = 2, 3
@@ -105,6 +105,8 @@ def test_a_streamed_fallback_is_one_trace(gateway_factory: Callable[..., Gateway
     assert second.attributes["server.address"] == "127.0.0.1"
     assert second.attributes["server.port"] == int(fake_b.url.rsplit(":", 1)[1])
     assert first.end_ns <= second.start_ns
+    # the answering attempt lasts until the upstream stream ended: past the relay's start
+    assert second.start_ns < by_name["gateway.stream"][0].start_ns < second.end_ns <= root.end_ns
     # vLLM (here the test upstream) was told that the second attempt is its parent
     assert sampled(fake_b.counters()["last_traceparent"]) == f"00-{root.trace_id}-{second.span_id}"
     # the fallback decision is an event on the server span

@@ -1,13 +1,18 @@
-"""An OTLP/HTTP trace receiver for the tests: decodes what exporters send with opentelemetry-proto's types.
+"""An OTLP/HTTP trace receiver for the tests and the benchmark: decodes exports with opentelemetry-proto's types.
 
 The gateway's and vLLM's exporters post real OTLP (protobuf over HTTP) here, exactly as they would to an
 OpenTelemetry Collector. (A Collector is not installable here: it builds only with Go >= 1.24, and Debian 12
 ships Go 1.19; docs/tracing.md.) Spans are kept flattened, with ids as hex and attributes as Python values.
+
+    python -m loadtests.otlp_sink --port 4318 [--count-only]    # the benchmark's receiver (prints span counts)
 """
 
 from __future__ import annotations
 
+import argparse
 import gzip
+import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -48,9 +53,11 @@ class SpanData:
 class OtlpSink:
     """POST /v1/traces on 127.0.0.1:<port>; `spans` holds every span received, in arrival order."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0, keep: bool = True) -> None:
         self.spans: list[SpanData] = []
         self.posts = 0
+        self.received = 0  # spans, kept or not
+        self.keep = keep  # False: decode and count only (a long benchmark would fill memory)
         self._lock = threading.Lock()
         sink = self
 
@@ -74,13 +81,19 @@ class OtlpSink:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()
 
     def _receive(self, req: ExportTraceServiceRequest) -> None:
+        if not self.keep:
+            n = sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
+            with self._lock:
+                self.received += n
+                self.posts += 1
+            return
         got = []
         for rs in req.resource_spans:
             resource = {a.key: _value(a.value) for a in rs.resource.attributes}
@@ -94,6 +107,7 @@ class OtlpSink:
                         str(resource.get("service.name", "")), resource))
         with self._lock:
             self.spans.extend(got)
+            self.received += len(got)
             self.posts += 1
 
     def trace(self, trace_id: str) -> list[SpanData]:
@@ -116,3 +130,23 @@ class OtlpSink:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="OTLP/HTTP trace receiver (POST /v1/traces)")
+    ap.add_argument("--port", type=int, default=4318)
+    ap.add_argument("--count-only", action="store_true", help="decode and count the spans, keep none")
+    a = ap.parse_args()
+    sink = OtlpSink(a.port, keep=not a.count_only)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        signal.pause()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        print(f"otlp_sink: {sink.received} spans in {sink.posts} exports", file=sys.stderr, flush=True)
+        sink.close()
+
+
+if __name__ == "__main__":
+    main()
