@@ -5,6 +5,7 @@ OpenTelemetry Collector. (A Collector is not installable here: it builds only wi
 ships Go 1.19; docs/tracing.md.) Spans are kept flattened, with ids as hex and attributes as Python values.
 
     python -m loadtests.otlp_sink --port 4318 [--count-only]    # the benchmark's receiver (prints span counts)
+    python -m loadtests.otlp_sink --port 4318 --file traces.jsonl  # the local stack's: one JSON line per span
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import orjson
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -53,11 +55,12 @@ class SpanData:
 class OtlpSink:
     """POST /v1/traces on 127.0.0.1:<port>; `spans` holds every span received, in arrival order."""
 
-    def __init__(self, port: int = 0, keep: bool = True) -> None:
+    def __init__(self, port: int = 0, keep: bool = True, file: str | None = None) -> None:
         self.spans: list[SpanData] = []
         self.posts = 0
         self.received = 0  # spans, kept or not
         self.keep = keep  # False: decode and count only (a long benchmark would fill memory)
+        self.file = open(file, "ab") if file else None  # noqa: SIM115 - lives as long as the sink
         self._lock = threading.Lock()
         sink = self
 
@@ -88,7 +91,7 @@ class OtlpSink:
         self._thread.start()
 
     def _receive(self, req: ExportTraceServiceRequest) -> None:
-        if not self.keep:
+        if not self.keep and self.file is None:
             n = sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
             with self._lock:
                 self.received += n
@@ -106,7 +109,11 @@ class OtlpSink:
                         [(e.name, {a.key: _value(a.value) for a in e.attributes}) for e in s.events],
                         str(resource.get("service.name", "")), resource))
         with self._lock:
-            self.spans.extend(got)
+            if self.keep:
+                self.spans.extend(got)
+            if self.file is not None:
+                self.file.write(b"".join(orjson.dumps(asdict(s)) + b"\n" for s in got))
+                self.file.flush()
             self.received += len(got)
             self.posts += 1
 
@@ -130,14 +137,17 @@ class OtlpSink:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+        if self.file is not None:
+            self.file.close()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="OTLP/HTTP trace receiver (POST /v1/traces)")
     ap.add_argument("--port", type=int, default=4318)
     ap.add_argument("--count-only", action="store_true", help="decode and count the spans, keep none")
+    ap.add_argument("--file", help="append each span as a JSON line here (like the Collector's file exporter)")
     a = ap.parse_args()
-    sink = OtlpSink(a.port, keep=not a.count_only)
+    sink = OtlpSink(a.port, keep=False, file=a.file)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         signal.pause()
