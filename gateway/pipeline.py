@@ -267,16 +267,15 @@ class Gateway:
 
     async def _cache_lookup(self, rec: RequestRecord, plan: Plan, endpoint: Endpoint, body: dict[str, Any],
                             headers: dict[bytes, bytes], stream: bool) -> Lookup:
-        if rec.trace is not None:
-            rec.trace.stage("gateway.cache")
+        t0 = rec.trace.lookup_starts() if rec.trace is not None else 0
         lk = await self.cache.lookup(rec, plan.candidates[0], endpoint, body, headers.get(b"cache-control"), stream)
         if rec.trace is not None:
-            rec.trace.stage(None)
+            rec.trace.looked_up(rec, t0)
         return lk
 
     def _authenticate(self, rec: RequestRecord, headers: dict[bytes, bytes]) -> None:
         if rec.trace is not None:
-            rec.trace.stage("gateway.auth")
+            rec.trace.stage("gateway.admit")  # authentication, plan and limits: until the cache lookup
         if DUPLICATE in headers:
             raise duplicate_header(headers[DUPLICATE])
         tenant, key_hash = self.auth.authenticate(credential(headers.get(b"authorization"), headers.get(b"x-api-key")))
@@ -285,8 +284,6 @@ class Gateway:
     async def _plan_and_admit(self, rec: RequestRecord, contract: EndpointContract, body: dict[str, Any],
                               headers: dict[bytes, bytes]) -> tuple[Plan, Location | None]:
         """Validate, plan (models and deployments in fallback order), then admit (limits and budgets)."""
-        if rec.trace is not None:
-            rec.trace.stage("gateway.plan")
         req = contract.validate(body)
         rec.identity.requested_model = req.model
         try:
@@ -304,7 +301,6 @@ class Gateway:
         stored = self.apis.stored_context(pinned, self.planner.window(plan.candidates[0]))
         if rec.trace is not None:
             rec.trace.request(rec, body)
-            rec.trace.stage("gateway.limits")
         await self.limiter.admit(rec, plan.candidates, body, stored)  # 429 (or 503 failing closed) refuses here
         return plan, pinned
 

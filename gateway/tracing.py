@@ -3,9 +3,10 @@
 Off unless configured (`tracing.otlp_endpoint`, or the standard OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT): then
 `build_tracing` returns None, nothing of OpenTelemetry is imported, every record's `trace` stays None and each
 stage pays one None check. On, each request gets a SERVER span (continuing a valid client `traceparent`; a
-malformed one starts a new trace), child spans for its stages (authenticate, plan + limits, cache lookup,
-queue, each upstream attempt, the stream) and events for fallback decisions. Every attempt sends vLLM a
-`traceparent` naming the attempt span, so vLLM's `llm_request` span is the attempt's child.
+malformed one starts a new trace), child spans for its stages (admission: authentication, plan and limits;
+the cache lookup when there was one; waiting in the queue; each upstream attempt; the stream) and events for
+fallback decisions. Spans are few on purpose: each costs tens of microseconds of CPU in the Python SDK.
+Every attempt sends vLLM a `traceparent` naming the attempt span, so vLLM's `llm_request` span is its child.
 Spans leave through a BatchSpanProcessor (a background thread; a full queue drops spans, never blocks).
 Attributes are counts, names and times: never prompt or completion text.
 """
@@ -76,7 +77,7 @@ class Tracing:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
         from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-        from opentelemetry.trace import SpanKind, Status, StatusCode
+        from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
@@ -94,6 +95,7 @@ class Tracing:
             exporter, max_queue_size=spec.max_queue_size, schedule_delay_millis=spec.schedule_delay_ms,
             max_export_batch_size=min(512, spec.max_queue_size)))
         self.tracer = self.provider.get_tracer("vllm-gateway")
+        self.in_context = set_span_in_context
         self.propagator = TraceContextTextMapPropagator()
         self.SERVER, self.CLIENT, self.INTERNAL = SpanKind.SERVER, SpanKind.CLIENT, SpanKind.INTERNAL
         self.error = Status(StatusCode.ERROR)
@@ -117,7 +119,8 @@ class Tracing:
         span = self.tracer.start_span(f"{op}", context=parent, kind=self.SERVER, attributes={
             "gen_ai.operation.name": op, "gen_ai.provider.name": PROVIDER, "http.request.method": "POST",
             "url.path": path, "gateway.request_id": rec.identity.request_id, "gateway.endpoint": endpoint})
-        rec.trace = RequestTrace(self, span, op)
+        # A request sampled out (ratio, or the client's flag) builds no further spans: it only passes the context on.
+        rec.trace = RequestTrace(self, span, op) if span.is_recording() else UnsampledTrace(self, span, op)
 
     def shutdown(self) -> None:
         """Export what is still queued (bounded by the exporter's timeout), then stop the export thread."""
@@ -131,11 +134,9 @@ class RequestTrace:
                  "tracestate", "stream", "exemplar")
 
     def __init__(self, tracing: Tracing, server: Span, op: str) -> None:
-        from opentelemetry.trace import set_span_in_context
-
         self.tracing = tracing
         self.server = server
-        self.ctx = set_span_in_context(server)
+        self.ctx = tracing.in_context(server)
         self.op = op
         self.current: Span | None = None
         self.attempt: Span | None = None  # the attempt that answered, ended with the record's usage
@@ -156,6 +157,18 @@ class RequestTrace:
         if name is not None:
             self.current = self.tracing.tracer.start_span(name, context=self.ctx, kind=self.tracing.INTERNAL)
 
+    def lookup_starts(self) -> int:
+        """The cache stage begins (admission is over): its start, for looked_up."""
+        self.stage(None)
+        return time.time_ns()
+
+    def looked_up(self, rec: RequestRecord, started_ns: int) -> None:
+        """A span for the cache lookup only where there was one (hit or miss: a store round trip)."""
+        if rec.end.cache in ("hit", "miss"):
+            span = self.tracing.tracer.start_span("gateway.cache", context=self.ctx, kind=self.tracing.INTERNAL,
+                                                  start_time=started_ns, attributes={"gateway.cache": rec.end.cache})
+            span.end()
+
     def request(self, rec: RequestRecord, body: dict[str, Any]) -> None:
         """What the request asked for: model, stream, numeric sampling parameters; the plan's decisions."""
         s = self.server
@@ -163,10 +176,10 @@ class RequestTrace:
         s.set_attribute("gen_ai.request.model", rec.identity.requested_model or "")
         stream = body.get("stream")
         s.set_attribute("gen_ai.request.stream", stream is True)
-        for key, attr in REQUEST_PARAMS.items():
-            v = body.get(key)
-            if isinstance(v, int | float) and not isinstance(v, bool):
-                s.set_attribute(attr, v)
+        params = {attr: v for key, attr in REQUEST_PARAMS.items()
+                  if (v := body.get(key)) is not None and type(v) in (int, float)}  # not bool, never text
+        if params:
+            s.set_attributes(params)
         r = rec.routing
         if r.route is not None:
             s.set_attribute("gateway.route", r.route)
@@ -189,9 +202,7 @@ class RequestTrace:
         return span
 
     def queue(self, attempt: Span) -> Span:
-        from opentelemetry.trace import set_span_in_context
-
-        return self.tracing.tracer.start_span("gateway.queue", context=set_span_in_context(attempt),
+        return self.tracing.tracer.start_span("gateway.queue", context=self.tracing.in_context(attempt),
                                               kind=self.tracing.INTERNAL)
 
     def attempt_failed(self, span: Span, att: Attempt, error_type: str) -> None:
@@ -272,3 +283,41 @@ class RequestTrace:
         if failed:
             s.set_status(self.tracing.error)
         s.end()
+
+
+class UnsampledTrace(RequestTrace):
+    """A request that is not sampled: no spans (each would cost the sampler's work for nothing), only the
+    W3C context passed on to vLLM with the sampled flag off, so that vLLM does not record it either."""
+
+    __slots__ = ()
+
+    def stage(self, name: str | None) -> None:
+        pass
+
+    def lookup_starts(self) -> int:
+        return 0
+
+    def looked_up(self, rec: RequestRecord, started_ns: int) -> None:
+        pass
+
+    def request(self, rec: RequestRecord, body: dict[str, Any]) -> None:
+        pass
+
+    def start_attempt(self, att: Attempt, number: int, op_model: str) -> Span | None:  # type: ignore[override]
+        if not self.traceparent:
+            sc = self.server.get_span_context()
+            self.traceparent = f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"
+            self.tracestate = sc.trace_state.to_header() if sc.trace_state else None
+        return None
+
+    def skipped(self, att: Attempt) -> None:
+        pass
+
+    def attempt_finished(self) -> None:
+        pass
+
+    def start_stream(self) -> None:
+        pass
+
+    def end(self, rec: RequestRecord) -> None:
+        pass

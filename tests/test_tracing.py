@@ -46,9 +46,9 @@ def traced_config(slow_url: str, fast_url: str, sink: OtlpSink, **tracing: Any) 
     }
 
 
-def chat(gw: GatewayProcess, stream: bool, request_id: str, **headers: str) -> httpx.Response:
+def chat(gw: GatewayProcess, stream: bool, request_id: str, temperature: float = 0.5, **headers: str) -> httpx.Response:
     body = {"model": "assistant", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 5,
-            "temperature": 0.5, "stream": stream}
+            "temperature": temperature, "stream": stream}
     return httpx.post(gw.url + "/v1/chat/completions", content=orjson.dumps(body), timeout=30,
                       headers={"Content-Type": "application/json", "X-Request-Id": request_id, **headers})
 
@@ -85,13 +85,14 @@ def test_a_streamed_fallback_is_one_trace(gateway_factory: Callable[..., Gateway
     assert r.status_code == 200 and r.headers["x-gateway-fallback-reason"] == "first_token_timeout"
     assert r.text.rstrip().endswith("data: [DONE]")
     rec = gw.record("tr-stream")
-    # server span + auth, plan, limits, cache + 2 attempts + stream
-    root, spans = whole_trace(sink, "tr-stream", 8)
+    # server span + admission + 2 attempts + stream (no cache span: temperature 0.5 is not cached)
+    root, spans = whole_trace(sink, "tr-stream", 5)
     assert root.parent_span_id == "" and root.name == "chat assistant" and root.service == "gw-test"
     by_name: dict[str, list[SpanData]] = {}
     for s in spans:
         by_name.setdefault(s.name, []).append(s)
-    for stage in ("gateway.auth", "gateway.plan", "gateway.limits", "gateway.cache", "gateway.stream"):
+    assert "gateway.cache" not in by_name
+    for stage in ("gateway.admit", "gateway.stream"):
         assert [s.parent_span_id for s in by_name[stage]] == [root.span_id], stage
         assert root.start_ns <= by_name[stage][0].start_ns <= by_name[stage][0].end_ns <= root.end_ns
     attempts = sorted((s for s in spans if s.kind == CLIENT), key=lambda s: s.start_ns)
@@ -137,14 +138,16 @@ def test_client_traceparent_is_continued_and_a_malformed_one_ignored(
         sink: OtlpSink) -> None:
     gw = gateway_factory(traced_config(fake.url, fake_b.url, sink))
     trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
-    r = chat(gw, False, "tr-cont", traceparent=f"00-{trace_id}-{parent}-01", tracestate="vendor=abc")
+    r = chat(gw, False, "tr-cont", 0.0, traceparent=f"00-{trace_id}-{parent}-01", tracestate="vendor=abc")
     assert r.status_code == 200
     sent = fake.counters()["last_traceparent"]
     for bad in ("00-zzz-00f067aa0ba902b7-01", f"00-{'0' * 32}-{parent}-01", f"00-{trace_id}-{'0' * 16}-01",
                 f"ff-{trace_id}-{parent}-01", "garbage"):
         r = chat(gw, False, f"tr-bad-{bad[:2]}{len(bad)}", traceparent=bad)
         assert r.status_code == 200, (bad, r.text)
-    root, spans = whole_trace(sink, "tr-cont", 6)  # server, auth, plan, limits, cache, attempt
+    root, spans = whole_trace(sink, "tr-cont", 4)  # server, admission, cache lookup (a miss), attempt
+    (cache,) = [s for s in spans if s.name == "gateway.cache"]
+    assert cache.attributes["gateway.cache"] == "miss" and cache.parent_span_id == root.span_id
     assert root.trace_id == trace_id and root.parent_span_id == parent
     (attempt,) = [s for s in spans if s.kind == CLIENT]
     assert attempt.attributes["gateway.deployment"] == "slow-a" and attempt.attributes["gateway.attempt"] == 1
@@ -169,7 +172,7 @@ def test_unsampled_client_trace_is_not_recorded_but_propagated(
     tp = fake.counters()["last_traceparent"]
     assert re.fullmatch(f"00-{trace_id}-[0-9a-f]{{16}}-0[02]", tp)  # not sampled: vLLM records nothing either
     chat(gw, False, "tr-after")  # a sampled one after it: once it arrives, the unsampled one would have too
-    whole_trace(sink, "tr-after", 6)
+    whole_trace(sink, "tr-after", 3)
     assert sink.trace(trace_id) == []
 
 
