@@ -10,7 +10,8 @@ Each target (one process pinned to core 0; the test upstream, wrk and the Python
                  its request log to a pipe (stderr, the example's default), to a file, off, and with the
                  ledger in memory (so the SQLite ledger's cost shows)
   * example-tracing  the example config with tracing on at 100 % sampling, exporting OTLP/HTTP to a
-                 receiver (loadtests/otlp_sink.py, decoding and counting the spans) on core 1 (not in "all")
+                 receiver (loadtests/otlp_sink.py, decoding and counting the spans) on core 1 (not in "all");
+                 example-tracing-N: N % sampled
   * local        deploy/local/gateway.yaml (routes, cache, three models), no Redis
   * redis        the same with REDIS_URL (a redis-server started here on core 1)
 Figures per target: added p50/p99 at fixed open-loop rates (from each request's scheduled send time,
@@ -142,8 +143,9 @@ def _config_text(name: str, example: str, local: str, tmp: Path, otlp_url: str |
         return example.replace("request_log: stderr", "request_log: \"off\""), "m1"
     if name == "example-ledger-memory":
         return example + "\nledger: {path: memory}\n", "m1"
-    if name == "example-tracing":
-        return example + f"\ntracing: {{otlp_endpoint: '{otlp_url}', sample_ratio: 1.0}}\n", "m1"
+    if name.startswith("example-tracing"):  # example-tracing: 100 % sampled; example-tracing-10: 10 %
+        ratio = int(name.rpartition("-")[2]) / 100 if name[-1].isdigit() else 1.0
+        return example + f"\ntracing: {{otlp_endpoint: '{otlp_url}', sample_ratio: {ratio}}}\n", "m1"
     if name in ("local", "redis"):
         return local, "smollm2"
     return example, "m1"
@@ -244,7 +246,7 @@ def report(results: dict[str, dict[str, Any]], a: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--targets", default="all", help=f"comma list of {', '.join((*TARGETS, *FLOORS))}, "
-                    "example-granian, example-tracing; or all (default), or floors (the pass-throughs and the "
+                    "example-granian, example-tracing[-N]; or all (default), or floors (the pass-throughs and the "
                     "gateway on each server)")
     ap.add_argument("--rates", default="300", help="open-loop rates for added latency (req/s)")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per latency, wrk and stream phase")
@@ -269,7 +271,7 @@ def main() -> None:
                              DRIVER_CORE))
         redis_url = f"redis://127.0.0.1:{r_port}/0"
     otlp_url = None
-    if "example-tracing" in names:
+    if any(n.startswith("example-tracing") for n in names):
         o_port = free_port()
         helpers.append(spawn([sys.executable, "-m", "loadtests.otlp_sink", "--port", str(o_port), "--count-only"],
                              DRIVER_CORE, stderr=None))
