@@ -208,7 +208,7 @@ class Gateway:
         rid = headers.get(b"x-request-id")
         rec = RequestRecord(rid.decode() if rid and _REQUEST_ID.fullmatch(rid) else os.urandom(16).hex(), endpoint)
         if self.tracing is not None:
-            self.tracing.begin(rec, headers, scope["path"])
+            self.tracing.begin(rec, headers, scope["method"], scope["path"])
         task = asyncio.current_task()
         assert task is not None
         self.active.add(task)

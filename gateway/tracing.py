@@ -106,7 +106,7 @@ class Tracing:
                 u = urlsplit(d.url)
                 self.servers[d.name] = (u.hostname or "", u.port or (443 if u.scheme == "https" else 80))
 
-    def begin(self, rec: RequestRecord, headers: dict[bytes, bytes], path: str) -> None:
+    def begin(self, rec: RequestRecord, headers: dict[bytes, bytes], method: str, path: str) -> None:
         """Open the request's server span: a child of a valid client `traceparent`, else a new trace's root."""
         parent = None
         if (tp := headers.get(b"traceparent")) is not None:
@@ -117,7 +117,7 @@ class Tracing:
         endpoint = rec.identity.endpoint
         op = OPERATION.get(endpoint, endpoint)
         span = self.tracer.start_span(f"{op}", context=parent, kind=self.SERVER, attributes={
-            "gen_ai.operation.name": op, "gen_ai.provider.name": PROVIDER, "http.request.method": "POST",
+            "gen_ai.operation.name": op, "gen_ai.provider.name": PROVIDER, "http.request.method": method,
             "url.path": path, "gateway.request_id": rec.identity.request_id, "gateway.endpoint": endpoint})
         # A request sampled out (ratio, or the client's flag) builds no further spans: it only passes the context on.
         rec.trace = RequestTrace(self, span, op) if span.is_recording() else UnsampledTrace(self, span, op)

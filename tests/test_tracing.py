@@ -127,6 +127,7 @@ def test_a_streamed_fallback_is_one_trace(gateway_factory: Callable[..., Gateway
     assert a["gateway.tenant"] == "anonymous" and a["gateway.outcome"] == "ok"
     assert a["gateway.rule"] == "failure_fallback" and a["gateway.attempts"] == 2
     assert a["http.response.status_code"] == 200 and "error.type" not in a
+    assert a["http.request.method"] == "POST" and a["url.path"] == "/v1/chat/completions"
     # never the prompt or the completion
     for s in sink.spans:
         text = repr((s.attributes, s.events, s.name))
