@@ -14,7 +14,7 @@ RUN python -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml ./
 COPY gateway ./gateway
-RUN /opt/venv/bin/pip install .
+RUN /opt/venv/bin/pip install ".[tracing]"  # OpenTelemetry: loaded only when tracing is configured
 
 # ---- runtime: the venv only, run as an unprivileged user
 FROM python:3.11-slim

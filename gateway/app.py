@@ -93,6 +93,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             await gw.spool.close()
         await gw.store.close()
         gw.finalizer.request_log.close()
+        if gw.tracing is not None:
+            await asyncio.to_thread(gw.tracing.shutdown)  # exports the spans still queued
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

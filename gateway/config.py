@@ -292,6 +292,27 @@ class CircuitBreakerSpec(_Strict):
     half_open_probes: int = Field(1, ge=1, description="requests let through while half-open")
 
 
+class TracingSpec(_Strict):
+    """OpenTelemetry traces (docs/tracing.md): off unless otlp_endpoint (or OTEL_EXPORTER_OTLP_ENDPOINT) is set."""
+
+    otlp_endpoint: str | None = Field(None, description="OTLP/HTTP (protobuf) collector URL, e.g. "
+                                      "http://collector:4318 (/v1/traces is added to a bare base URL)")
+    sample_ratio: float | None = Field(None, ge=0, le=1, description="share of new traces kept (a client's "
+                                       "sampled flag is followed); unset: OTEL_TRACES_SAMPLER, default all")
+    service_name: str | None = Field(None, description="service.name; unset: OTEL_SERVICE_NAME or vllm-gateway")
+    headers: dict[str, str] = Field(default_factory=dict, description="sent with each export (e.g. an API key)")
+    export_timeout_s: float = Field(10.0, gt=0)
+    max_queue_size: int = Field(2048, ge=1, description="spans waiting for export; beyond: dropped, never waited on")
+    schedule_delay_ms: int = Field(1000, ge=1, description="most time a span waits before its batch is sent")
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http(s) URL (OTLP/HTTP), got {v!r}")
+        return v or None
+
+
 class GatewaySpec(_Strict):
     server: ServerSpec = ServerSpec()
     auth: AuthSpec = AuthSpec()
@@ -304,6 +325,7 @@ class GatewaySpec(_Strict):
     ledger: LedgerSpec = LedgerSpec()
     limits: LimitsDefaultsSpec = LimitsDefaultsSpec()
     tenants: dict[str, TenantSpec] = Field(default_factory=dict, description="per-tenant limits and cache")
+    tracing: TracingSpec = TracingSpec()
 
     @model_validator(mode="after")
     def _routes_name_models(self) -> GatewaySpec:
@@ -440,6 +462,7 @@ class GatewayConfig:
     circuit_breaker: CircuitBreakerSpec = field(default_factory=CircuitBreakerSpec)
     metrics_scrape_interval: float = 5.0
     features: Features = field(default_factory=lambda: Features())  # cache, limits, ledger (Redis)
+    tracing: TracingSpec = field(default_factory=TracingSpec)
 
 
 def hash_key(key: str) -> str:
@@ -585,7 +608,7 @@ def compile_config(spec: GatewaySpec, source: str) -> GatewayConfig:
         log.warning("no API keys configured: authentication is OFF, every caller is tenant 'anonymous'")
     tenants = tuple(sorted({t.name for t in keys.values()} | ({"anonymous"} if not keys else set())))
     return GatewayConfig(source, spec.server, models, keys, bool(keys), routes, spec.circuit_breaker,
-                         spec.metrics_scrape_interval, compile_features(spec, models, keys, tenants))
+                         spec.metrics_scrape_interval, compile_features(spec, models, keys, tenants), spec.tracing)
 
 
 def _limits(spec: LimitsSpec | None) -> Limits | None:

@@ -24,7 +24,7 @@ from gateway.config import Model
 from gateway.errors import GatewayError
 from gateway.protocol import Endpoint
 from gateway.record import Attempt, RequestRecord
-from gateway.relay import UpstreamStream, open_upstream_stream, tally_lines
+from gateway.relay import UpstreamStream, open_upstream_stream, tally_lines, trace_headers
 from gateway.routing.balance import Balancing
 from gateway.routing.breaker import BreakerState, CircuitBreaker
 from gateway.routing.policy import Plan
@@ -54,9 +54,10 @@ class Executor:
         """
         return self.balancing.order(model, [self.pool.states[d.name] for d in model.deployments], body, rec)
 
-    async def _acquire(self, state: DeploymentState, rec: RequestRecord, att: Attempt) -> None:
+    async def _acquire(self, state: DeploymentState, rec: RequestRecord, att: Attempt, span: Any = None) -> None:
         if state.slots.locked():
             t0 = time.perf_counter()
+            queued = rec.trace.queue(span) if rec.trace is not None else None
             try:
                 async with asyncio.timeout(self.queue_timeout):
                     await state.slots.acquire()
@@ -68,6 +69,8 @@ class Executor:
                 waited = time.perf_counter() - t0
                 rec.timing.queue_s += waited
                 att.queue_s += waited
+                if queued is not None:
+                    queued.end()
         else:
             await state.slots.acquire()
 
@@ -92,13 +95,16 @@ class Executor:
                 if not breaker.allow():
                     att.outcome = "circuit_open"
                     rec.routing.attempts.append(att)
+                    if rec.trace is not None:
+                        rec.trace.skipped(att)
                     continue
                 made += 1
                 verdict: bool | None = None  # None: the deployment was never really tried
+                span = rec.trace.start_attempt(att, made, upstream_model) if rec.trace is not None else None
                 try:
                     body["model"] = upstream_model
                     payload = orjson.dumps(body)
-                    await self._acquire(state, rec, att)
+                    await self._acquire(state, rec, att, span)
                     result = await self._timed(state, rec, att, stream, attempt(state, payload, att))
                     verdict = True
                 except Retryable as r:
@@ -118,6 +124,8 @@ class Executor:
                     raise
                 finally:
                     breaker.settle(verdict)
+                    if span is not None:
+                        _trace_attempt(rec, span, att, verdict, stream)
                 rec.routing.attempts.append(att)
                 self._served_by(rec, plan, model, state)
                 return result
@@ -136,6 +144,8 @@ class Executor:
             if done:
                 return
             done = True
+            if rec.trace is not None:
+                rec.trace.attempt_finished()
             now = time.perf_counter()
             att.gpu_s = state.finished(now, reading)
             att.seconds = now - t0
@@ -181,7 +191,8 @@ class Executor:
             try:
                 async with self.pool.session.post(
                     state.spec.url + path, data=payload, timeout=state.timeout,
-                    headers={**state.headers, "Content-Type": JSON, "X-Request-Id": rec.identity.request_id},
+                    headers=trace_headers(rec, {**state.headers, "Content-Type": JSON,
+                                                      "X-Request-Id": rec.identity.request_id}),
                 ) as resp:
                     data = await resp.read()
                     status = resp.status
@@ -267,3 +278,12 @@ class Executor:
             rec.routing.fallback_reason = failed[-1].outcome
             if model is not plan.candidates[0]:
                 rec.routing.rule = "failure_fallback"
+
+
+def _trace_attempt(rec: RequestRecord, span: Any, att: Attempt, verdict: bool | None, stream: bool) -> None:
+    """The attempt's span: ended now with its outcome, or (answered) kept to end with the record's usage."""
+    assert rec.trace is not None
+    if verdict is True and att.outcome == "ok":
+        rec.trace.answered(span, stream)
+    else:
+        rec.trace.attempt_failed(span, att, att.outcome)

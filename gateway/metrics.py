@@ -25,11 +25,13 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.openmetrics import exposition as openmetrics
 
 from gateway.money import usd
 from gateway.record import RequestRecord
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+OPENMETRICS_CONTENT_TYPE = openmetrics.CONTENT_TYPE_LATEST  # the format that carries exemplars
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1)
@@ -236,23 +238,28 @@ class GatewayMetrics:
 
     @staticmethod
     def _latency(rec: RequestRecord, c: tuple[Any, ...]) -> None:
+        """The latency histograms; a traced request's trace id goes with them as an exemplar (a panel can
+        jump from a slow bucket to its trace). Multiprocess mode keeps no exemplars (prometheus-client)."""
         e2e, ttft, tpot, overhead, queue = c[5:]
-        e2e.observe(rec.timing.e2e_s)
-        overhead.observe(rec.timing.overhead_s)
+        ex = rec.trace.exemplar if rec.trace is not None else None
+        e2e.observe(rec.timing.e2e_s, ex)
+        overhead.observe(rec.timing.overhead_s, ex)
         if rec.routing.deployment is not None:
-            queue.observe(rec.timing.queue_s)
+            queue.observe(rec.timing.queue_s, ex)
         if rec.timing.ttft_s is not None:
-            ttft.observe(rec.timing.ttft_s)
+            ttft.observe(rec.timing.ttft_s, ex)
         if rec.timing.tpot_s is not None:
-            tpot.observe(rec.timing.tpot_s)
+            tpot.observe(rec.timing.tpot_s, ex)
 
-    def render(self) -> bytes:
+    def render(self, openmetrics_format: bool = False) -> bytes:
+        """Prometheus text format, or OpenMetrics (with exemplars) for a scraper that asks for it."""
         self.spend.roll()  # a quiet tenant's spend of a period that has ended reads 0 (see TenantSpend)
+        generate = openmetrics.generate_latest if openmetrics_format else generate_latest
         if multiprocess_dir():
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
-            return generate_latest(registry)
-        return generate_latest(self.registry)
+            return generate(registry)
+        return generate(self.registry)
 
 
 def period_index(period: str, now: float) -> int:

@@ -52,7 +52,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.prompt_tokens import load_counters
 from gateway.protocol import MAX_MODEL_NAME, Endpoint
 from gateway.record import RequestRecord
-from gateway.relay import Relay
+from gateway.relay import Relay, UpstreamStream
 from gateway.routing.balance import Balancing
 from gateway.routing.breaker import BreakerState, CircuitBreaker
 from gateway.routing.live import LiveStats
@@ -60,6 +60,7 @@ from gateway.routing.policy import Plan, Planner
 from gateway.spool import Spool, spool_path
 from gateway.store import build_store
 from gateway.streaming import RecordingAccountant, StreamAccountant, replay
+from gateway.tracing import build_tracing
 from gateway.upstream import UpstreamPool
 
 log = logging.getLogger("gateway")
@@ -122,6 +123,7 @@ class Gateway:
         self.finalizer.record_sinks.append(self.ledger.append)
         self.finalizer.observers += [self.limiter.settle, self._observe_latency]
         self.active: set[asyncio.Task[Any]] = set()  # requests being served (shutdown waits for their accounts)
+        self.tracing = build_tracing(config)  # None when off: each stage then checks `rec.trace is not None`
         self._set_static_gauges()
 
     def _set_static_gauges(self) -> None:
@@ -229,6 +231,8 @@ class Gateway:
         headers = wanted_headers(scope["headers"])
         rid = headers.get(b"x-request-id")
         rec = RequestRecord(rid.decode() if rid and _REQUEST_ID.fullmatch(rid) else os.urandom(16).hex(), endpoint)
+        if self.tracing is not None:
+            self.tracing.begin(rec, headers, scope["method"], scope["path"])
         task = asyncio.current_task()
         assert task is not None
         self.active.add(task)
@@ -248,8 +252,7 @@ class Gateway:
             plan, pinned = await self._plan_and_admit(rec, contract, body, headers)  # validate, plan, admit
             stream = contract.streams(body)
             n = contract.choices(body)
-            lk = await self.cache.lookup(rec, plan.candidates[0], endpoint, body, headers.get(b"cache-control"),
-                                         stream)
+            lk = await self._cache_lookup(rec, plan, endpoint, body, headers, stream)
             try:
                 if stream:  # execute + relay + finalize, the answer going out as it comes
                     await self._stream(rec, plan, contract, body, send, lk, n, watcher.cancel, pinned)
@@ -283,8 +286,20 @@ class Gateway:
             self.active.discard(task)
             if watcher is not None:
                 watcher.cancel()
+            if rec.trace is not None:
+                rec.trace.end(rec)
+
+    async def _cache_lookup(self, rec: RequestRecord, plan: Plan, endpoint: Endpoint, body: dict[str, Any],
+                            headers: dict[bytes, bytes], stream: bool) -> Lookup:
+        t0 = rec.trace.lookup_starts() if rec.trace is not None else 0
+        lk = await self.cache.lookup(rec, plan.candidates[0], endpoint, body, headers.get(b"cache-control"), stream)
+        if rec.trace is not None:
+            rec.trace.looked_up(rec, t0)
+        return lk
 
     def _authenticate(self, rec: RequestRecord, headers: dict[bytes, bytes]) -> None:
+        if rec.trace is not None:
+            rec.trace.stage("gateway.admit")  # authentication, plan and limits: until the cache lookup
         if DUPLICATE in headers:
             raise duplicate_header(headers[DUPLICATE])
         tenant, key_hash = self.auth.authenticate(credential(headers.get(b"authorization"), headers.get(b"x-api-key")))
@@ -308,6 +323,8 @@ class Gateway:
             body["cache_salt"] = self.config.features.cache_salt(rec.identity.tenant)
         # The reservation covers every candidate (a fallback may serve it) and a stored conversation it continues.
         stored = self.apis.stored_context(pinned, self.planner.window(plan.candidates[0]))
+        if rec.trace is not None:
+            rec.trace.request(rec, body)
         await self.limiter.admit(rec, plan.candidates, body, stored)  # 429 (or 503 failing closed) refuses here
         return plan, pinned
 
@@ -383,19 +400,24 @@ class Gateway:
         rec.routing.predicted_ms = None if plan.predicted_s is None else plan.predicted_s * 1e3
         return plan
 
+    async def _open_stream(self, rec: RequestRecord, plan: Plan, contract: EndpointContract, body: dict[str, Any],
+                           n: int, pinned: Location | None) -> UpstreamStream:
+        try:
+            stream = await self.executor.open_stream(rec, plan, contract.name, body, n)
+        except GatewayError as e:
+            raise self.apis.pinned_failure(body, pinned, e) from None
+        await self.apis.served(rec, contract, body, finished=False)
+        return stream
+
     async def _stream(self, rec: RequestRecord, plan: Plan, contract: EndpointContract, body: dict[str, Any],
                       send: Send, lk: Lookup, n: int, stop_watching: Callable[[], object],
                       pinned: Location | None = None) -> None:
         rec.identity.stream = True
         acct = _accountant(rec, contract, body, lk, n)
-        stream = None
-        if lk.entry is None:
-            try:
-                stream = await self.executor.open_stream(rec, plan, contract.name, body, n)
-            except GatewayError as e:
-                raise self.apis.pinned_failure(body, pinned, e) from None
-            await self.apis.served(rec, contract, body, finished=False)
+        stream = None if lk.entry is not None else await self._open_stream(rec, plan, contract, body, n, pinned)
         rec.end.status = 200
+        if rec.trace is not None:
+            rec.trace.start_stream()
 
         ended = False
 

@@ -11,6 +11,7 @@ from gateway.money import usd
 
 if TYPE_CHECKING:
     from gateway.limits import Reservation
+    from gateway.tracing import RequestTrace
 
 
 @dataclass(slots=True)
@@ -136,7 +137,7 @@ _LOG_NAMES = {"api_key_hash": "api_key", "wall_time": "ts"}
 class RequestRecord:
     """The one record of a request, in typed parts; the log line, headers, metrics and ledger read it."""
 
-    __slots__ = (*PARTS, "started", "in_flight", "ratelimit_headers", "reservation", "final_line")
+    __slots__ = (*PARTS, "started", "in_flight", "ratelimit_headers", "reservation", "final_line", "trace")
 
     def __init__(self, request_id: str, endpoint: str, tenant: str = "unauthenticated") -> None:
         self.identity = Identity(request_id, endpoint, tenant)
@@ -151,6 +152,7 @@ class RequestRecord:
         self.ratelimit_headers: dict[str, str] | None = None  # x-ratelimit-* as of admission
         self.reservation: Reservation | None = None  # what admission reserved; settled at finalize
         self.final_line: bytes | None = None  # the record's JSON line, once finalized (finalize runs once)
+        self.trace: RequestTrace | None = None  # its spans, when tracing is on (gateway/tracing.py)
 
     @property
     def cost_usd(self) -> float:

@@ -293,7 +293,8 @@ async def open_upstream_stream(session: aiohttp.ClientSession, state: Deployment
         async with asyncio.timeout(first_token):
             resp = await session.post(
                 state.spec.url + path, data=payload, timeout=state.stream_timeout,
-                headers={**state.headers, "Content-Type": "application/json", "X-Request-Id": rec.identity.request_id},
+                headers=trace_headers(rec, {**state.headers, "Content-Type": "application/json",
+                                             "X-Request-Id": rec.identity.request_id}),
             )
             if resp.status >= 400:
                 data = await resp.read()
@@ -326,6 +327,15 @@ async def open_upstream_stream(session: aiohttp.ClientSession, state: Deployment
         raise Retryable("empty_stream", errors.upstream_unavailable(
             f"deployment {state.name} closed the stream before the first token"))
     return UpstreamStream(state, att, resp, reader, primed, _unset)
+
+
+def trace_headers(rec: RequestRecord, headers: dict[str, str]) -> dict[str, str]:
+    """The attempt span as vLLM's parent (W3C traceparent): vLLM's llm_request span joins the trace."""
+    if rec.trace is not None:
+        headers["traceparent"] = rec.trace.traceparent
+        if rec.trace.tracestate:
+            headers["tracestate"] = rec.trace.tracestate
+    return headers
 
 
 def _unset() -> None:

@@ -17,7 +17,7 @@ from gateway.apis.contract import PATHS
 from gateway.errors import GatewayError, error_response
 from gateway.guards import bearer_matches, credential, duplicate_header, duplicated
 from gateway.ledger import parse_time
-from gateway.metrics import CONTENT_TYPE
+from gateway.metrics import CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE
 from gateway.openapi import ErrorResponse
 from gateway.pipeline import Gateway
 from gateway.store import StoreCommandError, StoreUnavailable
@@ -135,4 +135,7 @@ async def metrics(request: Request) -> Response:
                 raise errors.unauthorized("/metrics needs the metrics key: 'Authorization: Bearer <key>'.")
         except GatewayError as e:
             return error_response(e, {"www-authenticate": "Bearer"} if e.status == 401 else None)
+    # Prometheus asks for OpenMetrics first in its Accept header (needed for exemplars); others get the text format.
+    if "application/openmetrics-text" in request.headers.get("accept", ""):
+        return Response(gw.metrics.render(openmetrics_format=True), media_type=OPENMETRICS_CONTENT_TYPE)
     return Response(gw.metrics.render(), media_type=CONTENT_TYPE)

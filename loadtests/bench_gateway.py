@@ -9,6 +9,9 @@ Each target (one process pinned to core 0; the test upstream, wrk and the Python
   * example*     `gateway serve` with deploy/examples/single-vllm.yaml (no Redis: SQLite ledger), with
                  its request log to a pipe (stderr, the example's default), to a file, off, and with the
                  ledger in memory (so the SQLite ledger's cost shows)
+  * example-tracing  the example config with tracing on at 100 % sampling, exporting OTLP/HTTP to a
+                 receiver (loadtests/otlp_sink.py, decoding and counting the spans) on core 1 (not in "all");
+                 example-tracing-N: N % sampled
   * local        deploy/local/gateway.yaml (routes, cache, three models), no Redis
   * redis        the same with REDIS_URL (a redis-server started here on core 1)
 Figures per target: added p50/p99 at fixed open-loop rates (from each request's scheduled send time,
@@ -75,7 +78,8 @@ def gateway_cmd(cfg: Path, port: int) -> list[str]:
             "--log-level", "warning"]
 
 
-def build_targets(names: list[str], up_url: str, tmp: Path, redis_url: str | None) -> list[Target]:
+def build_targets(names: list[str], up_url: str, tmp: Path, redis_url: str | None,
+                  otlp_url: str | None = None) -> list[Target]:
     example = (ROOT / "deploy/examples/single-vllm.yaml").read_text()
     local = (ROOT / "deploy/local/gateway.yaml").read_text()
     out: list[Target] = []
@@ -85,7 +89,6 @@ def build_targets(names: list[str], up_url: str, tmp: Path, redis_url: str | Non
         env = {"VLLM_URL": up_url, "VLLM_MODEL": "m1", "CHAT_URL": up_url, "EMBED_URL": up_url,
                "GATEWAY_API_KEY": "", "REDIS_URL": "", "GATEWAY_STATE_DIR": str(tmp / f"state-{name}")}
         model = "m1"
-        text = example
         if name == "upstream":
             out.append(Target(name, model, lambda: None, up_url))
             continue
@@ -118,16 +121,9 @@ def build_targets(names: list[str], up_url: str, tmp: Path, redis_url: str | Non
                 return spawn(cmd, TARGET_CORE, {**env, "GATEWAY_CONFIG": str(cfg)}, stderr=subprocess.PIPE)
             out.append(Target(name, model, start_granian, url))
             continue
-        if name == "example-log-file":
-            text = example.replace("request_log: stderr", f"request_log: {tmp / 'requests.jsonl'}")
-        elif name == "example-log-off":
-            text = example.replace("request_log: stderr", "request_log: \"off\"")
-        elif name == "example-ledger-memory":
-            text = example + "\nledger: {path: memory}\n"
-        elif name in ("local", "redis"):
-            text, model = local, "smollm2"
-            if name == "redis":
-                env["REDIS_URL"] = redis_url or ""
+        text, model = _config_text(name, example, local, tmp, otlp_url)
+        if name == "redis":
+            env["REDIS_URL"] = redis_url or ""
         cfg = tmp / f"{name}.yaml"
         cfg.write_text(text)
 
@@ -137,6 +133,22 @@ def build_targets(names: list[str], up_url: str, tmp: Path, redis_url: str | Non
             return spawn(gateway_cmd(cfg, port), TARGET_CORE, env, stderr=subprocess.PIPE)
         out.append(Target(name, model, start, url))
     return out
+
+
+def _config_text(name: str, example: str, local: str, tmp: Path, otlp_url: str | None) -> tuple[str, str]:
+    """A gateway target's config file and the model its requests name."""
+    if name == "example-log-file":
+        return example.replace("request_log: stderr", f"request_log: {tmp / 'requests.jsonl'}"), "m1"
+    if name == "example-log-off":
+        return example.replace("request_log: stderr", "request_log: \"off\""), "m1"
+    if name == "example-ledger-memory":
+        return example + "\nledger: {path: memory}\n", "m1"
+    if name.startswith("example-tracing"):  # example-tracing: 100 % sampled; example-tracing-10: 10 %
+        ratio = int(name.rpartition("-")[2]) / 100 if name[-1].isdigit() else 1.0
+        return example + f"\ntracing: {{otlp_endpoint: '{otlp_url}', sample_ratio: {ratio}}}\n", "m1"
+    if name in ("local", "redis"):
+        return local, "smollm2"
+    return example, "m1"
 
 
 def measure(t: Target, a: argparse.Namespace, direct_lat: dict[str, dict[str, float]]) -> dict[str, Any]:
@@ -234,7 +246,8 @@ def report(results: dict[str, dict[str, Any]], a: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--targets", default="all", help=f"comma list of {', '.join((*TARGETS, *FLOORS))}, "
-                    "example-granian; or all (default), or floors (the pass-throughs and the gateway on each server)")
+                    "example-granian, example-tracing[-N]; or all (default), or floors (the pass-throughs and the "
+                    "gateway on each server)")
     ap.add_argument("--rates", default="300", help="open-loop rates for added latency (req/s)")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per latency, wrk and stream phase")
     ap.add_argument("--requests", type=int, default=100_000, help="RSS after this many requests (0: skip)")
@@ -257,6 +270,12 @@ def main() -> None:
         helpers.append(spawn(["redis-server", "--port", str(r_port), "--save", "", "--appendonly", "no"],
                              DRIVER_CORE))
         redis_url = f"redis://127.0.0.1:{r_port}/0"
+    otlp_url = None
+    if any(n.startswith("example-tracing") for n in names):
+        o_port = free_port()
+        helpers.append(spawn([sys.executable, "-m", "loadtests.otlp_sink", "--port", str(o_port), "--count-only"],
+                             DRIVER_CORE, stderr=None))
+        otlp_url = f"http://127.0.0.1:{o_port}"
     results: dict[str, dict[str, Any]] = {}
     try:
         wait_http(up_url + "/health")
@@ -265,7 +284,7 @@ def main() -> None:
                              "max_tokens": 16})
         direct = {str(rate): asyncio.run(open_loop(up_url + "/v1/chat/completions", rate, a.duration, body))
                   for rate in a.rate_list}
-        for t in build_targets(names, up_url, tmp, redis_url):
+        for t in build_targets(names, up_url, tmp, redis_url, otlp_url):
             results[t.name] = measure(t, a, direct)
             r = results[t.name]
             errors = sum(v.get("errors", 0) for v in r.get("latency", {}).values())

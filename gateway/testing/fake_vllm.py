@@ -53,6 +53,7 @@ class Counters:
     busy_s: float = 0.0  # time with at least one request running (what a GPU-time cost basis pays for)
     busy_since: float = 0.0
     last_request: dict[str, Any] = field(default_factory=dict)
+    last_traceparent: str | None = None  # the W3C trace context the last generate request carried
 
     def start(self) -> None:
         if self.running == 0:
@@ -160,6 +161,7 @@ class FakeVLLM:
     async def embeddings(self, request: web.Request) -> web.Response:
         body = orjson.loads(await request.read())
         self.c.last_request = body
+        self.c.last_traceparent = request.headers.get("traceparent")
         if err := self._refuse(body):
             return err
         raw = body["input"]
@@ -204,6 +206,7 @@ class FakeVLLM:
     async def generate(self, request: web.Request) -> web.StreamResponse:
         body = orjson.loads(await request.read())
         self.c.last_request = body
+        self.c.last_traceparent = request.headers.get("traceparent")
         if err := self._refuse(body):
             return err
         chat = "messages" in body
