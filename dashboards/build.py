@@ -40,7 +40,7 @@ TTFT_SLO_OBJECTIVE = 0.99
 # or a cache-heavy hour would hide a slow engine. They have their own panel.
 SERVED = 'deployment!="_none"'
 # Fallback reasons that are routing policy, not trouble (gateway/routing/policy.py): not alerted on.
-POLICY_REASONS = "task|context_length|budget_pressure"
+POLICY_REASONS = "task|task_auto|context_length|budget_pressure"
 LE_1S = 'le=~"1|1\\\\.0"'  # Prometheus 2 keeps le="1.0" from prometheus-client; Prometheus 3 normalises it to "1"
 
 # ------------------------------------------------------------------------------------- recording rules
