@@ -271,13 +271,13 @@ class TaskAutoSpec(_Strict):
 
     embedding: str = Field(description="a model in models that serves /v1/embeddings (e.g. all-MiniLM)")
     examples: dict[str, str] = Field(min_length=1, description="task -> JSON-lines file of labelled requests, "
-                                     '{"text": ..., "match": true|false} (false: must stay on the default model); '
-                                     "a relative path is taken from the config file's folder")
-    threshold: float = Field(0.9, ge=0, le=1, description="a request goes to its task's model only when the "
+                                     '{"text": ..., "match": true|false} (false: must stay on the default model); a '
+                                     "relative path is taken from the config file's folder, else the working directory")
+    threshold: float = Field(0.8, ge=0, le=1, description="a request goes to its task's model only when the "
                              "classifier's probability is at least this")
     deadline_ms: float = Field(50.0, gt=0, description="the embedding call's deadline; later: the default route")
     max_chars: int = Field(1000, ge=16, le=100_000, description="leading characters of the text embedded")
-    l2: float = Field(0.1, gt=0, description="the logistic regression's L2 penalty (larger: smoother)")
+    l2: float = Field(0.01, gt=0, description="the logistic regression's L2 penalty (larger: smoother)")
 
 
 class RouteSpec(_Strict):
@@ -579,7 +579,7 @@ def _task_examples(path: str, source: str, where: str) -> tuple[tuple[str, bool]
     """A task's labelled examples: JSON lines {"text": str, "match": bool}; both kinds are required."""
     p = Path(path).expanduser()
     if not p.is_absolute() and Path(source).is_file() and (Path(source).parent / p).is_file():
-        p = Path(source).parent / p
+        p = Path(source).parent / p  # next to the config file; else from the working directory
     try:
         lines = p.read_text(encoding="utf-8").splitlines()
     except OSError as e:
