@@ -117,6 +117,13 @@ def answer_label(text: str) -> str:
     return "positive" if pos and not neg else "negative" if neg and not pos else "other"
 
 
+def direct_embed_ms(client: httpx.Client, embed_url: str, text: str) -> float:
+    """The same embedding call straight to the engine: the floor under what task_auto adds."""
+    t0 = time.perf_counter()
+    client.post(f"{embed_url}/v1/embeddings", json={"model": "minilm", "input": [text[:1000]]}).raise_for_status()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def request(client: httpx.Client, gw_url: str, row: dict[str, Any], mode: str) -> dict[str, Any]:
     model = {"always-LLM": "smollm2", "adapter": "sentiment"}.get(mode, "assistant")
     headers = {"x-gateway-task": "sentiment"} if mode == "declared" and row["task"] == "sentiment" else {}
@@ -159,6 +166,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "cost_per_request_usd": sum(r["cost_usd"] for r in rows) / len(rows),
             "routing_cost_per_request_usd": sum(r["routing_cost_usd"] for r in rows) / len(rows),
             "routing_ms_p50": pct(routing, 0.5), "routing_ms_p95": pct(routing, 0.95),
+            "direct_embed_ms_p50": pct([r["direct_embed_ms"] for r in rows if "direct_embed_ms" in r], 0.5),
+            "direct_embed_ms_p95": pct([r["direct_embed_ms"] for r in rows if "direct_embed_ms" in r], 0.95),
             "e2e_s_p50": pct([r["e2e_s"] for r in rows], 0.5),
             "false_positives_by_kind": {k: sum(1 for r in to_adapter if r["kind"] == k)
                                         for k in ("chat", "generation")},
@@ -322,7 +331,7 @@ def tokenizer_folder() -> str | None:
 
 
 def print_table(summary: dict[str, dict[str, Any]]) -> None:
-    cols = ("always-LLM", "declared", "auto")
+    cols = [c for c in ("always-LLM", "declared", "auto") if c in summary]
     rows = [("requests", "requests", "{:d}"), ("errors", "errors", "{:d}"),
             ("routed to adapter (share)", "routed_share", "{:.3f}"),
             ("sentiment routing recall", "recall", "{:.3f}"), ("sentiment routing precision", "precision", "{:.3f}"),
@@ -331,14 +340,16 @@ def print_table(summary: dict[str, dict[str, Any]]) -> None:
             ("  of which routing (USD)", "routing_cost_per_request_usd", "{:.3e}"),
             ("added latency p50 (ms)", "routing_ms_p50", "{:.2f}"),
             ("added latency p95 (ms)", "routing_ms_p95", "{:.2f}"),
+            ("  engine's own embed call p50 (ms)", "direct_embed_ms_p50", "{:.2f}"),
+            ("  engine's own embed call p95 (ms)", "direct_embed_ms_p95", "{:.2f}"),
             ("end-to-end p50 (s)", "e2e_s_p50", "{:.3f}")]
-    print(f"{'':32}" + "".join(f"{c:>14}" for c in cols))
+    print(f"{'':36}" + "".join(f"{c:>14}" for c in cols))
     for title, key, fmt in rows:
         cells = []
         for c in cols:
             v = summary[c][key]
             cells.append(f"{'-' if v is None else fmt.format(v):>14}")
-        print(f"{title:32}" + "".join(cells))
+        print(f"{title:36}" + "".join(cells))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -351,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=0, help="only the first N requests of the mix")
     p.add_argument("--outage-requests", type=int, default=45)
     p.add_argument("--no-write", action="store_true", help="print only (no plot, no result file)")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                   help="a subset prints its table only (no sweep, outage, plot or file)")
     args = p.parse_args(argv)
     mix = [json.loads(line) for line in MIX.read_text().splitlines() if line.strip()]
     if args.limit:
@@ -370,15 +383,22 @@ def main(argv: list[str] | None = None) -> int:
             with httpx.Client(timeout=120) as client:
                 for row in mix[:5]:  # warm-up (connections, engine caches), not counted
                     request(client, gw.url, row, "auto")
-                for mode in MODES:
+                for mode in args.modes:
                     t1 = time.perf_counter()
-                    by_mode[mode] = [request(client, gw.url, row, mode) for row in mix]
+                    by_mode[mode] = []
+                    for row in mix:
+                        res = request(client, gw.url, row, mode)
+                        if mode == "auto":  # the engine's own time for the same call, just after
+                            res["direct_embed_ms"] = direct_embed_ms(client, embed, row["text"])
+                        by_mode[mode].append(res)
                     print(f"  {mode}: {len(mix)} requests in {time.perf_counter() - t1:.0f}s", flush=True)
         finally:
             gw.stop()
         summary = {m: summarise(rows) for m, rows in by_mode.items()}
         print()
         print_table(summary)
+        if set(by_mode) != set(MODES):
+            return 0  # a subset of the modes: no sweep, no outage, nothing written
         points = sweep(by_mode)
         print("\nthreshold sweep (auto; answers and costs as measured per model):")
         print(f"{'threshold':>10}{'recall':>9}{'precision':>11}{'accuracy':>10}{'USD/request':>14}")

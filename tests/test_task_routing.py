@@ -293,3 +293,30 @@ def test_requests_before_the_classifier_is_fitted_take_the_default_route(
         assert decisions(gw, outcome="not_ready") == 1 and decisions(gw, outcome="routed") == 1
     finally:
         emb.kill()
+
+
+def test_report_sweep_serves_each_request_by_the_model_its_confidence_picks() -> None:
+    from loadtests.task_routing import answer_label, summarise, sweep
+
+    def row(mode: str, task: str | None, served: str, answer: str, cost: float, conf: float | None = None,
+            label: str | None = None) -> dict[str, Any]:
+        return {"mode": mode, "kind": "sentiment" if task else "chat", "task": task, "label": label, "status": 200,
+                "e2e_s": 0.1, "served": served, "decision": None if conf is None else "x", "confidence": conf,
+                "routing_ms": 5.0, "routing_cost_usd": 0.0 if conf is None else 1e-9, "cost_usd": cost,
+                "answer": answer}
+
+    llm, ad = "smollm2", "sentiment"
+    by_mode = {  # request 1: sentiment (positive), request 2: chat
+        "always-LLM": [row("l", ad, llm, "other", 10e-6, label="positive"), row("l", None, llm, "", 8e-6)],
+        "adapter": [row("a", ad, ad, "positive", 1e-6, label="positive"), row("a", None, ad, "", 2e-6)],
+        "auto": [row("x", ad, ad, "positive", 1e-6, 0.9, "positive"), row("x", None, llm, "", 8e-6, 0.3)],
+    }
+    points = {p["threshold"]: p for p in sweep(by_mode)}
+    assert points[0.5]["accuracy"] == 1 and points[0.5]["precision"] == 1 and points[0.5]["recall"] == 1
+    assert points[0.5]["cost_per_request_usd"] == pytest.approx((1e-6 + 8e-6 + 2e-9) / 2)
+    assert points[0.95]["accuracy"] == 0 and points[0.95]["recall"] == 0  # all on the LLM
+    assert points[0.2]["precision"] == 0.5 and points[0.2]["cost_per_request_usd"] == pytest.approx(
+        (1e-6 + 2e-6 + 2e-9) / 2)  # the chat request on the adapter too, at its measured cost
+    s = summarise(by_mode["auto"])
+    assert s["recall"] == 1 and s["precision"] == 1 and s["accuracy"] == 1 and s["routed_share"] == 0.5
+    assert answer_label(" Positive.") == "positive" and answer_label("positive or negative") == "other"
