@@ -10,7 +10,7 @@ deploy/local/data/task_examples/sentiment.jsonl. The labelled test mix loadtests
 used as examples: deploy/local/data/make_task_data.py) is sent, one request at a time, greedy:
 
   always-LLM   "model": "smollm2" for every request
-  declared     "model": "assistant", sentiment requests carry `x-gateway-task: sentiment` (a perfect client)
+  declared     "model": "assistant", every request names its task (`x-gateway-task: sentiment` or `chat`)
   auto         "model": "assistant", nothing declared: task_auto decides
   adapter      "model": "sentiment" for every request (only to price the threshold sweep, below)
 
@@ -126,7 +126,8 @@ def direct_embed_ms(client: httpx.Client, embed_url: str, text: str) -> float:
 
 def request(client: httpx.Client, gw_url: str, row: dict[str, Any], mode: str) -> dict[str, Any]:
     model = {"always-LLM": "smollm2", "adapter": "sentiment"}.get(mode, "assistant")
-    headers = {"x-gateway-task": "sentiment"} if mode == "declared" and row["task"] == "sentiment" else {}
+    # declared: a perfect client names every request's task (a generation task keeps the LLM, unclassified)
+    headers = {"x-gateway-task": row["task"] or "chat"} if mode == "declared" else {}
     body = {"model": model, "messages": [{"role": "user", "content": row["text"]}],
             "max_tokens": row["max_tokens"], "temperature": 0}
     t0 = time.perf_counter()
