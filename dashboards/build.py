@@ -40,7 +40,7 @@ TTFT_SLO_OBJECTIVE = 0.99
 # or a cache-heavy hour would hide a slow engine. They have their own panel.
 SERVED = 'deployment!="_none"'
 # Fallback reasons that are routing policy, not trouble (gateway/routing/policy.py): not alerted on.
-POLICY_REASONS = "task|context_length|budget_pressure"
+POLICY_REASONS = "task|task_auto|context_length|budget_pressure"
 LE_1S = 'le=~"1|1\\\\.0"'  # Prometheus 2 keeps le="1.0" from prometheus-client; Prometheus 3 normalises it to "1"
 
 # ------------------------------------------------------------------------------------- recording rules
@@ -222,6 +222,47 @@ def gateway_overview() -> list[Panel]:
         ts("Usage ledger: buffered and dropped",
            ("sum(gateway_ledger_buffered)", "buffered"),
            ("sum(increase(gateway_ledger_dropped_total[$__rate_interval]))", "dropped")),
+        *task_routing(),
+    ]
+
+
+TASK_AUTO = 'gateway_route_decisions_total{rule="task_auto"}'
+
+
+def task_routing() -> list[Panel]:
+    """The row of automatic task routing (docs/routing.md "Automatic task routing"): what was decided, how
+    sure the classifier was, what deciding took, and what it saved."""
+    def per_route(metric: str, flt: str = "") -> str:
+        return f"sum by (route) (rate({metric}{{{flt}}}[$__rate_interval]))"
+
+    return [
+        ts("Task routing: decisions/s by outcome",
+           (f"sum by (route, task, outcome) (rate({TASK_AUTO}[$__rate_interval]))", "{{route}} {{task}} {{outcome}}"),
+           unit="reqps", desc="routed: sent to the task's model; below_threshold: stays on the default; declared: "
+                              "the client named the task; deadline / unavailable / not_ready: the classifier could "
+                              "not answer in time (the default route, never an error)"),
+        ts("Task routing: share sent to a task's model",
+           ('sum by (route) (rate(gateway_route_decisions_total{rule="task_auto", outcome="routed"}'
+            "[$__rate_interval]))\n/ " + per_route("gateway_route_decisions_total", 'rule="task_auto"'), "{{route}}"),
+           ('sum by (route) (rate(gateway_route_decisions_total{rule="task_auto", outcome=~"deadline|unavailable|'
+            'not_ready"}[$__rate_interval]))\n/ ' + per_route("gateway_route_decisions_total", 'rule="task_auto"'),
+            "{{route}} classifier missed"), unit="percentunit"),
+        Panel("Task routing: classifier confidence (requests in the time range)",
+              [("sum by (le) (increase(gateway_task_confidence_bucket[$__range]))", "<= {{le}}")], "short",
+              "bargauge", "Cumulative: requests whose most likely task had at most this probability; the "
+              "threshold splits them", width=8,
+              extra={"options": {"displayMode": "gradient", "orientation": "horizontal",
+                                 "reduceOptions": {"calcs": ["lastNotNull"]}}}),
+        ts("Task routing: time the decision added",
+           *[(f"histogram_quantile({v}, sum by (route, le) (rate(gateway_routing_seconds_bucket[$__rate_interval])))",
+              f"{q} {{{{route}}}}") for q, v in QUANTILES.items()], unit="s",
+           desc="The embedding call of task_auto, bounded by its deadline_ms"),
+        ts("Task routing: saving USD/hour (counterfactual - billed, deciding included)",
+           ("(" + per_route("gateway_task_auto_cost_usd_total", 'kind="counterfactual"') + "\n- "
+            + per_route("gateway_task_auto_cost_usd_total", 'kind="billed"') + ") * 3600", "saved {{route}}"),
+           (per_route("gateway_task_auto_cost_usd_total", 'kind="routing"') + " * 3600", "deciding {{route}}"),
+           unit="currencyUSD", desc="What the route's default model would have charged, minus what was billed "
+                                    "(the embedding calls included); negative: routing costs more than it saves"),
     ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -273,6 +274,21 @@ class BudgetPressureSpec(_Strict):
     threshold: float = Field(0.8, gt=0, le=1, description="share of a budget spent that triggers downgrades")
 
 
+class TaskAutoSpec(_Strict):
+    """`task_auto`: the task of an undeclared request decided from its text (docs/routing.md, "Automatic task
+    routing"): its last user text is embedded by `embedding` and scored against each task's labelled examples."""
+
+    embedding: str = Field(description="a model in models that serves /v1/embeddings (e.g. all-MiniLM)")
+    examples: dict[str, str] = Field(min_length=1, description="task -> JSON-lines file of labelled requests, "
+                                     '{"text": ..., "match": true|false} (false: must stay on the default model); a '
+                                     "relative path is taken from the config file's folder, else the working directory")
+    threshold: float = Field(0.8, ge=0, le=1, description="a request goes to its task's model only when the "
+                             "classifier's probability is at least this")
+    deadline_ms: float = Field(50.0, gt=0, description="the embedding call's deadline; later: the default route")
+    max_chars: int = Field(1000, ge=16, le=100_000, description="leading characters of the text embedded")
+    l2: float = Field(0.01, gt=0, description="the logistic regression's L2 penalty (larger: smoother)")
+
+
 class RouteSpec(_Strict):
     candidates: list[str] = Field(min_length=1, description="model names, most capable first")
     failure_fallback: FailureFallbackSpec = FailureFallbackSpec()
@@ -281,6 +297,7 @@ class RouteSpec(_Strict):
     budget_pressure: BudgetPressureSpec | None = None
     context_length: bool = Field(True, description="move prompts too long for a candidate to one that fits")
     tasks: dict[str, str] = Field(default_factory=dict, description="task name -> candidate model")
+    task_auto: TaskAutoSpec | None = Field(None, description="decide undeclared requests' task from their text")
 
 
 class CircuitBreakerSpec(_Strict):
@@ -338,6 +355,13 @@ class GatewaySpec(_Strict):
             for task, c in route.tasks.items():
                 if c not in route.candidates:
                     raise ValueError(f"routes.{name}.tasks.{task}: {c!r} must also be one of the candidates")
+            if (auto := route.task_auto) is not None:
+                if auto.embedding not in self.models:
+                    raise ValueError(f"routes.{name}.task_auto.embedding: {auto.embedding!r} is not a model in models")
+                for task in auto.examples:
+                    if task not in route.tasks:
+                        raise ValueError(f"routes.{name}.task_auto.examples.{task}: the task is not in the route's "
+                                         "tasks (which model would it go to?)")
         return self
 
 
@@ -389,6 +413,18 @@ class Model:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskAuto:
+    """A route's automatic task routing, compiled: the embedding model and each task's labelled examples."""
+
+    embedding: Model
+    examples: dict[str, tuple[tuple[str, bool], ...]]  # task -> (text, is the task)
+    threshold: float
+    deadline_s: float
+    max_chars: int
+    l2: float
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """A public name whose requests go to an ordered list of candidate models, moved by rules."""
 
@@ -396,6 +432,7 @@ class Route:
     candidates: tuple[Model, ...]
     spec: RouteSpec
     tasks: dict[str, Model]
+    auto: TaskAuto | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -570,6 +607,41 @@ def _tokenizer_folder(path: str | None, where: str) -> str | None:
     return str(folder)
 
 
+def _task_examples(path: str, source: str, where: str) -> tuple[tuple[str, bool], ...]:
+    """A task's labelled examples: JSON lines {"text": str, "match": bool}; both kinds are required."""
+    p = Path(path).expanduser()
+    if not p.is_absolute() and Path(source).is_file() and (Path(source).parent / p).is_file():
+        p = Path(source).parent / p  # next to the config file; else from the working directory
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise ConfigError(f"{source}: {where}: cannot read {str(p)!r}: {e.strerror}") from None
+    out: list[tuple[str, bool]] = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{source}: {where}: {p}:{i}: not JSON: {e.msg}") from None
+        if not (isinstance(row, dict) and isinstance(row.get("text"), str) and row["text"].strip()
+                and isinstance(row.get("match"), bool)):
+            raise ConfigError(f'{source}: {where}: {p}:{i}: expected {{"text": "...", "match": true|false}}')
+        out.append((row["text"], row["match"]))
+    if not any(m for _, m in out) or all(m for _, m in out):
+        raise ConfigError(f"{source}: {where}: {p} needs examples of the task (match: true) and of other requests "
+                          "(match: false)")
+    return tuple(out)
+
+
+def _compile_task_auto(name: str, spec: TaskAutoSpec | None, models: dict[str, Model], source: str) -> TaskAuto | None:
+    if spec is None:
+        return None
+    examples = {task: _task_examples(path, source, f"routes.{name}.task_auto.examples.{task}")
+                for task, path in spec.examples.items()}
+    return TaskAuto(models[spec.embedding], examples, spec.threshold, spec.deadline_ms / 1e3, spec.max_chars, spec.l2)
+
+
 def compile_config(spec: GatewaySpec, source: str) -> GatewayConfig:
     models: dict[str, Model] = {}
     seen_deployments: set[str] = set()
@@ -597,7 +669,8 @@ def compile_config(spec: GatewaySpec, source: str) -> GatewayConfig:
         models[name] = Model(name, tuple(deps), pricing, m.owned_by, m.tier, m.context_window,
                              m.default_max_tokens, m.max_output_tokens, m.balance, prefix, tokenizer)
     routes = {name: Route(name, tuple(models[c] for c in r.candidates), r,
-                          {task: models[c] for task, c in r.tasks.items()})
+                          {task: models[c] for task, c in r.tasks.items()},
+                          _compile_task_auto(name, r.task_auto, models, source))
               for name, r in spec.routes.items()}
 
     keys: dict[str, Tenant] = {}

@@ -52,7 +52,12 @@ class Finalizer:
         self.record_sinks: list[Callable[[bytes], None]] = [request_log.write]
 
     def price(self, rec: RequestRecord) -> None:
-        """Exact cost of what the request used, of what its abandoned attempts wasted, and the counterfactual."""
+        """Exact cost of what the request used, of what its abandoned attempts wasted, and the counterfactual;
+        deciding its route (task_auto's embedding call) is part of its cost, whatever answered it."""
+        self._price_served(rec)
+        rec.money.cost_pico_usd += rec.money.routing_cost_pico_usd
+
+    def _price_served(self, rec: RequestRecord) -> None:
         if rec.end.cache == "hit":  # served from the gateway cache: free; rec.money.saved_pico_usd holds what it cost
             rec.money.cost_pico_usd = rec.money.counterfactual_cost_pico_usd = 0
             return
@@ -135,12 +140,21 @@ def early_headers(rec: RequestRecord) -> dict[str, str]:
         h["x-gateway-queue-ms"] = f"{rec.timing.queue_s * 1e3:.3f}"
         if rec.routing.balance is not None:
             h["x-gateway-balance"] = rec.routing.balance
+        if rec.routing.task is not None:
+            h["x-gateway-task"] = rec.routing.task
         if rec.routing.route is not None:
             h["x-gateway-route"] = f"{rec.routing.route} -> {rec.routing.served_model}"
         if rec.routing.rule is not None:
             h["x-gateway-rule"] = rec.routing.rule
         if rec.routing.fallback_reason is not None:
             h["x-gateway-fallback-reason"] = rec.routing.fallback_reason
+    if rec.routing.task_decision is not None:  # a task_auto route: how the task was decided, and what it took
+        h["x-gateway-task-decision"] = rec.routing.task_decision
+        if rec.routing.task_confidence is not None:
+            h["x-gateway-task-confidence"] = f"{rec.routing.task_confidence:.4f}"
+        h["x-gateway-routing-ms"] = f"{rec.timing.routing_s * 1e3:.3f}"
+        h["x-gateway-routing-tokens"] = str(rec.usage.routing_tokens)
+        h["x-gateway-routing-cost-usd"] = usd_text(rec.money.routing_cost_pico_usd)
     if rec.end.cache is not None:
         h["x-gateway-cache"] = rec.end.cache
         if rec.end.cache == "hit":

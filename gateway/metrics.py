@@ -35,6 +35,8 @@ OPENMETRICS_CONTENT_TYPE = openmetrics.CONTENT_TYPE_LATEST  # the format that ca
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 1.0)
+ROUTING_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
 
 UNKNOWN_MODEL = "_unknown"
@@ -148,6 +150,23 @@ class GatewayMetrics:
         self.tenant_budget = Gauge("gateway_tenant_budget_usd", "Configured budget", ["tenant", "period"],
                                    multiprocess_mode="max", registry=r)
         self.spend = TenantSpend(self.tenant_spend)
+        # automatic task routing (routing/task_auto.py): decisions, confidence, what deciding took and saved
+        self.route_decisions = Counter(
+            "gateway_route_decisions", "Routing decisions of a rule (task_auto: how each request's task was decided)",
+            ["route", "rule", "task", "outcome"], registry=r)
+        self.task_confidence = Histogram(
+            "gateway_task_confidence", "task_auto: the classifier's probability of the most likely task",
+            ["route", "task"], buckets=CONFIDENCE_BUCKETS, registry=r)
+        self.routing_seconds = Histogram("gateway_routing_seconds", "Time spent deciding the route (task_auto's "
+                                         "embedding call)", ["route"], buckets=ROUTING_BUCKETS, registry=r)
+        self.routing_tokens = Counter(
+            "gateway_routing_tokens", "Embedding tokens spent deciding tasks (purpose: request, or examples when "
+            "the classifier is fitted)", ["route", "purpose"], registry=r)
+        self.task_auto_cost = Counter(
+            "gateway_task_auto_cost_usd", "Requests of task_auto routes: billed (routing included), what the default "
+            "model would have charged (counterfactual), and the routing part", ["route", "kind"], registry=r)
+        self.classifier_ready = Gauge("gateway_task_classifier_ready", "1 once the route's task classifier is fitted",
+                                      ["route"], multiprocess_mode="min", registry=r)
         # Labelled children looked up once per label set (labels() costs a lock and a dict of tuples per call).
         self._children: dict[tuple[str, str, str, int], tuple[Any, ...]] = {}
         self._labelled: dict[tuple[int, tuple[str, ...]], Any] = {}
@@ -186,6 +205,27 @@ class GatewayMetrics:
         self._money_and_routing(rec, model, dep, c[4])
         self._waste(rec)
         self._latency(rec, c)
+        if rec.routing.task_decision is not None:
+            self._task_auto(rec)
+
+    def _task_auto(self, rec: RequestRecord) -> None:
+        """A request of a task_auto route (route and task labels are configured names or generation tasks)."""
+        r, route = rec.routing, rec.routing.route or "_none"
+        self._child(self.route_decisions, route, "task_auto", r.task or "none", r.task_decision or "none").inc()
+        if r.task_confidence is not None:
+            best = r.task if r.task is not None else r.task_best or "none"
+            self._child(self.task_confidence, route, best).observe(r.task_confidence)
+        if r.task_decision not in ("declared", "not_ready", "no_text"):
+            self._child(self.routing_seconds, route).observe(rec.timing.routing_s)
+        if rec.usage.routing_tokens:
+            self._child(self.routing_tokens, route, "request").inc(rec.usage.routing_tokens)
+        m = rec.money
+        if m.cost_pico_usd:
+            self._child(self.task_auto_cost, route, "billed").inc(usd(m.cost_pico_usd))
+        if m.counterfactual_cost_pico_usd:
+            self._child(self.task_auto_cost, route, "counterfactual").inc(usd(m.counterfactual_cost_pico_usd))
+        if m.routing_cost_pico_usd:
+            self._child(self.task_auto_cost, route, "routing").inc(usd(m.routing_cost_pico_usd))
 
     def _tokens(self, rec: RequestRecord, model: str, c: tuple[Any, ...]) -> None:
         _, prompt, completion, cached = c[:4]

@@ -57,6 +57,7 @@ from gateway.routing.balance import Balancing
 from gateway.routing.breaker import BreakerState, CircuitBreaker
 from gateway.routing.live import LiveStats
 from gateway.routing.policy import Plan, Planner
+from gateway.routing.task_auto import Decision, TaskAutoRouter, describe
 from gateway.spool import Spool, spool_path
 from gateway.store import build_store
 from gateway.streaming import RecordingAccountant, StreamAccountant, replay
@@ -118,6 +119,7 @@ class Gateway:
         self.live.prefix_listeners.append(self._prefix_index_seen)  # after the balancer's own listener
         self.planner = Planner(config, self.live, self.breakers, budget_fraction=self.limiter.budget_used_fraction,
                                in_flight=lambda name: self.pool.states[name].in_flight)
+        self.task_auto = TaskAutoRouter(config, self.pool, self.breakers, on_fitted=self._classifier_fitted)
         # Finalize: the record goes to the log and the ledger, then limits settle and routing learns.
         self.finalizer = Finalizer(config, self.metrics, RequestLog(config.server.request_log))
         self.finalizer.record_sinks.append(self.ledger.append)
@@ -133,6 +135,8 @@ class Gateway:
             self.metrics.breaker_state.labels(name).set(0)
         for reason in ("full", "io"):  # from 0: the first refusal is an increase an alert sees
             self.metrics.spool_errors.labels(reason)
+        for route in self.task_auto.classifiers:
+            self.metrics.classifier_ready.labels(route).set(0)
         for tenant, lim in self.config.features.tenant_limits.items():
             for period, budget in (("day", lim.budget_day), ("month", lim.budget_month)):
                 if budget:
@@ -158,6 +162,10 @@ class Gateway:
     def _spool_counts(self, records: int, settles: int) -> None:
         self.metrics.ledger_spooled.set(records)
         self.metrics.limit_settles_spooled.set(settles)
+
+    def _classifier_fitted(self, route: str, example_tokens: int) -> None:
+        self.metrics.classifier_ready.labels(route).set(1)
+        self.metrics.routing_tokens.labels(route, "examples").inc(example_tokens)
 
     def _spend_seen(self, tenant: str, period: str, usd: float) -> None:
         self.metrics.spend.seen(tenant, period, usd)
@@ -311,7 +319,7 @@ class Gateway:
         req = contract.validate(body)
         rec.identity.requested_model = req.model
         try:
-            plan = await self._plan(rec, req.model, body, headers)
+            plan = await self._plan(rec, contract, req.model, body, headers)
         except GatewayError as e:
             if e.code == "model_not_found":  # a probe for names still counts: one request, no tokens
                 await self.limiter.admit(rec, NO_MODEL, {})
@@ -373,7 +381,8 @@ class Gateway:
         body = contract_of(rec.identity.endpoint).error_body(e)
         await respond(send, e.status, body, {**final_headers(rec), **e.headers})
 
-    async def _plan(self, rec: RequestRecord, name: str, body: dict[str, Any], headers: dict[bytes, bytes]) -> Plan:
+    async def _plan(self, rec: RequestRecord, contract: EndpointContract, name: str, body: dict[str, Any],
+                    headers: dict[bytes, bytes]) -> Plan:
         task_raw = headers.get(b"x-gateway-task")
         metadata = body.get("metadata")
         task = task_raw.decode("latin-1").strip().lower() if task_raw else (
@@ -390,7 +399,18 @@ class Gateway:
             except ValueError:
                 raise errors.bad_request("Header x-gateway-deadline-ms must be a positive number of milliseconds.",
                                          param="x-gateway-deadline-ms") from None
-        plan = await self.planner.plan(name, body, rec.identity.tenant, task, deadline_ms, self.executor.count_tokens)
+        decision, task_rule = None, "task"
+        route = self.config.routes.get(name)
+        if route is not None and route.auto is not None and contract.output_fields:
+            decision = Decision("declared") if task is not None else await self.task_auto.decide(
+                name, contract.conversation(body))  # never fails: the default route when it cannot decide
+            self._decided(rec, decision)
+            if decision.task is not None:
+                task, task_rule = decision.task, "task_auto"
+        plan = await self.planner.plan(name, body, rec.identity.tenant, task, deadline_ms, self.executor.count_tokens,
+                                       task_rule)
+        if decision is not None:
+            plan.decisions.insert(0, describe(decision))
         rec.routing.primary_model = plan.requested.name
         rec.routing.route = plan.route.name if plan.route is not None else None
         rec.routing.task = task
@@ -408,6 +428,14 @@ class Gateway:
             raise self.apis.pinned_failure(body, pinned, e) from None
         await self.apis.served(rec, contract, body, finished=False)
         return stream
+
+    @staticmethod
+    def _decided(rec: RequestRecord, d: Decision) -> None:
+        """task_auto's decision and what it took go into the record (and so to headers, log, metrics, ledger)."""
+        rec.routing.task_decision, rec.routing.task_confidence, rec.routing.task_best = d.outcome, d.confidence, d.best
+        rec.timing.routing_s += d.seconds
+        rec.usage.routing_tokens += d.tokens
+        rec.money.routing_cost_pico_usd += d.cost_pico_usd
 
     async def _stream(self, rec: RequestRecord, plan: Plan, contract: EndpointContract, body: dict[str, Any],
                       send: Send, lk: Lookup, n: int, stop_watching: Callable[[], object],

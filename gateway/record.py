@@ -73,7 +73,10 @@ class Routing:
     rule: str | None = None
     fallback_reason: str | None = None
     route_decisions: list[str] = field(default_factory=list)
-    task: str | None = None
+    task: str | None = None  # the task it was routed for (declared, or decided by task_auto)
+    task_decision: str | None = None  # task_auto routes: routed, below_threshold, declared, deadline, unavailable, ...
+    task_confidence: float | None = None  # task_auto: the classifier's probability of its most likely task
+    task_best: str | None = None  # task_auto: that most likely task (routed to only at the threshold)
     deadline_ms: float | None = None
     predicted_ms: float | None = None
     balance: str | None = None  # how the deployment was chosen (routing/balance.py): least_outstanding, affinity, ...
@@ -92,6 +95,7 @@ class Timing:
     overhead_s: float = 0.0
     client_wait_s: float = 0.0  # time blocked writing to a client that read slowly (back-pressure)
     gpu_s: float = 0.0  # this request's share of its deployment's busy time (GPU-time cost basis)
+    routing_s: float = 0.0  # deciding the route: task_auto's embedding call (not overhead: waiting on vLLM)
 
 
 @dataclass(slots=True)
@@ -106,6 +110,7 @@ class Usage:
     wasted_completion_tokens: int = 0
     usage_reported: bool = False
     usage_invalid: bool = False  # vLLM sent usage that could not be true (negative, absurd): not billed
+    routing_tokens: int = 0  # task_auto: the embedding model's prompt tokens for this request's text
 
 
 @dataclass(slots=True)
@@ -117,6 +122,7 @@ class Money:
     counterfactual_cost_pico_usd: int = 0  # what the first candidate would have charged for the same tokens
     saved_pico_usd: int = 0  # on a cache hit: what the answer cost when it was made (the hit itself costs 0)
     prefix_saved_pico_usd: int = 0  # what vLLM's prefix cache saved: cached tokens at the prompt price
+    routing_cost_pico_usd: int = 0  # task_auto's embedding call (part of cost_pico_usd, not of the counterfactual)
 
 
 @dataclass(slots=True)
@@ -165,7 +171,7 @@ class RequestRecord:
     def finish(self, now: float | None = None) -> None:
         t = self.timing
         t.e2e_s = (time.perf_counter() if now is None else now) - self.started
-        t.overhead_s = max(0.0, t.e2e_s - t.upstream_s - t.queue_s - t.client_wait_s)
+        t.overhead_s = max(0.0, t.e2e_s - t.upstream_s - t.queue_s - t.client_wait_s - t.routing_s)
 
     def mark_first_token(self, now: float) -> None:
         if self.timing.ttft_s is None:

@@ -30,6 +30,7 @@ import yaml
 
 from dashboards import build
 from tests.conftest import ROOT, FakeUpstream, free_port, start_fake_upstream, start_gateway, stop, wait_http
+from tests.test_task_routing import examples_file
 
 RULES_DIR = ROOT / "deploy" / "prometheus"
 RUNBOOK = ROOT / "docs" / "runbook.md"
@@ -214,7 +215,7 @@ def start_redis(tmp: Path) -> tuple[str, subprocess.Popen[bytes]]:
 KEYS = {"team-a": "sk-dash-a", "team-b": "sk-dash-b", "team-c": "sk-dash-c"}
 
 
-def gateway_config(big: str, small: str, redis_url: str) -> dict[str, Any]:
+def gateway_config(big: str, small: str, redis_url: str, emb: str = "", examples: str = "") -> dict[str, Any]:
     return {
         "auth": {"keys": [{"tenant": t, "key": k} for t, k in KEYS.items()]},
         "models": {
@@ -228,8 +229,14 @@ def gateway_config(big: str, small: str, redis_url: str) -> dict[str, Any]:
                                       {"name": "small-1", "url": small, "model": "small-base"}]},
             "nlu": {"tier": "adapter", "prices": {"prompt_per_1m": 0.5, "completion_per_1m": 1},
                     "deployments": [{"name": "nlu-0", "url": small, "model": "nlu-adapter"}]},
+            **({"emb": {"tier": "small", "prices": {"prompt_per_1m": 0.1},
+                        "deployments": [{"name": "emb-0", "url": emb, "model": "emb"}]}} if emb else {}),
         },
-        "routes": {"assistant": {"candidates": ["big", "small", "nlu"], "tasks": {"classification": "nlu"}}},
+        "routes": {"assistant": {"candidates": ["big", "small", "nlu"], "tasks": {"classification": "nlu"}},
+                   # automatic task routing (its own route: the assistant's traffic above stays as it is)
+                   **({"helpdesk": {"candidates": ["small", "nlu"], "tasks": {"sentiment": "nlu"},
+                                    "task_auto": {"embedding": "emb", "examples": {"sentiment": examples},
+                                                  "deadline_ms": 2000}}} if emb else {})},
         "circuit_breaker": {"failures": 2, "cooldown_s": 3.0},
         "metrics_scrape_interval": 0.5,
         "redis": {"url": redis_url, "timeout_s": 0.2, "down_for_s": 0.2, "ledger_buffer": 2,
@@ -244,7 +251,8 @@ def gateway_config(big: str, small: str, redis_url: str) -> dict[str, Any]:
     }
 
 
-def drive_traffic(gw_url: str, big: FakeUpstream, small: FakeUpstream, redis: subprocess.Popen[bytes]) -> None:
+def drive_traffic(gw_url: str, big: FakeUpstream, small: FakeUpstream, redis: subprocess.Popen[bytes],
+                  emb: FakeUpstream | None = None) -> None:
     def chat(tenant: str, model: str = "assistant", stream: bool = False, max_tokens: int = 6,
              content: str = "hello", **body: Any) -> int:
         r = httpx.post(gw_url + "/v1/chat/completions", timeout=30, headers={
@@ -266,6 +274,18 @@ def drive_traffic(gw_url: str, big: FakeUpstream, small: FakeUpstream, redis: su
         assert chat("team-a", "small", True, temperature=0, content="cache my stream") == 200
     for i in range(2):  # routing by policy: classification goes to the adapter (not an alerting fallback)
         assert chat("team-a", metadata={"task": "classification"}, content=f"classify {i}") == 200
+    if emb is not None:  # automatic task routing: routed, kept on the default, declared, the classifier away
+        deadline = time.monotonic() + 30
+        while 'gateway_task_classifier_ready{route="helpdesk"} 1.0' not in httpx.get(gw_url + "/metrics").text:
+            assert time.monotonic() < deadline, "task classifier not fitted"
+            time.sleep(0.1)
+        for i in range(3):
+            assert chat("team-a", "helpdesk", content=f"Is this review positive or negative? It was great {i}.") == 200
+            assert chat("team-a", "helpdesk", content=f"Write a short story about a sofa {i}.") == 200
+        assert chat("team-a", "helpdesk", content="Write a poem.", metadata={"task": "sentiment"}) == 200
+        emb.control(fail_status=503)
+        assert chat("team-a", "helpdesk", content="Classify the sentiment of this review: awful.") == 200
+        emb.control(fail_status=0)
     statuses = [chat("team-c", "nlu", content=f"c{i}") for i in range(7)]  # rpm 4
     assert 429 in statuses and 200 in statuses, statuses
     assert chat("team-b", "small", content="over budget?") == 429  # team-b's day budget is spent
@@ -296,8 +316,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     tmp = tmp_path_factory.mktemp("dash")
     big = start_fake_upstream(["big-base"])
     small = start_fake_upstream(["small-base", "nlu-adapter"])
+    emb = start_fake_upstream(["emb"])
     redis_url, redis = start_redis(tmp)
-    gw = start_gateway(tmp, gateway_config(big.url, small.url, redis_url))
+    gw = start_gateway(tmp, gateway_config(big.url, small.url, redis_url, emb.url, str(examples_file(tmp))))
     jobs = [{"job_name": "gateway", "static_configs": [{"targets": [hostport(gw.url)]}]},
             {"job_name": "vllm", "static_configs": [
                 {"targets": [hostport(big.url)], "labels": {"deployment": "big-0"}},
@@ -306,7 +327,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     try:
         start = time.time()
         time.sleep(2)
-        drive_traffic(gw.url, big, small, redis)
+        drive_traffic(gw.url, big, small, redis, emb)
         fake_metrics = {line.split("{")[0] for line in httpx.get(big.url + "/metrics").text.splitlines()
                         if line and not line.startswith("#")}
         targets = [t for t in all_targets() if not VLLM_ONLY.search(t.expr)]
@@ -326,6 +347,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             stop(p)
         big.kill()
         small.kill()
+        emb.kill()
 
 
 @pytest.mark.parametrize("target", all_targets(), ids=lambda t: t.id)

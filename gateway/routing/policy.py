@@ -65,13 +65,14 @@ class Planner:
                     DEFAULT_FALLBACK.budget_s)
 
     async def plan(self, name: str, body: dict[str, Any], tenant: str, task: str | None,
-                   deadline_ms: float | None, count_tokens: TokenCounter) -> Plan:
+                   deadline_ms: float | None, count_tokens: TokenCounter, task_rule: str = "task") -> Plan:
+        """task_rule: "task" for a declared task, "task_auto" for one the route's classifier decided."""
         p = self.resolve(name)
         if p.route is None:
             return p
         spec = p.route.spec
         if task:
-            self._task(p, task)
+            self._task(p, task, task_rule)
         if spec.budget_pressure is not None:
             self._budget(p, spec, tenant)
         if spec.context_length:
@@ -85,11 +86,11 @@ class Planner:
         return p
 
     # ------------------------------------------------------------------ the rules
-    def _task(self, p: Plan, task: str) -> None:
+    def _task(self, p: Plan, task: str, rule: str) -> None:
         assert p.route is not None
         target = p.route.tasks.get(task)
         if target is not None:
-            p.move([target, *(c for c in p.candidates if c is not target)], "task", f"task {task} -> {target.name}")
+            p.move([target, *(c for c in p.candidates if c is not target)], rule, f"task {task} -> {target.name}")
         elif task not in GENERATION_TASKS:
             raise errors.bad_request(
                 f"Unknown task '{task}' for '{p.name}': known tasks are "
@@ -100,7 +101,7 @@ class Planner:
         used = self.budget_fraction(tenant)
         if used >= spec.budget_pressure.threshold:
             # A model chosen for the request's task keeps its place: a cheaper general model may not do it.
-            keep = p.candidates[:1] if p.rule == "task" else []
+            keep = p.candidates[:1] if p.rule in ("task", "task_auto") else []
             cheapest_first = keep + sorted(p.candidates[len(keep):], key=lambda m: m.unit_price())
             p.move(cheapest_first, "budget_pressure",
                    f"tenant {tenant} has spent {used:.0%} of a budget (threshold "

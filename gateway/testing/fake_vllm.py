@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
+import re
 import time
 import uuid
+import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -93,6 +96,20 @@ def count_prompt_tokens(body: dict[str, Any]) -> int:
     return len(str(prompt).split()) + 1
 
 
+EMBED_DIMS = 64
+
+
+def text_vector(text: str) -> list[float]:
+    """A deterministic unit embedding that depends on the text: its words hashed into signed buckets (texts
+    sharing words are close), so a classifier over embeddings (routing/task_auto.py) learns from it."""
+    v = [0.0] * EMBED_DIMS
+    for w in re.findall(r"[a-z0-9']+", text.lower()):
+        h = zlib.crc32(w.encode())
+        v[h % EMBED_DIMS] += 1.0 if (h >> 16) & 1 else -1.0
+    norm = math.sqrt(sum(x * x for x in v)) or 1.0
+    return [x / norm for x in v]
+
+
 class FakeVLLM:
     def __init__(self, models: list[str], behaviour: Behaviour | None = None, max_model_len: int = 2048) -> None:
         self.models = models
@@ -168,9 +185,10 @@ class FakeVLLM:
         inputs = raw if isinstance(raw, list) and raw and not isinstance(raw[0], int) else [raw]
         n = count_prompt_tokens(body)
         self.c.requests += 1
+        if self.b.ttft_ms:
+            await asyncio.sleep(self.b.ttft_ms / 1e3)
         self.c.prompt_tokens += n
-        data = [{"object": "embedding", "index": i, "embedding": [0.1 * ((i + j) % 7) for j in range(8)]}
-                for i in range(len(inputs))]
+        data = [{"object": "embedding", "index": i, "embedding": text_vector(str(x))} for i, x in enumerate(inputs)]
         return _json({"object": "list", "model": body["model"], "data": data,
                       "usage": {"prompt_tokens": n, "total_tokens": n}})
 
