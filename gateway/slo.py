@@ -3,7 +3,7 @@
 The prediction for a request of priority p on a deployment is
 
     queue wait + engine time to first token
-    queue wait = 0 when a slot is free, else (requests waiting ahead in its band and better + 1)
+    queue wait = 0 when a slot is free, else (requests waiting ahead in its band and better + 1/2)
                  x the deployment's recent slot-holding time / its slots (a slot frees that often)
     engine TTFT = the recent engine-side TTFT (first token minus queue time) of requests of the same
                   priority on that deployment, or, before there is one, prompt tokens / the recent
@@ -94,7 +94,8 @@ class SloPredictor:
             busy = ahead > 0 or q.saturated()
         else:
             ahead, busy = 0, in_flight >= limit
-        wait = (ahead + 1) * (r.hold_s or 0.0) / max(1, limit) if busy else 0.0
+        # slots free every hold_s / limit on average; the first one, half that after a random arrival
+        wait = (ahead + 0.5) * (r.hold_s or 0.0) / max(1, limit) if busy else 0.0
         return wait + engine
 
     def stale(self, deployment: str, predicted_s: float) -> bool:
