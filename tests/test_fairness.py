@@ -62,7 +62,7 @@ def chat(gw: GatewayProcess, key: str, model: str = "m1", stream: bool = False, 
          content: str = "hello there", headers: dict[str, str] | None = None, **extra: Any) -> httpx.Response:
     body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
             "stream": stream, **extra}
-    return httpx.post(gw.url + "/v1/chat/completions", content=orjson.dumps(body), timeout=30,
+    return httpx.post(gw.url + "/v1/chat/completions", content=orjson.dumps(body), timeout=120,
                       headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}",
                                **(headers or {})})
 
