@@ -132,6 +132,8 @@ class Gateway:
             self.metrics.model_info.labels(name, m.tier).set(1)
         for name in self.breakers:
             self.metrics.breaker_state.labels(name).set(0)
+        for name in self.queues:
+            self.metrics.fair_queue_waiting.labels(name).set(0)
         for tenant, lim in self.config.features.tenant_limits.items():
             for period, budget in (("day", lim.budget_day), ("month", lim.budget_month)):
                 if budget:

@@ -14,8 +14,8 @@ predicted to miss its class's objective is refused at once with 429 and a Retry-
 time (the work ahead of it is done by then, or the figures are stale and the retry is a probe), or, if
 the class says `fallback` and the route has another candidate predicted to meet it, moved there.
 Without figures (a cold deployment) a request is admitted.
-A prediction resting on figures older than itself (nothing finished since: maybe because everything was
-refused) admits the request as a probe, so a refusal cannot last forever on stale figures.
+A prediction resting on an engine figure older than itself (no request of its priority finished since: maybe
+because all were refused) admits the request as a probe, so a refusal cannot last forever on stale figures.
 
 Each admitted request keeps its prediction in the record (routing.slo_predicted_ms) next to its measured
 TTFT, so the predictor's error is measured (gateway_slo_prediction_error_seconds, the request log).
@@ -49,6 +49,7 @@ class DeploymentRates:
     hold_s: float | None = None  # slot holding time (send to last byte)
     prefill_tps: float | None = None  # prompt tokens per second of engine-side TTFT
     engine_ttft: dict[int, float] = field(default_factory=dict)  # by priority
+    engine_at: dict[int, float] = field(default_factory=dict)  # when engine_ttft[priority] last moved
     sampled_at: float = 0.0  # monotonic time of the newest sample
 
 
@@ -73,6 +74,7 @@ class SloPredictor:
             engine = max(1e-3, t.ttft_s - t.queue_s)
             prio = rec.routing.priority if rec.routing.priority is not None else 0
             r.engine_ttft[prio] = _ewma(r.engine_ttft.get(prio), engine)
+            r.engine_at[prio] = self.clock()
             if rec.usage.prompt_tokens:
                 r.prefill_tps = _ewma(r.prefill_tps, rec.usage.prompt_tokens / engine)
         r.sampled_at = self.clock()
@@ -98,10 +100,13 @@ class SloPredictor:
         wait = (ahead + 0.5) * (r.hold_s or 0.0) / max(1, limit) if busy else 0.0
         return wait + engine
 
-    def stale(self, deployment: str, predicted_s: float) -> bool:
-        """Nothing finished on this deployment for longer than the prediction: admit as a probe."""
+    def stale(self, deployment: str, priority: int, predicted_s: float) -> bool:
+        """No request of this priority has finished on the deployment for longer than the prediction (the
+        figure it rests on may be out of date, e.g. because every such request was refused): admit a probe."""
         r = self.rates.get(deployment)
-        return r is not None and self.clock() - r.sampled_at > max(1.0, predicted_s)
+        if r is None:
+            return False
+        return self.clock() - r.engine_at.get(priority, r.sampled_at) > max(1.0, predicted_s)
 
 
 def retry_after_s(predicted_s: float) -> int:
@@ -130,7 +135,7 @@ class SloAdmission:
             if p is None:
                 return None, False  # a deployment without figures yet: admitted (cold start)
             if best[0] is None or p < best[0]:
-                best = (p, self.predictor.stale(d.name, p))
+                best = (p, self.predictor.stale(d.name, priority, p))
         return best
 
     def check(self, rec: RequestRecord, cls: PriorityClass, plan: Plan, body: dict[str, Any]) -> None:
