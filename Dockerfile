@@ -27,7 +27,8 @@ COPY --from=build /opt/venv /opt/venv
 RUN groupadd --system --gid 10001 gateway \
     && useradd --system --uid 10001 --gid gateway --no-create-home --home-dir /nonexistent gateway \
     && mkdir -p /etc/gateway /var/lib/gateway && chown gateway:gateway /var/lib/gateway
-# Without redis.url the ledger is a SQLite file here: mount a volume on it to keep billing data.
+# Without redis.url the ledger is a SQLite file here; with it, the spool (what waits for Redis during an
+# outage): mount a volume on it to keep billing data.
 VOLUME /var/lib/gateway
 USER 10001:10001
 WORKDIR /tmp

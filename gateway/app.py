@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,6 +20,7 @@ from gateway import errors
 from gateway.apis import retrieve
 from gateway.apis.contract import PATHS
 from gateway.config import GatewayConfig, load_config
+from gateway.drain import Drain
 from gateway.errors import GatewayError, error_response
 from gateway.openapi import install_openapi
 from gateway.pipeline import Gateway
@@ -32,10 +34,12 @@ class FastPath:
 
     ROUTES: dict[str, Endpoint] = PATHS
 
-    def __init__(self, gw: Gateway, app: FastAPI) -> None:
-        self.gw, self.app = gw, app
+    def __init__(self, gw: Gateway, app: FastAPI, drain: Drain) -> None:
+        self.gw, self.app, self.drain = gw, app, drain
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.drain.draining and scope["type"] == "http":
+            send = _closing(send)  # this replica is going: clients reconnect (to another) for their next request
         if scope["type"] == "http" and scope["method"] == "POST":
             endpoint = self.ROUTES.get(scope["path"])
             if endpoint is not None:
@@ -48,19 +52,34 @@ class FastPath:
         await self.app(scope, receive, send)
 
 
+def _closing(send: Send) -> Send:
+    async def closing(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+        await send(message)
+    return closing
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Start the stages that talk to the network; on the way out, let cut requests write their records."""
     gw: Gateway = app.state.gateway
+    app.state.drain.install()
     await gw.pool.start()
     gw.live.start(gw.pool.session)
     await gw.store.start()
+    if gw.spool is not None:
+        await gw.spool.start()  # what a gateway before this one left there is replayed once Redis answers
+    await gw.limiter.start()
     if gw.ledger.backend is not gw.store:
         await gw.ledger.backend.start()  # the embedded SQLite file (or this process's memory)
     await gw.ledger.start()
+    roller = asyncio.create_task(gw.metrics.spend.keep_rolled(), name="spend-rollover")
     try:
         yield
     finally:
+        roller.cancel()
+        app.state.drain.uninstall()
         if gw.active:  # requests cut by shutdown are still draining vLLM and writing their records
             await asyncio.wait(list(gw.active), timeout=DRAIN_S + 1.0)
         await gw.live.close()
@@ -70,6 +89,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await gw.ledger.close()  # writes what is still buffered, if the store answers
         if gw.ledger.backend is not gw.store:
             await gw.ledger.backend.close()
+        if gw.spool is not None:
+            await gw.spool.close()
         await gw.store.close()
         gw.finalizer.request_log.close()
 
@@ -103,9 +124,10 @@ def create_app(config: GatewayConfig | None = None) -> FastPath:
                   docs_url="/docs" if srv.docs and srv.openapi else None,
                   redoc_url="/redoc" if srv.docs and srv.openapi else None)
     app.state.gateway = gw
+    app.state.drain = drain = Drain(srv.drain_notice_s)
     app.include_router(router)
     install_openapi(app, [*config.models, *config.routes])
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(GatewayError, _gateway_error)
-    return FastPath(gw, app)
+    return FastPath(gw, app, drain)

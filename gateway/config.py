@@ -188,6 +188,11 @@ class LedgerSpec(_Strict):
     memory_bytes: int = Field(16 * 1024 * 1024, ge=65536, description="path 'memory': bytes of records kept")
     buffer_bytes: int = Field(8 * 1024 * 1024, ge=65536,
                               description="records waiting to be written, in bytes (beyond: dropped, counted)")
+    spool_path: str | None = Field(None, description="with redis.url: the local file where records and budget "
+                                   "charges wait while Redis is away (gateway/spool.py); default "
+                                   "$GATEWAY_STATE_DIR/spool.sqlite3, one per replica; 'off': memory only")
+    spool_max_bytes: int = Field(1024 * 1024 * 1024, ge=65536,
+                                 description="the spool's bound (beyond: kept in memory, then dropped and counted)")
 
 
 class PrefixRoutingSpec(_Strict):
@@ -270,6 +275,9 @@ class ServerSpec(_Strict):
     openapi: bool = Field(True, description="serve /openapi.json (names the public models; no secrets)")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, requests still running after this long "
                                     "are cut (outcome gateway_shutdown, accounted)")
+    drain_notice_s: float = Field(0.0, ge=0, le=600, description="on SIGTERM, seconds the replica keeps serving "
+                                  "while /readyz answers 503 (so load balancers take it out) before it stops "
+                                  "accepting; then shutdown_grace_s for what still runs (gateway/drain.py)")
 
     @field_validator("request_log", mode="before")
     @classmethod

@@ -5,8 +5,14 @@ a buffer bounded by records and by bytes; a background task writes it in batches
 (Redis, else the embedded SQLite file, see build_ledger_backend). Each batch carries the per (tenant,
 day, hour, model) sums of its records (gateway/usage.py) and is written with them in one transaction,
 so `/v1/usage` reads aggregates instead of scanning. A batch is frozen once taken and re-sent as it is
-until a write succeeds: the backend applies a (writer, sequence) pair at most once. While the backend
-is away the buffer keeps the records; what overflows is counted (gateway_ledger_dropped_total).
+until a write succeeds: the backend applies a (writer, sequence) pair at most once.
+
+With Redis, what a write could not deliver goes to the spool (gateway/spool.py), a local file, at once:
+the failed batch with its (writer, sequence) and everything buffered. The flush loop replays the spool
+when Redis answers again, and a gateway started on the same file replays what a killed one left. A
+writer whose batch went to the spool is retired (the next batches get a new writer id), so the spool's
+batches never race a live write of the same writer. Only when the spool refuses (full, unwritable) do
+records stay in memory, where a full buffer drops and counts them (gateway_ledger_dropped_total).
 """
 
 from __future__ import annotations
@@ -29,12 +35,15 @@ import orjson
 
 from gateway import usage
 from gateway.config import GatewayConfig
+from gateway.spool import Spool, SpoolError
 from gateway.store import StoreUnavailable
 
 log = logging.getLogger("gateway.ledger")
 
 BATCH = 500
 READ_BATCH = 2000
+REPLAY_READ = 20  # spooled batches read at a time
+CLOSE_REPLAY_S = 5.0  # at shutdown with Redis answering, the spool's replay gets this long (the rest: next start)
 SEEN_WINDOW = 100_000
 # Records reach the ledger after they finished (buffered while the backend was away): a time-range
 # read also looks at entries written up to this much before its start, then filters on the record's ts.
@@ -82,7 +91,8 @@ class _Batch:
 class Ledger:
     def __init__(self, backend: LedgerBackend, capacity: int, flush_interval_s: float,
                  on_buffered: Callable[[int], None], on_dropped: Callable[[int], None],
-                 max_bytes: int = 8 * 1024 * 1024) -> None:
+                 max_bytes: int = 8 * 1024 * 1024, spool: Spool | None = None,
+                 on_replayed: Callable[[int], None] | None = None) -> None:
         self.backend = backend
         self.capacity = capacity
         self.max_bytes = max_bytes
@@ -97,8 +107,17 @@ class Ledger:
         self._on_dropped = on_dropped
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._flush_lock = asyncio.Lock()
+        self._flush_lock = asyncio.Lock()  # everything that takes from `buffer` / `_pending`, one at a time
         self._last_drop_log = 0.0
+        self.spool = spool
+        self._on_replayed = on_replayed or (lambda n: None)
+        self._spool_writer = "s" + uuid.uuid4().hex[:15]  # batches made of buffered records when spilled
+        self._spool_seq = itertools.count(1)
+        self._replay_lock = asyncio.Lock()
+        # Records accepted so far, and how many of them (the oldest: they leave in order) are done with:
+        # written to the backend, in the spool, or given up. The ledger gate waits on `done`.
+        self.appended = 0
+        self.done = 0
 
     def __len__(self) -> int:
         return len(self.buffer) + (len(self._pending.lines) if self._pending else 0)
@@ -117,6 +136,7 @@ class Ledger:
         # orjson.dumps returns bytes that keep a ~16 KB allocation whatever their length: held for
         # seconds (or while the backend is away) that is 16x the line. A copy is exactly its length.
         self.buffer.append(bytes(memoryview(line)))
+        self.appended += 1
         self.buffered_bytes += len(line)
         self._on_buffered(len(self))
         if len(self.buffer) >= BATCH:
@@ -130,10 +150,17 @@ class Ledger:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        with contextlib.suppress(StoreUnavailable):
+        try:
             await self.flush()
+            if self.spool is not None and self.spool.batches:  # Redis answers: what is spooled goes now
+                with contextlib.suppress(StoreUnavailable, TimeoutError):
+                    await asyncio.wait_for(self.replay(), CLOSE_REPLAY_S)
+        except StoreUnavailable:
+            await self.spill()  # Redis away: to the spool, replayed by the next start
         if len(self):
-            log.error("ledger: %d records could not be written before shutdown", len(self))
+            log.error("ledger: %d records could not be written before shutdown (nor spooled): dropped", len(self))
+            self.dropped += len(self)
+            self._on_dropped(len(self))
 
     async def _loop(self) -> None:
         while True:
@@ -141,19 +168,16 @@ class Ledger:
                 await asyncio.wait_for(self._wake.wait(), self.interval)
             self._wake.clear()
             try:
+                if self.spool is not None and self.spool.batches:
+                    await self.replay()  # also the probe: fails fast while Redis is away
                 await self.flush()
             except StoreUnavailable:
+                await self.spill()  # what memory holds goes to disk now, not when the buffer overflows
                 await asyncio.sleep(min(1.0, self.interval * 5))  # back off; the records stay buffered
 
     def _take(self) -> _Batch:
         lines = [self.buffer.popleft() for _ in range(min(BATCH, len(self.buffer)))]
-        records = []
-        for line in lines:
-            try:
-                records.append(orjson.loads(line))
-            except orjson.JSONDecodeError:  # never expected: the finalizer wrote it
-                log.error("ledger: a record is not valid JSON; kept in the ledger, left out of the usage sums")
-        return _Batch(next(self._seq), lines, sum(map(len, lines)), usage.fold(records))
+        return _Batch(next(self._seq), lines, sum(map(len, lines)), usage.fold(_decoded(lines)))
 
     async def flush(self) -> None:
         """Write everything buffered; on failure the unwritten records stay (the taken batch unchanged)."""
@@ -164,14 +188,86 @@ class Ledger:
                 b = self._pending
                 await self.backend.ledger_write(self.writer, b.seq, b.lines, b.groups)
                 self._pending = None
-                self.buffered_bytes -= b.size
-                self._on_buffered(len(self))
+                self._gone(len(b.lines), b.size)
+
+    def _gone(self, n: int, size: int) -> None:
+        self.done += n
+        self.buffered_bytes -= size
+        self._on_buffered(len(self))
+
+    async def spill(self) -> bool:
+        """Everything held in memory to the spool; True when nothing is left in memory.
+
+        Runs as a task of its own, shielded: the caller (a response whose client left, shutdown) may be
+        cancelled, the bookkeeping after the file's commit must not be (else records both spooled and
+        buffered would be written twice)."""
+        if self.spool is None:
+            return not len(self)
+        return await asyncio.shield(asyncio.ensure_future(self._spill()))
+
+    async def _spill(self) -> bool:
+        assert self.spool is not None
+        async with self._flush_lock:
+            if self._pending is None and not self.buffer:
+                return True
+            batches: list[tuple[str, int, list[bytes]]] = []
+            if self._pending is not None:  # a write of it failed: it keeps its identity (it may have been applied)
+                batches.append((self.writer, self._pending.seq, self._pending.lines))
+            rest = list(self.buffer)
+            for i in range(0, len(rest), BATCH):
+                batches.append((self._spool_writer, next(self._spool_seq), rest[i:i + BATCH]))
+            try:
+                stored = await self.spool.put_batches(batches)
+            except SpoolError:
+                return False
+            for k, (writer, _, lines) in enumerate(batches[:stored]):
+                if k == 0 and self._pending is not None and writer == self.writer:
+                    self._pending = None
+                    # retire the writer: its spooled batch must reach Redis before any later one of it
+                    self.writer, self._seq = uuid.uuid4().hex[:16], itertools.count(1)
+                    self._gone(len(lines), sum(map(len, lines)))
+                else:
+                    for _ in lines:
+                        self.buffer.popleft()  # appends only add on the right meanwhile
+                    self._gone(len(lines), sum(map(len, lines)))
+            return stored == len(batches)
+
+    async def replay(self) -> int:
+        """Write the spooled batches to the backend, oldest first, each deleted once written; how many records.
+        Raises StoreUnavailable (the rest stays spooled). One replayer per spool file at a time."""
+        if self.spool is None:
+            return 0
+        n = 0
+        async with self._replay_lock:
+            with self.spool.replayer() as mine:
+                if not mine:
+                    return 0
+                after = 0
+                while True:
+                    try:
+                        rows = await self.spool.read_batches(after, REPLAY_READ)
+                    except SpoolError:
+                        return n
+                    if not rows:
+                        break
+                    for batch_id, writer, seq, lines in rows:
+                        groups = usage.fold(_decoded(lines))
+                        await self.backend.ledger_write(writer, seq, lines, groups)
+                        with contextlib.suppress(SpoolError):  # left there: replayed again, changes nothing
+                            await self.spool.delete_batch(batch_id)
+                        after = batch_id
+                        n += len(lines)
+                        self._on_replayed(len(lines))
+        if n:
+            log.warning("ledger: %d spooled records replayed to %s", n, self.backend.name)
+        return n
 
     async def records(self, start_ts: float | None = None, end_ts: float | None = None,
                       tenant: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """Ledger records with start_ts <= ts < end_ts (unix seconds), optionally of one tenant."""
-        # A batch re-sent after a lost reply is in the stream twice, a few batches apart: remembering the
-        # last SEEN_WINDOW records finds the repeats without growing with the ledger.
+        # Redis takes a batch's entries once (LEDGER_LUA); a stream written by an older gateway may hold a
+        # batch re-sent after a lost reply twice, a few batches apart: remembering the last SEEN_WINDOW
+        # records finds such repeats without growing with the ledger.
         seen: set[tuple[str, float]] = set()
         order: deque[tuple[str, float]] = deque()
         cursor: str | None = None
@@ -214,6 +310,16 @@ class Ledger:
                 out.write(orjson.dumps(r).decode() + "\n")
             n += 1
         return n
+
+
+def _decoded(lines: Sequence[bytes]) -> list[dict[str, Any]]:
+    records = []
+    for line in lines:
+        try:
+            records.append(orjson.loads(line))
+        except orjson.JSONDecodeError:  # never expected: the finalizer wrote it
+            log.error("ledger: a record is not valid JSON; kept in the ledger, left out of the usage sums")
+    return records
 
 
 def parse_time(value: str | None) -> float | None:

@@ -28,6 +28,9 @@ from gateway.config import Limits
 WINDOW_MS = 60_000
 MARKER_EXTRA_MS = 86_400_000  # an admission's marker outlives its lease by a day: no request runs longer
 TOMBSTONE_MS = 60_000  # a late admit runs within moments of Redis answering again; the settle's mark outlives it
+# A settle that failed once is retried (and maybe spooled, then replayed after a restart): its tombstone is
+# kept this long, so that a replay after a crash between the Redis write and the spool's delete changes nothing.
+SETTLE_REPLAY_MS = 7 * 86_400_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +254,8 @@ if seen ~= 'd' then
   redis.call('DEL', mk)
   redis.call('HSET', mk, 's', 'd')
   redis.call('PEXPIRE', mk, ARGV[7])
+elseif redis.call('PTTL', mk) < tonumber(ARGV[7]) then
+  redis.call('PEXPIRE', mk, ARGV[7])  -- a retried settle: its tombstone now outlives any replay of it
 end
 local out = {}
 for i = 2, #KEYS do

@@ -6,28 +6,34 @@ reserves that upper bound (tokens, and cost in pico-USD) in one atomic, idempote
 `settle` corrects both to the real usage once the record is final and frees the concurrency slot.
 A settle that cannot reach Redis is kept and retried until Redis answers; it works whether or not
 the admission ran (a command Redis queued during a stall and ran after the gateway gave up on it).
+Kept settles also go to the spool (gateway/spool.py), so a replica killed or stopped during an outage
+loses no budget charge: the next gateway on the same file applies them, once (the marker's tombstone).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
+
+import orjson
 
 from gateway.config import GatewayConfig, Limits, Model
 from gateway.errors import GatewayError
-from gateway.limit_store import TOMBSTONE_MS, Admission, AdmitResult, Scope, ScopeState, Settlement
+from gateway.limit_store import SETTLE_REPLAY_MS, TOMBSTONE_MS, Admission, AdmitResult, Scope, ScopeState, Settlement
 from gateway.metrics import GatewayMetrics
 from gateway.money import to_pico, usd, usd_text
 from gateway.prompt_tokens import BYTE_BOUND, PromptCounter, load_counters
 from gateway.record import RequestRecord
 from gateway.reservation import OutputBounds, bound_output, prompt_bound, reserve
+from gateway.spool import Spool, SpoolError
 from gateway.store import Store, StoreCommandError, StoreUnavailable, month_end_s
 
 log = logging.getLogger("gateway.limits")
@@ -66,6 +72,8 @@ class Limiter(Protocol):
                     stored_context: int = 0) -> None: ...
     def settle(self, rec: RequestRecord) -> None: ...
     def budget_used_fraction(self, tenant: str) -> float: ...
+    async def start(self) -> None: ...
+    async def sync_spool(self) -> None: ...
     async def close(self) -> None: ...
 
 
@@ -127,6 +135,12 @@ class NullLimiter:
     def budget_used_fraction(self, tenant: str) -> float:
         return 0.0
 
+    async def start(self) -> None:
+        return None
+
+    async def sync_spool(self) -> None:
+        return None
+
     async def close(self) -> None:
         return None
 
@@ -148,7 +162,8 @@ class StoreLimiter:
     """Limits enforced through a Store (Redis for many replicas, in-process for one)."""
 
     def __init__(self, config: GatewayConfig, store: Store, on_spend: Callable[[str, str, float], None],
-                 metrics: GatewayMetrics | None = None, bounds: Bounds | None = None) -> None:
+                 metrics: GatewayMetrics | None = None, bounds: Bounds | None = None,
+                 spool: Spool | None = None) -> None:
         f = config.features
         self.store = store
         self.prefix = f.redis.key_prefix
@@ -166,6 +181,14 @@ class StoreLimiter:
         self._pending: OrderedDict[str, tuple[tuple[Scope, ...], Settlement]] = OrderedDict()
         self._retrier: asyncio.Task[None] | None = None
         self._log = _Throttled()
+        # The spool: kept settles written to disk (by a task of their own, and before a response ends
+        # while Redis fails: sync_spool), deleted once Redis took them.
+        self.spool = spool
+        self._to_spool: dict[str, tuple[tuple[Scope, ...], Settlement]] = {}
+        self._spooled: set[str] = set()
+        self._spool_lock = asyncio.Lock()
+        self._spooler: asyncio.Task[None] | None = None
+        self._sync_wait_s = max(0.1, f.redis.timeout_s * 2)
 
     def _scope(self, tenant: str, kind: str, ident: str, lim: Limits, tenant_scope: bool) -> Scope:
         # The tenant's hash tag on every key of the request (Redis Cluster: one slot per script call).
@@ -271,10 +294,17 @@ class StoreLimiter:
         return True
 
     def _queue(self, scopes: tuple[Scope, ...], st: Settlement) -> None:
+        # Retried, maybe replayed after a restart: its tombstone must outlive every later try
+        st = replace(st, ttl_ms=SETTLE_REPLAY_MS)
         self._pending[st.lease] = (scopes, st)
         while len(self._pending) > self.max_pending:
-            self._pending.popitem(last=False)
+            lease, _ = self._pending.popitem(last=False)
+            self._forget_soon(lease)
             self._dropped("overflow")
+        if self.spool is not None:
+            self._to_spool[st.lease] = (scopes, st)
+            if self._spooler is None or self._spooler.done():
+                self._spooler = asyncio.get_running_loop().create_task(self._spool_loop(), name="limit-settle-spool")
         self._pending_changed()
         if self._retrier is None or self._retrier.done():
             self._retrier = asyncio.get_running_loop().create_task(self._retry_loop(), name="limit-settle-retry")
@@ -284,13 +314,91 @@ class StoreLimiter:
         wait = RETRY_FIRST_S
         while self._pending:
             await asyncio.sleep(wait)
+            done: list[str] = []
             for lease, (scopes, st) in list(self._pending.items()):
                 if not await self._settle(scopes, st, retry=True):
                     wait = min(RETRY_MAX_S, wait * 2)
                     break
                 self._pending.pop(lease, None)
+                done.append(lease)
                 wait = RETRY_FIRST_S
             self._pending_changed()
+            if done:
+                await self._forget(done)
+
+    # ------------------------------------------------------------------------------------------ spool
+
+    async def start(self) -> None:
+        """Take up the settles a gateway before this one left in the spool (killed, or stopped during an outage)."""
+        if self.spool is None:
+            return
+        try:
+            rows = await self.spool.read_settles()
+        except SpoolError:
+            return
+        for lease, body in rows:
+            try:
+                scopes, st = _decode_settle(body)
+            except (ValueError, TypeError, IndexError, KeyError):
+                log.error("limits: a spooled settle could not be read; left in the spool")
+                continue
+            self._pending[lease] = (scopes, st)
+            self._spooled.add(lease)
+        if self._pending:
+            log.warning("limits: %d settles from the spool, applied when Redis answers", len(self._pending))
+            self._pending_changed()
+            self._retrier = asyncio.get_running_loop().create_task(self._retry_loop(), name="limit-settle-retry")
+
+    async def sync_spool(self) -> None:
+        """Settles being tried now end (Redis failing: at once), and every kept one is in the spool.
+        The ledger gate calls this before a response's last bytes while Redis fails."""
+        if self.spool is None:
+            return
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=self._sync_wait_s)
+        await self._write_spool()
+
+    async def _spool_loop(self) -> None:
+        while self._to_spool:
+            n = len(self._to_spool)
+            await self._write_spool()
+            if len(self._to_spool) >= n:
+                return  # the spool refused (counted, logged): they stay in memory; the next settle tries again
+
+    async def _write_spool(self) -> None:
+        assert self.spool is not None
+        async with self._spool_lock:
+            if not self._to_spool:
+                return
+            items, self._to_spool = self._to_spool, {}
+            try:
+                await self.spool.put_settles([(lease, _encode_settle(sc, st)) for lease, (sc, st) in items.items()])
+            except SpoolError:
+                self._to_spool = {**items, **self._to_spool}
+                return
+            self._spooled.update(items)
+
+    async def _forget(self, leases: list[str]) -> None:
+        """Redis took these settles: out of the spool (after a write of them in flight, under the lock)."""
+        if self.spool is None:
+            return
+        async with self._spool_lock:
+            for lease in leases:
+                self._to_spool.pop(lease, None)
+            gone = [lease for lease in leases if lease in self._spooled]
+            if not gone:
+                return
+            try:
+                await self.spool.delete_settles(gone)
+            except SpoolError:
+                return  # left in the spool: a replay of a settle that was applied changes nothing
+            self._spooled.difference_update(gone)
+
+    def _forget_soon(self, lease: str) -> None:
+        if self.spool is not None:
+            task = asyncio.get_running_loop().create_task(self._forget([lease]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     def _pending_changed(self) -> None:
         if self._metrics is not None:
@@ -366,19 +474,41 @@ class StoreLimiter:
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         if self._retrier is not None and not self._retrier.done():
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._retrier, 2.0)  # one last chance for what Redis did not take
-            except TimeoutError:
-                log.error("limits: %d settles could not be written before shutdown (their leases expire "
-                          "after limits.lease_s)", len(self._pending))
+        if self._pending and self.spool is not None:
+            await self._write_spool()
+            left = len(self._to_spool)
+            log.warning("limits: %d settles Redis did not take are in the spool %s (applied by the next start on "
+                        "it)%s", len(self._pending) - left, self.spool.path,
+                        f"; {left} could not be spooled and are lost" if left else "")
+        elif self._pending:
+            log.error("limits: %d settles could not be written before shutdown (their leases expire "
+                      "after limits.lease_s)", len(self._pending))
+
+
+def _encode_settle(scopes: Sequence[Scope], st: Settlement) -> bytes:
+    return orjson.dumps({
+        "scopes": [[s.base, s.tag, s.tenant, s.budget_day, s.budget_month, s.limits.rpm, s.limits.tpm,
+                    s.limits.concurrency, s.limits.budget_day, s.limits.budget_month] for s in scopes],
+        "settle": [st.lease, st.reserved_tokens, st.reserved_cost, st.tokens, st.cost, st.count_request, st.ttl_ms]})
+
+
+def _decode_settle(body: bytes) -> tuple[tuple[Scope, ...], Settlement]:
+    d = orjson.loads(body)
+    scopes = tuple(Scope(base, tag, Limits(int(rpm), int(tpm), int(conc), float(bd_usd), float(bm_usd)), tenant,
+                         int(bd), int(bm))
+                   for base, tag, tenant, bd, bm, rpm, tpm, conc, bd_usd, bm_usd in d["scopes"])
+    lease, rt, rc, t, c, count, ttl = d["settle"]
+    return scopes, Settlement(str(lease), int(rt), int(rc), int(t), int(c), bool(count), int(ttl))
 
 
 def build_limiter(config: GatewayConfig, store: Store, on_spend: Callable[[str, str, float], None],
                   metrics: GatewayMetrics | None = None,
                   window: Callable[[Model], int | None] | None = None,
-                  counters: dict[str, PromptCounter] | None = None) -> Limiter:
+                  counters: dict[str, PromptCounter] | None = None, spool: Spool | None = None) -> Limiter:
     f = config.features
     bounds = Bounds(config, window, counters)
     if not f.tenant_limits and not f.key_limits:
         return NullLimiter(bounds)
-    return StoreLimiter(config, store, on_spend, metrics, bounds)
+    return StoreLimiter(config, store, on_spend, metrics, bounds, spool)

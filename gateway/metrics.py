@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -123,10 +124,23 @@ class GatewayMetrics:
         self.limit_settles_dropped = Counter("gateway_limit_settles_dropped", "Limit settles given up (see docs)",
                                              ["reason"], registry=r)
         self.ledger_dropped = Counter("gateway_ledger_dropped", "Ledger records lost to a full buffer", registry=r)
+        # The spool (gateway/spool.py): what waits on local disk for Redis, and what it could not take.
+        self.ledger_spooled = Gauge("gateway_ledger_spooled", "Ledger records in the spool file, waiting for Redis",
+                                    multiprocess_mode="max", registry=r)
+        self.limit_settles_spooled = Gauge("gateway_limit_settles_spooled", "Limit settles in the spool file, "
+                                           "waiting for Redis", multiprocess_mode="max", registry=r)
+        self.ledger_replayed = Counter("gateway_ledger_replayed", "Ledger records written to Redis from the spool",
+                                       registry=r)
+        self.spool_errors = Counter("gateway_spool_errors", "Spool writes refused (full: ledger.spool_max_bytes; "
+                                    "io: file unwritable): what they held stays in memory only", ["reason"],
+                                    registry=r)
         self.cache_corrupt = Counter("gateway_cache_corrupt_entries",
                                      "Cache entries that could not be decoded (answered as a miss)", registry=r)
         self.ledger_buffered = Gauge("gateway_ledger_buffered", "Ledger records waiting to be written",
                                      multiprocess_mode="livesum", registry=r)
+        # what gateway_ledger_buffered may reach before records are dropped (alerts use the ratio)
+        self.ledger_capacity = Gauge("gateway_ledger_buffer_capacity", "Ledger records the buffer holds before "
+                                     "it drops (redis.ledger_buffer)", multiprocess_mode="livesum", registry=r)
         self.tenant_spend = Gauge("gateway_tenant_spend_usd", "Spend in the current budget period, as last seen",
                                   ["tenant", "period"], multiprocess_mode="max", registry=r)
         self.tenant_budget = Gauge("gateway_tenant_budget_usd", "Configured budget", ["tenant", "period"],
@@ -142,6 +156,7 @@ class GatewayMetrics:
         self.slo_error = Histogram("gateway_slo_prediction_error_seconds", "Absolute error of the predicted time "
                                    "to first token at admission", ["priority_class"], buckets=LATENCY_BUCKETS,
                                    registry=r)
+        self.spend = TenantSpend(self.tenant_spend)
         # Labelled children looked up once per label set (labels() costs a lock and a dict of tuples per call).
         self._children: dict[tuple[str, str, str, int], tuple[Any, ...]] = {}
         self._labelled: dict[tuple[int, tuple[str, ...]], Any] = {}
@@ -255,11 +270,53 @@ class GatewayMetrics:
             tpot.observe(rec.timing.tpot_s)
 
     def render(self) -> bytes:
+        self.spend.roll()  # a quiet tenant's spend of a period that has ended reads 0 (see TenantSpend)
         if multiprocess_dir():
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+def period_index(period: str, now: float) -> int:
+    """Which UTC day / calendar month `now` falls in (the budget keys in Redis are per period the same way)."""
+    if period == "day":
+        return int(now // 86400)
+    t = time.gmtime(now)
+    return t.tm_year * 12 + t.tm_mon
+
+
+class TenantSpend:
+    """gateway_tenant_spend_usd as it is at scrape time, not as last seen.
+
+    The gauge is set from Redis's answer to a tenant's request; a tenant gone quiet sends none, so
+    without this yesterday's spend would stand (and budget alerts fire) all through the next day. Each
+    figure remembers its period; `roll()` (at every scrape, and every ROLL_EVERY_S in every worker for
+    the multiprocess files) sets the figures of periods that have ended to 0, the spend of the new one."""
+
+    ROLL_EVERY_S = 30.0
+
+    def __init__(self, gauge: Gauge, clock: Callable[[], float] = time.time) -> None:
+        self.gauge = gauge
+        self.clock = clock  # tests move it past midnight
+        self._seen: dict[tuple[str, str], int] = {}  # (tenant, period) -> period index of the figure shown
+
+    def seen(self, tenant: str, period: str, usd_value: float) -> None:
+        self._seen[(tenant, period)] = period_index(period, self.clock())
+        self.gauge.labels(tenant, period).set(usd_value)
+
+    def roll(self) -> None:
+        now = self.clock()
+        for (tenant, period), idx in list(self._seen.items()):
+            current = period_index(period, now)
+            if idx != current:
+                self._seen[(tenant, period)] = current
+                self.gauge.labels(tenant, period).set(0)
+
+    async def keep_rolled(self) -> None:
+        while True:
+            await asyncio.sleep(self.ROLL_EVERY_S)
+            self.roll()
 
 
 class _AsyncioTasks:

@@ -59,6 +59,7 @@ from gateway.routing.breaker import BreakerState, CircuitBreaker
 from gateway.routing.live import LiveStats
 from gateway.routing.policy import Plan, Planner
 from gateway.slo import SloAdmission, SloPredictor
+from gateway.spool import Spool, spool_path
 from gateway.store import build_store
 from gateway.streaming import RecordingAccountant, StreamAccountant, replay
 from gateway.upstream import UpstreamPool
@@ -94,13 +95,20 @@ class Gateway:
         # Each model's prompt counter (its tokenizer, loaded once): reservations and usage-less endings.
         counters = load_counters({m.name: m.tokenizer for m in config.models.values()})
         self.apis = Apis(config, self.store, counters)  # stored responses: where, how large; usage-less counts
+        # What Redis does not take (ledger records, limit settles) waits in a local file (gateway/spool.py).
+        path = spool_path(f.ledger.spool_path) if self.store.name == "redis" else None
+        self.spool = Spool(path, f.ledger.spool_max_bytes, self._spool_error, self._spool_counts) if path else None
         self.limiter = build_limiter(config, self.store, self._spend_seen, self.metrics,
-                                     window=lambda m: self.planner.window(m), counters=counters)  # planner: below
+                                     window=lambda m: self.planner.window(m), counters=counters,  # planner: below
+                                     spool=self.spool)
         self.ledger = Ledger(build_ledger_backend(config, self.store), f.redis.ledger_buffer,
                              f.redis.ledger_flush_interval_s, self.metrics.ledger_buffered.set,
-                             self.metrics.ledger_dropped.inc, f.ledger.buffer_bytes)
-        # A response ends only once its ledger record is in Redis (a killed replica loses no finished request).
-        self.ledger_gate = LedgerGate(self.ledger, f.redis.timeout_s * 2, max(f.redis.down_for_s, 0.5)) \
+                             self.metrics.ledger_dropped.inc, f.ledger.buffer_bytes, spool=self.spool,
+                             on_replayed=self.metrics.ledger_replayed.inc)
+        # A response ends only once its ledger record is in Redis, or in the spool while Redis fails (a killed
+        # replica loses no finished request).
+        self.ledger_gate = LedgerGate(self.ledger, f.redis.timeout_s * 2, max(f.redis.down_for_s, 0.5),
+                                      self.limiter.sync_spool) \
             if self.store.name == "redis" and f.redis.ledger_before_response else None
         # Upstreams, their breakers and live figures, and the routing rules over them.
         self.pool = UpstreamPool(config, on_checked=self._health_checked)
@@ -134,10 +142,19 @@ class Gateway:
             self.metrics.breaker_state.labels(name).set(0)
         for name in self.queues:
             self.metrics.fair_queue_waiting.labels(name).set(0)
+        for reason in ("full", "io"):  # from 0: the first refusal is an increase an alert sees
+            self.metrics.spool_errors.labels(reason)
         for tenant, lim in self.config.features.tenant_limits.items():
             for period, budget in (("day", lim.budget_day), ("month", lim.budget_month)):
                 if budget:
                     self.metrics.tenant_budget.labels(tenant, period).set(budget)
+        # Counters alerts take increase() of exist from the start at 0: the first fail-open admission or
+        # dropped settle is then an increase (a series born at 3 would read as no increase at all).
+        for tenant in {t.name for t in self.config.keys_by_sha256.values()} | set(self.config.features.tenant_limits):
+            self.metrics.limits_fail_open.labels(tenant)
+        for reason in ("overflow", "command_error"):
+            self.metrics.limit_settles_dropped.labels(reason)
+        self.metrics.ledger_capacity.set(self.config.features.redis.ledger_buffer)
 
     def _redis_error(self, operation: str, exc: BaseException) -> None:
         self.metrics.redis_errors.labels(operation).inc()
@@ -146,8 +163,15 @@ class Gateway:
             self._redis_logged[operation] = now
             log.warning("redis %s failed: %s: %s", operation, type(exc).__name__, exc)
 
+    def _spool_error(self, reason: str) -> None:
+        self.metrics.spool_errors.labels(reason).inc()
+
+    def _spool_counts(self, records: int, settles: int) -> None:
+        self.metrics.ledger_spooled.set(records)
+        self.metrics.limit_settles_spooled.set(settles)
+
     def _spend_seen(self, tenant: str, period: str, usd: float) -> None:
-        self.metrics.tenant_spend.labels(tenant, period).set(usd)
+        self.metrics.spend.seen(tenant, period, usd)
 
     def _breaker_changed(self, deployment: str, state: BreakerState) -> None:
         log.warning("circuit breaker of %s is now %s", deployment, state.name.lower())

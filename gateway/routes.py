@@ -107,8 +107,10 @@ async def healthz() -> Response:
     return Response(b'{"status":"ok"}', media_type=JSON)
 
 
-@router.get("/readyz", responses={503: {"description": "a model has no healthy deployment"}})
+@router.get("/readyz", responses={503: {"description": "draining (SIGTERM), or a model has no healthy deployment"}})
 async def readyz(request: Request) -> Response:
+    if request.app.state.drain.draining:  # going away: load balancers stop sending (gateway/drain.py)
+        return Response(b'{"ready":false,"draining":true}', status_code=503, media_type=JSON)
     ready = _gateway(request).pool.ready_models()
     ok = all(ready.values())
     return Response(orjson.dumps({"ready": ok, "models": ready}), status_code=200 if ok else 503, media_type=JSON)

@@ -107,6 +107,28 @@ redis.call('EXPIRE', KEYS[2], ttl)
 return 1
 """
 
+# A ledger batch's entries in the stream, once per (writer, sequence): a batch re-sent after a lost reply,
+# or replayed from the spool after a crash between this write and the spool's delete, adds nothing.
+# A writer's batches arrive in order (gateway/ledger.py). KEYS: the writer's last sequence, the stream.
+# ARGV: seq, ttl_s, maxlen (0: none), then the entries.
+LEDGER_LUA = """
+local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+if last >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+local maxlen = tonumber(ARGV[3])
+for i = 4, #ARGV do
+  if maxlen > 0 then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'r', ARGV[i])
+  else
+    redis.call('XADD', KEYS[2], '*', 'r', ARGV[i])
+  end
+end
+return 1
+"""
+# How long Redis remembers a writer's last batch (usage sums and stream): a spool replayed later than this
+# after a crash between a write and its delete could count that one batch twice.
+WRITER_TTL_S = 7 * 86400
+
 # Store an entry and release its stampede lock.
 PUT_LUA = """
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -170,6 +192,7 @@ class RedisStore:
         self._lookup = self.client.register_script(LOOKUP_LUA)
         self._put = self.client.register_script(PUT_LUA)
         self._usage = self.client.register_script(USAGE_LUA)
+        self._ledger = self.client.register_script(LEDGER_LUA)
 
     async def start(self) -> None:
         try:
@@ -265,9 +288,9 @@ class RedisStore:
         return f"{self.prefix}{{t:{tenant}}}"  # hash tag: a tenant's usage keys share one Cluster slot
 
     async def ledger_write(self, writer: str, seq: int, entries: Sequence[bytes], groups: usage.Groups) -> None:
-        """One MULTI: each tenant's sums (USAGE_LUA, at most once per writer/seq) and the stream entries.
-        After a lost reply the batch comes again: the sums skip it, the stream gets it twice (readers
-        drop the repeats by request id and ts). On a Cluster: one call per slot (_write_cluster)."""
+        """One MULTI: each tenant's sums (USAGE_LUA) and the stream entries (LEDGER_LUA), each at most once
+        per (writer, seq): a batch that comes again (a lost reply, a replay from the spool) adds nothing.
+        On a Cluster: one call per slot (_write_cluster)."""
         by_tenant: dict[str, dict[int, list[Any]]] = {}
         for (t, day, hour, model), g in groups.items():
             fields = by_tenant.setdefault(t, {}).setdefault(day, [])
@@ -290,33 +313,33 @@ class RedisStore:
                     p.sadd(self.prefix + "u:tenants", *tenants)
                 for keys, args in calls:
                     await self._usage(keys=keys, args=args, client=p)
-                for e in entries:
-                    p.xadd(self.stream, {"r": e}, maxlen=self.maxlen, approximate=True)
+                if entries:
+                    await self._ledger(keys=[self._writer_key(writer), self.stream],
+                                       args=[seq, WRITER_TTL_S, self.maxlen or 0, *entries], client=p)
                 await p.execute()
 
-        await self._run("ledger_append", (lambda: self._write_cluster(calls, tenants, entries)) if self.cluster
-                        else go, probe=True)
+        await self._run("ledger_append", (lambda: self._write_cluster(writer, seq, calls, tenants, entries))
+                        if self.cluster else go, probe=True)
 
-    async def _write_cluster(self, calls: list[tuple[list[str], list[Any]]], tenants: list[str],
-                             entries: Sequence[bytes]) -> None:
+    async def _write_cluster(self, writer: str, seq: int, calls: list[tuple[list[str], list[Any]]],
+                             tenants: list[str], entries: Sequence[bytes]) -> None:
         """A batch on a Cluster: one call per slot, all at once: each tenant's USAGE_LUA (atomic, at most
-        once per writer and sequence), the tenants set (SADD: idempotent) and the stream entries in one
-        MULTI (one key, one slot). Not atomic together: if any fails the whole batch is sent again, which
-        adds no usage twice (the sequence check) and at worst repeats stream entries (readers drop them)."""
-        async def stream() -> None:
-            async with self.client.pipeline(transaction=True) as p:
-                for e in entries:
-                    p.xadd(self.stream, {"r": e}, maxlen=self.maxlen, approximate=True)
-                await p.execute()
-
+        once per writer and sequence), the tenants set (SADD: idempotent) and the stream entries
+        (LEDGER_LUA: the stream and its writer key share a slot; at most once per writer and sequence).
+        Not atomic together: if any fails the whole batch is sent again, which adds nothing twice."""
         parts: list[Any] = [self._usage(keys=keys, args=args) for keys, args in calls]
         if tenants:
             parts.append(self.client.sadd(self.prefix + "u:tenants", *tenants))
         if entries:
-            parts.append(stream())
+            parts.append(self._ledger(keys=[self._writer_key(writer), self.stream],
+                                      args=[seq, WRITER_TTL_S, self.maxlen or 0, *entries]))
         for r in await asyncio.gather(*parts, return_exceptions=True):
             if isinstance(r, BaseException):
                 raise r
+
+    def _writer_key(self, writer: str) -> str:
+        # in the stream's Redis Cluster slot: the stream's own name as hash tag (unless it has a tag already)
+        return (self.stream if "{" in self.stream else "{" + self.stream + "}") + ":lw:" + writer
 
     async def ledger_read(self, cursor: str | None, start_ts: float | None,
                           count: int) -> tuple[list[bytes], str | None]:

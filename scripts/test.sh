@@ -22,10 +22,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   (apt-get update -qq && apt-get install -y -qq "${missing[@]}") >/dev/null
 fi
 
-# Real Prometheus and promtool (Debian's prometheus package) for the dashboard and alert-rule tests.
-if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
-  echo "== installing prometheus"
-  (apt-get update -qq && apt-get install -y -qq prometheus) >/dev/null
+# Real Prometheus and promtool (Debian's prometheus package) for the dashboard and alert-rule tests;
+# Alertmanager (and amtool) and redis_exporter for alert delivery (tests/test_alert_delivery.py) and the
+# scale-out stack's monitoring.
+missing=()
+{ command -v promtool >/dev/null && command -v prometheus >/dev/null; } || missing+=(prometheus)
+command -v prometheus-alertmanager >/dev/null || missing+=(prometheus-alertmanager)
+command -v prometheus-redis-exporter >/dev/null || missing+=(prometheus-redis-exporter)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "== installing ${missing[*]}"
+  (apt-get update -qq && apt-get install -y -qq "${missing[@]}") >/dev/null
 fi
 
 echo "== lint and type checks"

@@ -234,6 +234,7 @@ def gateway_config(big: str, small: str, redis_url: str) -> dict[str, Any]:
         "metrics_scrape_interval": 0.5,
         "redis": {"url": redis_url, "timeout_s": 0.2, "down_for_s": 0.2, "ledger_buffer": 2,
                   "ledger_flush_interval_s": 0.1},
+        "ledger": {"spool_path": "off"},  # the drops panel needs drops: no spool to take the records
         "cache": {"mode": "deterministic"},
         # team-b: its one request ("b0", max_tokens 200) reserves 114 prompt tokens (byte bound: 2 + 16 per
         # message + 96 for the template) + 200 completion = $0.000514 at small's prices and spends ~$0.0004: the

@@ -203,7 +203,8 @@ def test_compose_schema_check_is_not_vacuous() -> None:
 def test_compose_services_and_structure() -> None:
     doc = compose_doc()
     services = doc["services"]
-    assert set(services) == {"vllm-large", "vllm-small", "gateway", "redis", "prometheus", "grafana"}
+    assert set(services) == {"vllm-large", "vllm-small", "gateway", "redis", "prometheus", "grafana", "alertmanager",
+                             "redis-exporter"}
     for name, svc in services.items():
         assert "healthcheck" in svc and svc["healthcheck"]["test"][0] == "CMD", name
         if "image" in svc:

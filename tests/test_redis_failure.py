@@ -83,7 +83,9 @@ def test_limits_fail_closed_when_configured(gateway_factory: Callable[..., Gatew
 
 def test_ledger_buffer_overflow_is_counted(gateway_factory: Callable[..., GatewayProcess], upstream: FakeUpstream,
                                            own_redis: RedisServer) -> None:
-    gw = gateway_factory(with_redis(simple_config(upstream.url, keys=KEYS), own_redis.url, "gw:", ledger_buffer=3))
+    # without the spool (tests/test_spool.py), the records wait in memory only
+    cfg = {**simple_config(upstream.url, keys=KEYS), "ledger": {"spool_path": "off"}}
+    gw = gateway_factory(with_redis(cfg, own_redis.url, "gw:", ledger_buffer=3))
     own_redis.kill()
     body = {"model": "m1", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "temperature": 0.5}
     for _ in range(7):

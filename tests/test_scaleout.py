@@ -9,6 +9,7 @@ must not cost a ledger record of a request the client saw finish.
 from __future__ import annotations
 
 import concurrent.futures
+import signal
 import subprocess
 import sys
 import threading
@@ -234,3 +235,66 @@ def test_redis_master_killed_under_load(stack: ScaleOut) -> None:
     assert len(records) == len(recorded)  # and none twice
     usage = [httpx.get(u + "/v1/usage", headers=auth("failover"), timeout=10).json() for u in stack.replica_urls]
     assert all(u["totals"]["requests"] == len(load.ok) for u in usage), [u["totals"]["requests"] for u in usage]
+
+
+def read_stream(url: str, body: dict[str, Any], headers: dict[str, str]) -> tuple[int, int, bool]:
+    """One stream on its own connection: (status, content tokens received, ended with usage and [DONE])."""
+    tokens, events = 0, []
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                if events[-1] != "[DONE]" and (choices := orjson.loads(events[-1])["choices"]):
+                    tokens += bool(choices[0]["delta"].get("content"))
+    done = events[-1:] == ["[DONE]"] and len(events) > 1 and orjson.loads(events[-2]).get("usage") is not None
+    return r.status_code, tokens, done
+
+
+def test_sigterm_drains_a_replica_without_cutting_its_streams(stack: ScaleOut) -> None:
+    """A graceful stop: /readyz goes 503 at once, HAProxy takes the replica out and sends it nothing new,
+    and the streams already on it run to their last token (outcome ok in the ledger), then it exits."""
+    victim = 1
+    tokens = 40
+    body = {"model": "m1", "messages": [{"role": "user", "content": "a long answer"}], "max_tokens": tokens,
+            "stream": True, "stream_options": {"include_usage": True}}
+    ids = [f"drain-{uuid.uuid4().hex[:12]}-{i}" for i in range(9)]
+    control(stack, itl_ms=100)  # 40 tokens: ~4 s per stream, far past the 2 s notice
+    try:
+        with concurrent.futures.ThreadPoolExecutor(9) as pool:
+            # 9 new connections in a row, round robin over 3 replicas: 3 streams on each
+            futures = [pool.submit(read_stream, stack.url, body, {**auth("load"), "x-request-id": rid}) for rid in ids]
+            time.sleep(1.0)  # every stream has started (first tokens out)
+            t0 = time.monotonic()
+            stack.stop_gateway(victim)
+            ready = httpx.get(stack.replica_urls[victim] + "/readyz", timeout=5)
+            assert ready.status_code == 503 and ready.json()["draining"] is True
+            assert ready.headers["connection"] == "close"  # kept-alive clients move to another replica
+            deadline = time.monotonic() + 10
+            while stack.backends_up() > 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            marked_down_after = time.monotonic() - t0
+            assert stack.backends_up() == 2, "HAProxy did not take the draining replica out"
+            # still draining, streams still running: new requests go to the other two replicas
+            during = burst(stack.url, {"model": "m1", "messages": [{"role": "user", "content": "x"}],
+                                       "max_tokens": 2}, 6, auth("load"))
+            assert [r.status_code for r in during] == [200] * 6
+            assert served_by(stack, {r.headers["x-request-id"] for r in during})[victim] == 0
+            results = [f.result(timeout=60) for f in futures]
+        exit_code = stack.gateways[victim].proc.wait(30)
+        exited_after = time.monotonic() - t0
+    finally:
+        control(stack, itl_ms=0)
+    assert results == [(200, tokens, True)] * 9, results
+    assert exit_code in (0, -signal.SIGTERM)  # uvicorn re-raises the SIGTERM it handled, once done
+    assert served_by(stack, set(ids))[victim] == 3
+    assert marked_down_after < 4 and 2.0 < exited_after < 20, (marked_down_after, exited_after)
+    print(f"\ndrain: HAProxy marked the replica down {marked_down_after:.2f} s after SIGTERM; "
+          f"it exited {exited_after:.2f} s after SIGTERM with its 3 streams complete")
+    records = {r["request_id"]: r for r in ledger(stack) if r["request_id"] in set(ids)}
+    assert set(records) == set(ids)
+    assert all(r["outcome"] == "ok" and r["completion_tokens"] == tokens for r in records.values()), records
+    stack.restart_gateway(victim)
+    deadline = time.monotonic() + 10
+    while stack.backends_up() < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert stack.backends_up() == 3

@@ -2,7 +2,7 @@
 """The local CPU stack in one command: real vLLM engines, Redis, and the gateway in front of them.
 
     python -m deploy.local.stack up [--port 8000] [--chat-port 8101] [--embed-port 8102] [--chat-replicas 2]
-    python -m deploy.local.stack up --replicas 3 --lb haproxy [--upstream fake|vllm]
+    python -m deploy.local.stack up --replicas 3 --lb haproxy [--upstream fake|vllm] [--alert-webhook URL]
     python -m deploy.local.stack down        # stops what a detached `up --detach` started
 
 `up` prepares the models (cached after the first run), starts vLLM serving SmolLM2 with its LoRA
@@ -14,7 +14,8 @@ call it, and stays in the foreground until Ctrl-C, which stops everything it sta
 `--replicas N --lb haproxy` starts the scale-out stack instead (deploy/local/scaleout.py): N gateway
 replicas behind HAProxy, sharing a Redis master with a replica and three sentinels, in front of the
 test upstream (`--upstream fake`, the default: starts in seconds) or the real vLLM engines
-(`--upstream vllm`). Everything is private to a temporary directory and stops with Ctrl-C.
+(`--upstream vllm`), with Prometheus (the rules of deploy/prometheus) and Alertmanager, which posts to
+`--alert-webhook URL`. Everything is private to a temporary directory and stops with Ctrl-C.
 """
 
 from __future__ import annotations
@@ -159,7 +160,8 @@ def up(a: argparse.Namespace) -> int:
 The stack is ready. The gateway listens on http://{a.host}:{a.port} (OpenAI API under /v1).
 
   curl http://127.0.0.1:{a.port}/v1/chat/completions{auth} -H 'Content-Type: application/json' \\
-    -d '{{"model": "smollm2", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}' -i
+    -d '{{"model": "smollm2", "temperature": 0,
+         "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}' -i
 
   models: smollm2 (chat), sentiment (LoRA adapter; held-out accuracy {ev.get('lora_sentiment', {}).get('accuracy', '?')}
           vs base zero-shot {ev.get('base_zero_shot', {}).get('accuracy', '?')}), minilm (embeddings),
@@ -204,23 +206,34 @@ def up_scaleout(a: argparse.Namespace) -> int:
                 engines.ensure_ready()
                 started.append(start(port))
             wait_url(f"http://127.0.0.1:{port}/health", f"vLLM on port {port}", 900)
-        text = text.replace("${CHAT_URL}", chat_url).replace("${EMBED_URL}", embed_url)
+        # one chat engine here: both smollm2 deployments name it (gateway.yaml's CHAT_URL_B)
+        text = text.replace("${CHAT_URL}", chat_url).replace("${CHAT_URL_B}", chat_url) \
+            .replace("${EMBED_URL}", embed_url)
         upstream_url = chat_url
+        with contextlib.suppress(RuntimeError):  # engines prepared here: count prompts with SmolLM2's tokenizer
+            os.environ.setdefault("SMOLLM2_TOKENIZER", str(engines.manifest()["chat_model"]))  # replicas inherit it
     else:
-        text = text.replace("${CHAT_URL}", "${UPSTREAM_URL}").replace("${EMBED_URL}", "${UPSTREAM_URL}")
+        # every URL of gateway.yaml names the test upstream the scale-out stack starts
+        for var in ("${CHAT_URL}", "${CHAT_URL_B}", "${EMBED_URL}"):
+            text = text.replace(var, "${UPSTREAM_URL}")
+    monitoring = not a.no_monitoring
+    if monitoring and (missing := [m for m in scaleout.missing_tools(True) if m not in scaleout.missing_tools()]):
+        say(f"no Prometheus/Alertmanager (apt-get install {' '.join(missing)}): running without alerting")
+        monitoring = False
     workdir = Path(tempfile.mkdtemp(prefix="gateway-scaleout-"))
     so = scaleout.ScaleOut(workdir, replicas=a.replicas, gateway_config=yaml.safe_load(text),
                            upstream_models=["smollm2", "sentiment", "minilm"], upstream_url=upstream_url,
-                           gateway_workers=a.workers)
+                           gateway_workers=a.workers, monitoring=monitoring, alert_webhook=a.alert_webhook)
     try:
-        say(f"starting {a.replicas} gateway replicas behind {a.lb}, Redis with a replica and Sentinel ...")
+        say(f"starting {a.replicas} gateway replicas behind {a.lb}, Redis with a replica and Sentinel"
+            + (", Prometheus and Alertmanager ..." if monitoring else " ..."))
         so.start()
         print(f"""
 The scale-out stack is ready:
 {so.describe()}
 
   curl {so.url}/v1/chat/completions -H 'Content-Type: application/json' \\
-    -d '{{"model": "smollm2", "messages": [{{"role": "user", "content": "Hi"}}]}}' -i
+    -d '{{"model": "smollm2", "temperature": 0, "messages": [{{"role": "user", "content": "Hi"}}]}}' -i
 
 Ctrl-C stops everything this command started.""", flush=True)
         signal.signal(signal.SIGINT, _interrupt)
@@ -272,6 +285,10 @@ def main() -> int:
     u.add_argument("--lb", choices=["haproxy"], default="haproxy", help="load balancer of the scale-out stack")
     u.add_argument("--upstream", choices=["fake", "vllm"], default="fake",
                    help="scale-out stack: the test upstream or the real local vLLM engines")
+    u.add_argument("--no-monitoring", action="store_true",
+                   help="scale-out stack: without Prometheus and Alertmanager (started by default when installed)")
+    u.add_argument("--alert-webhook", default="", metavar="URL",
+                   help="scale-out stack: Alertmanager posts alerts to this webhook receiver")
     sub.add_parser("down")
     a = ap.parse_args()
     if a.cmd == "up":
