@@ -50,7 +50,9 @@ def gateway_config(engine_url: str, slo_ms: float, log_path: Path) -> dict[str, 
                           {"tenant": "steady", "key": KEYS["steady-off"], "priority_class": "standard"}]},
         "tenants": {"flood": {"priority_class": "batch"}, "flood2": {"priority_class": "batch"},
                     "steady": {"priority_class": "standard"}},
-        "priority_classes": {"interactive": {"priority": 0, "ttft_slo_ms": slo_ms},
+        # interactive below vLLM's default 0: also ahead of requests that carry no priority (here: `plain`'s
+        # requests still queued in vLLM when an "on" phase starts)
+        "priority_classes": {"interactive": {"priority": -10, "ttft_slo_ms": slo_ms},
                              "standard": {"priority": 10}, "batch": {"priority": 20}},
         "models": {
             "plain": {"deployments": [{**dep, "name": "plain-0"}]},
