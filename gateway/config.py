@@ -42,6 +42,8 @@ class FairQueueSpec(_Strict):
     max_kv_cache: float | None = Field(None, gt=0, le=1, description="also saturated while "
                                        "vllm:kv_cache_usage_perc is above this")
     window_s: float = Field(60.0, gt=0, description="decay time of the served tokens that decide the share")
+    priority_slots: int = Field(0, ge=0, description="slots beyond the bound, only for a request of a better "
+                                "priority than one in flight (an engine with priority scheduling runs it first)")
 
 
 class DeploymentSpec(_Strict):

@@ -5,7 +5,8 @@ more waiting requests or a fuller KV cache than the operator's bound (fair_queue
 max_kv_cache). While saturated nothing is sent; each time a slot frees, the next request is chosen:
 
 1. the best priority band first (the lowest vLLM `priority` among the waiting requests: interactive
-   before batch, as vLLM itself schedules), then
+   before batch, as vLLM itself schedules; with `priority_slots`, a request better than one in flight may
+   also take one of that many extra slots, as the engine will run it first anyway), then
 2. within the band, the tenant with the fewest tokens served recently per unit of weight, where served
    tokens are prompt + output bound charged when a request is released, corrected to vLLM's usage when it
    ends, and decayed with time constant `window_s` (so a tenant idle for a while has no debt, and a
@@ -68,6 +69,7 @@ class FairQueue:
     waiting: dict[tuple[int, str], deque[Ticket]] = field(default_factory=dict)  # (priority, tenant) -> FIFO
     served: dict[str, _Usage] = field(default_factory=dict)
     held: int | None = None  # in flight when the engine's figures first said "over" (see module doc)
+    priorities: dict[int, int] = field(default_factory=dict)  # requests in flight by priority
     _seq: itertools.count[int] = field(default_factory=itertools.count)
     on_change: Callable[[FairQueue], None] | None = None
 
@@ -96,6 +98,17 @@ class FairQueue:
         cap = self.limit if self.held is None else min(self.limit, self.held)
         return self.in_flight >= cap
 
+    def may_start(self, priority: int) -> bool:
+        """A slot is free, or one of the `priority_slots` extra ones for a request that the engine will run
+        ahead of one already in flight (so it does not wait for a slot held by lower-priority work)."""
+        if not self.saturated():
+            return True
+        extra = self.spec.priority_slots
+        if not extra or not self.priorities:
+            return False
+        cap = self.limit if self.held is None else min(self.limit, self.held)
+        return self.in_flight < cap + extra and priority < max(self.priorities)
+
     def share(self, tenant: str, now: float | None = None) -> float:
         """The tenant's decayed served tokens per unit of weight (what the release order compares)."""
         u = self.served.get(tenant)
@@ -118,13 +131,14 @@ class FairQueue:
     # ------------------------------------------------------------ slots
     def _grant(self, t: Ticket) -> None:
         self.in_flight += 1
+        self.priorities[t.priority] = self.priorities.get(t.priority, 0) + 1
         t.granted = True
         t.charged = t.cost
         self._charge(t.tenant, t.cost)
 
     async def acquire(self, t: Ticket) -> bool:
         """Wait for a slot (the caller bounds the wait with a timeout); True if the request had to wait."""
-        if not self.waiting and not self.saturated():
+        if self.queued_ahead(t.priority) == 0 and self.may_start(t.priority):
             self._grant(t)
             return False
         loop = asyncio.get_running_loop()
@@ -164,9 +178,11 @@ class FairQueue:
         return self.waiting[key][0]
 
     def pump(self) -> None:
-        while self.waiting and not self.saturated():
+        while self.waiting:
             t = self.next_ticket()
             assert t is not None and t.future is not None
+            if not self.may_start(t.priority):
+                return
             self._remove(t)
             self._grant(t)
             if not t.future.done():
@@ -178,6 +194,11 @@ class FairQueue:
             return
         t.granted = False
         self.in_flight -= 1
+        left = self.priorities[t.priority] - 1
+        if left:
+            self.priorities[t.priority] = left
+        else:
+            del self.priorities[t.priority]
         if used_tokens is not None and used_tokens != t.charged:
             self._charge(t.tenant, used_tokens - t.charged)
         self.pump()

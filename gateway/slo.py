@@ -93,7 +93,7 @@ class SloPredictor:
         limit = self.limits.get(deployment, 1)
         if q is not None:
             ahead = q.queued_ahead(priority)
-            busy = ahead > 0 or q.saturated()
+            busy = ahead > 0 or not q.may_start(priority)
         else:
             ahead, busy = 0, in_flight >= limit
         # slots free every hold_s / limit on average; the first one, half that after a random arrival

@@ -1,14 +1,15 @@
 """Fairness load test against a real vLLM CPU engine: a flooding tenant vs an interactive one, fairness on vs off.
 
-    python -m loadtests.fairness [--engine-url URL] [--phase-s 80] [--phases 4] [--settle-s 30]
+    python -m loadtests.fairness [--engine-url URL] [--phase-s 100] [--phases 4] [--settle-s 40]
                                  [--slo-ms 4000] [--out docs/loadtests/fairness]
 
 One vLLM chat engine started with `--scheduling-policy priority` (a private one is started unless
 --engine-url names one that has the policy) and one gateway with two models on it: `plain` (no fair
-queue, no priority field, no objective: vLLM's first come, first served) and `fair` (fair queue with 2
-slots, priority classes, the interactive class's TTFT objective). Locust (loadtests/fairness_locust.py)
-alternates the two by the clock, off / on / off / on, so both modes share the run. The first --settle-s
-seconds of each phase are left out of the figures (requests of the previous phase are still draining).
+queue, no priority field, no objective: vLLM's first come, first served) and `fair` (fair queue with 4
+slots and 2 more for better priorities, priority classes, the interactive class's TTFT objective).
+Locust (loadtests/fairness_locust.py) alternates the two by the clock, off / on / off / on, so both modes
+share the run. The first --settle-s seconds of each phase are left out of the figures (requests of the
+previous phase are still draining).
 
 Reported (summary.json, report.md, PNG plots in --out): the interactive tenant's p50/p95 TTFT per mode and
 their ratio; each flooding tenant's served tokens per second per mode; Jain's index of served tokens between
@@ -56,8 +57,8 @@ def gateway_config(engine_url: str, slo_ms: float, log_path: Path) -> dict[str, 
                              "standard": {"priority": 10}, "batch": {"priority": 20}},
         "models": {
             "plain": {"deployments": [{**dep, "name": "plain-0"}]},
-            "fair": {"deployments": [{**dep, "name": "fair-0", "priority_scheduling": True, "max_concurrency": 2,
-                                      "fair_queue": {"window_s": 60}}]},
+            "fair": {"deployments": [{**dep, "name": "fair-0", "priority_scheduling": True, "max_concurrency": 4,
+                                      "fair_queue": {"window_s": 60, "priority_slots": 2}}]},
         },
         "metrics_scrape_interval": 1.0,
     }
@@ -233,9 +234,9 @@ def report_md(summary: dict[str, Any], command: str, pngs: list[str]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engine-url", help="a vLLM chat engine serving `smollm2` with --scheduling-policy priority")
-    ap.add_argument("--phase-s", type=float, default=80.0)
+    ap.add_argument("--phase-s", type=float, default=100.0)
     ap.add_argument("--phases", type=int, default=4)
-    ap.add_argument("--settle-s", type=float, default=30.0)
+    ap.add_argument("--settle-s", type=float, default=40.0)
     ap.add_argument("--slo-ms", type=float, default=4000.0)
     ap.add_argument("--pace-s", type=float, default=3.0)
     ap.add_argument("--flood-users", type=int, default=16)

@@ -8,8 +8,8 @@ vLLM engine, so the two modes share the run, the machine and its noise.
   FloodUser      tenant flood, FAIR_FLOOD_USERS (16) users back to back, ~1,000-token prompts (batch class)
   Flood2User     tenant flood2, FAIR_FLOOD2_USERS (4) users, the same prompts: an equally weighted tenant
                  that asks with 4x less concurrency (Jain's index is taken between flood and flood2)
-  SteadyUser     tenant steady: one short request every FAIR_PACE_S (3 s); refused for its objective, it
-                 waits the Retry-After once and sends again (both recorded)
+  SteadyUser     tenant steady: one short request every FAIR_PACE_S (3 s), open loop (each in its own
+                 greenlet); refused for its objective, it waits the Retry-After once and sends again
 
 Every request writes one JSON line to FAIR_RECORDS.
 """
@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 import gevent
-from locust import HttpUser, constant, constant_pacing, task
+from locust import HttpUser, constant, task
 
 T0 = float(os.environ.get("FAIR_T0", "0") or time.time())
 PHASE_S = float(os.environ.get("FAIR_PHASE_S", "50"))
@@ -113,10 +113,13 @@ class Flood2User(_Flood):
 class SteadyUser(_FairUser):
     tenant = "steady"
     fixed_count = 1
-    wait_time = constant_pacing(PACE_S)
+    wait_time = constant(PACE_S)
 
     @task
     def ask(self) -> None:
+        gevent.spawn(self._ask)  # open loop: a steady rate, whatever the answers' latency
+
+    def _ask(self) -> None:
         mode = mode_at(time.time())
         key = KEYS["steady-on" if mode == "on" else "steady-off"]
         q = f"In one word, what colour is the sky? ({self.rng.randrange(10**6)})"

@@ -191,6 +191,31 @@ def test_engine_bound_saturation_holds_in_flight_and_recovers() -> None:
     asyncio.run(main())
 
 
+def test_priority_slots_let_a_better_band_past_lower_priority_work() -> None:
+    async def main() -> None:
+        q, _ = _queue(limit=1, priority_slots=1)
+        batch = Ticket("a", 20, 1)
+        assert await q.acquire(batch) is False
+        assert q.may_start(0) and not q.may_start(20)  # only a better priority than one in flight
+        urgent = Ticket("b", 0, 1)
+        assert await q.acquire(urgent) is False  # the extra slot, at once
+        late = [Ticket("b", 0, 1), Ticket("a", 20, 1)]
+        waiting = [asyncio.create_task(q.acquire(t)) for t in late]
+        await asyncio.sleep(0.05)
+        assert q.in_flight == 2 and q.queued() == 2  # the extra slot is taken: both wait
+        q.release(batch, None)  # the urgent one now holds the only real slot, and nothing in flight is worse
+        await asyncio.sleep(0.05)
+        assert not late[0].granted and not late[1].granted
+        q.release(urgent, None)
+        await asyncio.sleep(0.05)
+        assert late[0].granted and not late[1].granted  # the band first; the batch one waits for a real slot
+        q.release(late[0], None)
+        await asyncio.wait_for(asyncio.gather(*waiting), 2)
+        assert late[1].granted and q.in_flight == 1 and q.priorities == {20: 1}
+
+    asyncio.run(main())
+
+
 def test_a_cancelled_waiter_leaves_the_queue() -> None:
     async def main() -> None:
         q, _ = _queue()
