@@ -28,7 +28,7 @@ from locust import HttpUser, constant, task
 T0 = float(os.environ.get("FAIR_T0", "0") or time.time())
 PHASE_S = float(os.environ.get("FAIR_PHASE_S", "50"))
 PACE_S = float(os.environ.get("FAIR_PACE_S", "3"))
-PROMPT_WORDS = int(os.environ.get("FAIR_PROMPT_WORDS", "700"))  # ~1,000 SmolLM2 tokens with the template
+PROMPT_WORDS = int(os.environ.get("FAIR_PROMPT_WORDS", "950"))  # ~1,000 SmolLM2 tokens with the template
 KEYS = json.loads(os.environ.get("FAIR_KEYS", "{}"))  # role -> API key
 _records = open(os.environ["FAIR_RECORDS"], "a", buffering=1) if os.environ.get("FAIR_RECORDS") else None  # noqa: SIM115
 WORDS = ("report", "weather", "market", "river", "engine", "garden", "signal", "harbor", "letter", "window",
