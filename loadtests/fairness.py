@@ -105,8 +105,10 @@ def analyse(records: list[dict[str, Any]], t0: float, phase_s: float, phases: in
             done = [r for r in records if r["tenant"] == tenant and r.get("status") == 200 and r["mode"] == mode
                     and any(m == mode and a <= r["end"] < b for m, a, b in wins)]
             served[tenant] = sum(tokens(r) for r in done) / span if span else 0.0
-        refused = [r for r in steady if r.get("status") == 429 and not r.get("retry")]
-        retried = [r for r in steady if r.get("retry")]
+        # refusals and their retries over the whole run (a retry may fall outside the window of its refusal)
+        every = [r for r in records if r["tenant"] == "steady" and r["mode"] == mode]
+        refused = [r for r in every if r.get("status") == 429 and not r.get("retry")]
+        retried = [r for r in every if r.get("retry")]
         errs = [abs(r["gw_slo_predicted_ms"] - r["gw_ttft_ms"]) for r in steady
                 if r.get("gw_slo_predicted_ms") is not None and r.get("gw_ttft_ms") is not None]
         out["modes"][mode] = {
@@ -116,7 +118,7 @@ def analyse(records: list[dict[str, Any]], t0: float, phase_s: float, phases: in
             "flood_requests_done": sum(1 for r in records if r["tenant"] == "flood" and r["mode"] == mode
                                        and r.get("status") == 200 and any(m == mode and a <= r["end"] < b
                                                                           for m, a, b in wins)),
-            "slo_refused": len(refused), "slo_retried": len(retried),
+            "slo_refused_all_run": len(refused), "slo_retried": len(retried),
             "slo_retry_admitted": sum(1 for r in retried if r.get("status") == 200),
             "slo_met": sum(1 for r in steady if r.get("gw_slo_result") == "met"),
             "slo_missed": sum(1 for r in steady if r.get("gw_slo_result") == "missed"),
@@ -154,7 +156,7 @@ def plots(records: list[dict[str, Any]], summary: dict[str, Any], t0: float, pha
         pts = [(r["t"] - t0, r["ttft_ms"] / 1e3) for r in records if r["tenant"] == tenant and r.get("ttft_ms")]
         if pts:
             ax.scatter(*zip(*pts, strict=True), s=10 if tenant != "steady" else 18, c=c, label=tenant, alpha=0.7)
-    refused = [(r["t"] - t0, 0) for r in records if r.get("status") == 429]
+    refused = [(r["t"] - t0, 0.1) for r in records if r.get("status") == 429]
     if refused:
         ax.scatter(*zip(*refused, strict=True), marker="x", c="black", label="refused (SLO, 429)")
     ax.set_yscale("log")
@@ -204,12 +206,13 @@ def report_md(summary: dict[str, Any], command: str, pngs: list[str]) -> str:
             ("interactive requests measured", "steady_ttft_n", "{}"),
             ("Jain's index flood vs flood2", "jain_flood_flood2", "{:.3f}"),
             ("flood requests completed", "flood_requests_done", "{}"),
-            ("SLO refusals / retried / retry admitted", None, ""),
+            ("SLO refusals / retried / retry admitted (whole run)", None, ""),
             ("SLO met / missed", None, ""),
             ("predictor p50 abs error (ms)", "predictor_abs_err_p50_ms", "{:.0f}")]
     for label, key, fmt in rows:
         if key is None and label.startswith("SLO refusals"):
-            cells = [f"{m[x]['slo_refused']} / {m[x]['slo_retried']} / {m[x]['slo_retry_admitted']}" for x in m]
+            cells = [f"{m[x]['slo_refused_all_run']} / {m[x]['slo_retried']} / {m[x]['slo_retry_admitted']}"
+                     for x in m]
         elif key is None:
             cells = [f"{m[x]['slo_met']} / {m[x]['slo_missed']}" for x in m]
         else:
@@ -231,6 +234,15 @@ def report_md(summary: dict[str, Any], command: str, pngs: list[str]) -> str:
 # ------------------------------------------------------------------ the run
 
 
+def finish(records: list[dict[str, Any]], run: dict[str, Any], out: Path) -> None:
+    summary = analyse(records, run["t0"], run["phase_s"], run["phases"], run["settle_s"])
+    summary.update({k: v for k, v in run.items() if k != "t0"}, records=len(records))
+    pngs = plots(records, summary, run["t0"], run["phase_s"], run["phases"], out)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "report.md").write_text(report_md(summary, run["command"], pngs))
+    print(json.dumps(summary, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engine-url", help="a vLLM chat engine serving `smollm2` with --scheduling-policy priority")
@@ -241,9 +253,16 @@ def main() -> None:
     ap.add_argument("--pace-s", type=float, default=3.0)
     ap.add_argument("--flood-users", type=int, default=16)
     ap.add_argument("--out", default=str(ROOT / "docs" / "loadtests" / "fairness"))
+    ap.add_argument("--reanalyse", metavar="RUN_DIR", help="only remake the report from a run's records.jsonl "
+                    "and run.json (the phases as run)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.reanalyse:
+        run = json.loads((Path(a.reanalyse) / "run.json").read_text())
+        records = [json.loads(x) for x in (Path(a.reanalyse) / "records.jsonl").read_text().splitlines() if x]
+        finish(records, run, out)
+        return
     run_dir = Path(os.environ.get("FAIR_RUN_DIR") or f"/tmp/fairness-{int(time.time())}")
     run_dir.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen[bytes]] = []
@@ -281,14 +300,11 @@ def main() -> None:
             subprocess.run(cmd, cwd=ROOT, env=lenv, stdout=log, stderr=subprocess.STDOUT, timeout=duration + 300,
                            check=False)
         records = [json.loads(x) for x in records_path.read_text().splitlines() if x.strip()]
-        summary = analyse(records, t0, a.phase_s, a.phases, a.settle_s)
-        command = "python -m loadtests.fairness " + shlex.join(sys.argv[1:])
-        summary.update(command=command, phase_s=a.phase_s, phases=a.phases, settle_s=a.settle_s, slo_ms=a.slo_ms,
-                       pace_s=a.pace_s, flood_users=a.flood_users, records=len(records), run_dir=str(run_dir))
-        pngs = plots(records, summary, t0, a.phase_s, a.phases, out)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (out / "report.md").write_text(report_md(summary, command, pngs))
-        print(json.dumps(summary, indent=2))
+        run = {"t0": t0, "command": "python -m loadtests.fairness " + shlex.join(sys.argv[1:]),
+               "phase_s": a.phase_s, "phases": a.phases, "settle_s": a.settle_s, "slo_ms": a.slo_ms,
+               "pace_s": a.pace_s, "flood_users": a.flood_users, "run_dir": str(run_dir)}
+        (run_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+        finish(records, run, out)
     finally:
         for p in procs:
             p.terminate()

@@ -36,7 +36,7 @@ WORDS = ("report", "weather", "market", "river", "engine", "garden", "signal", "
 
 
 def mode_at(t: float) -> str:
-    return "off" if int((t - T0) // PHASE_S) % 2 == 0 else "on"
+    return "off" if int(max(0.0, t - T0) // PHASE_S) % 2 == 0 else "on"  # spawned early: the first phase
 
 
 class _FairUser(HttpUser):
