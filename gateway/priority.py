@@ -5,7 +5,7 @@ lower class (header `x-gateway-priority-class`) or a larger `priority` number in
 field: lower is served first); asking for more than its class is ignored, never an error, so a client
 cannot learn or lift its class by probing. The body's field is taken out at once: the execute stage
 writes the request's priority only into bodies sent to a deployment started with
-`--scheduling-policy priority` (vLLM without it refuses any priority but 0).
+`--scheduling-policy priority` (vLLM's V0 engine without it refused any priority but 0; V1 ignores it).
 """
 
 from __future__ import annotations

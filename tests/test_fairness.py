@@ -96,7 +96,7 @@ def test_priority_sent_from_the_class_and_never_raised(gateway_factory: Callable
 
 def test_priority_not_sent_without_the_policy(gateway_factory: Callable[..., GatewayProcess],
                                               up: FakeUpstream) -> None:
-    gw = gateway_factory(config(up.url))  # priority_scheduling off (vLLM's default fcfs refuses priority != 0)
+    gw = gateway_factory(config(up.url))  # priority_scheduling off: the field is never sent
     for kw in ({}, {"priority": 5}, {"priority": -5}):
         r = chat(gw, KEY_A, **kw)
         assert r.status_code == 200, r.text
