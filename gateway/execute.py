@@ -131,7 +131,7 @@ class Executor:
                 verdict: bool | None = None  # None: the deployment was never really tried
                 try:
                     body["model"] = upstream_model
-                    write_priority(body, rec.routing.priority, state.spec.priority_scheduling)
+                    write_priority(body, rec, state.spec.priority_scheduling)
                     payload = orjson.dumps(body)
                     release = await self._acquire(state, rec, att, payload, body)
                     result = await self._timed(state, rec, att, stream, attempt(state, payload, att), release)

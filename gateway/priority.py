@@ -18,6 +18,9 @@ from gateway.record import RequestRecord
 
 HEADER = b"x-gateway-priority-class"
 MAX_PRIORITY = 1_000_000
+# vLLM's request schemas that carry `priority` (0.32): its Anthropic /v1/messages and /tokenize do not (the field
+# would be ignored there), so those requests keep their class (fair queue band, objective) but send none.
+SCHEDULED_ENDPOINTS = frozenset({"chat", "completions", "embeddings", "responses"})
 
 
 def assign(rec: RequestRecord, sched: Scheduling, header: bytes | None, body: dict[str, Any]) -> PriorityClass:
@@ -42,9 +45,10 @@ def assign(rec: RequestRecord, sched: Scheduling, header: bytes | None, body: di
     return cls
 
 
-def write_priority(body: dict[str, Any], priority: int | None, scheduled: bool) -> None:
-    """The body for one deployment: the priority only where vLLM schedules by it."""
-    if scheduled and priority is not None:
+def write_priority(body: dict[str, Any], rec: RequestRecord, scheduled: bool) -> None:
+    """The body for one deployment: the priority only where vLLM schedules by it (and its schema has one)."""
+    priority = rec.routing.priority
+    if scheduled and priority is not None and rec.identity.endpoint in SCHEDULED_ENDPOINTS:
         body["priority"] = priority
     else:
         body.pop("priority", None)

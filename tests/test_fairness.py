@@ -92,6 +92,11 @@ def test_priority_sent_from_the_class_and_never_raised(gateway_factory: Callable
     assert r.status_code == 400 and r.json()["error"]["param"] == "priority"
     rec = gw.record(chat(gw, KEY_I, headers={"X-Request-Id": "prio-rec"}).headers["x-request-id"])
     assert rec["priority_class"] == "interactive" and rec["priority"] == 0
+    # vLLM's /v1/messages schema has no `priority`: none is sent there
+    r = httpx.post(gw.url + "/v1/messages", timeout=120, headers={"Authorization": f"Bearer {KEY_A}"},
+                   json={"model": "m1", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200, r.text
+    assert "priority" not in up.counters()["last_request"]
 
 
 def test_priority_not_sent_without_the_policy(gateway_factory: Callable[..., GatewayProcess],
