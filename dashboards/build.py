@@ -345,6 +345,37 @@ def cost_tenants() -> list[Panel]:
            (f"max by (tenant, period) (gateway_tenant_spend_usd{{{T}}})\n"
             f"/ max by (tenant, period) (gateway_tenant_budget_usd{{{T}}})", "{{tenant}} {{period}}"),
            unit="percentunit"),
+        *fairness(),
+    ]
+
+
+def fairness() -> list[Panel]:
+    """Fair share, queue wait and TTFT objectives (gateway/fair_queue.py, gateway/slo.py, docs/fairness.md)."""
+    slo = "gateway_slo_requests_total"
+    return [
+        ts("Share of served tokens by tenant",
+           (f'({rate(PROMPT, "tenant")} + {rate(COMPL, "tenant")})\n'
+            f"/ scalar(sum({PROMPT}{{{MDT_F}}}) + sum({COMPL}{{{MDT_F}}}))", "{{tenant}}"), unit="percentunit",
+           desc="Prompt + completion tokens vLLM served, per tenant: what the fair queue shares by weight"),
+        ts("Queue wait p95 by tenant",
+           (f"histogram_quantile(0.95, sum by (tenant, le) (rate(gateway_tenant_queue_seconds_bucket{{{D}, {T}}}"
+            "[$__rate_interval])))", "{{tenant}}"), unit="s",
+           desc="Time waiting for a deployment slot (the fair queue when saturated)"),
+        ts("Requests waiting in fair queues", (f"sum by (deployment) (gateway_fair_queue_waiting{{{D}}})",
+                                               "{{deployment}}")),
+        ts("TTFT objective: attainment by class",
+           (f'sum by (priority_class) (rate({slo}{{result="met"}}[$__rate_interval]))\n'
+            f'/ sum by (priority_class) (rate({slo}{{result=~"met|missed"}}[$__rate_interval]))',
+            "{{priority_class}}"), unit="percentunit",
+           desc="Share of admitted streamed requests of a class with an objective whose first token came in time"),
+        ts("TTFT objective: requests/s by class and result",
+           (f"sum by (priority_class, result) (rate({slo}[$__rate_interval]))", "{{priority_class}} {{result}}"),
+           unit="reqps", desc="met / missed (admitted), refused (429 with Retry-After), fallback (moved to a "
+                              "route's next candidate); refusals also count in gateway_ratelimit_refusals{limit=slo}"),
+        ts("TTFT predictor: mean absolute error by class",
+           ("sum by (priority_class) (rate(gateway_slo_prediction_error_seconds_sum[$__rate_interval]))\n"
+            "/ sum by (priority_class) (rate(gateway_slo_prediction_error_seconds_count[$__rate_interval]))",
+            "{{priority_class}}"), unit="s"),
     ]
 
 
@@ -394,7 +425,8 @@ DASHBOARD_SPECS = {
     "vllm-engines.json": ("vllm-gateway-engines", "vLLM gateway: engines",
                           "Each vLLM deployment's own metrics next to the gateway's view of it", vllm_engines),
     "cost-tenants.json": ("vllm-gateway-cost", "vLLM gateway: cost and tenants",
-                          "Spend by tenant and model, cost per token, model tiers, savings", cost_tenants),
+                          "Spend by tenant and model, cost per token, model tiers, savings, fair share and "
+                          "TTFT objectives", cost_tenants),
 }
 
 

@@ -23,7 +23,8 @@ async def cancel_on_disconnect(receive: Receive, task: asyncio.Task[Any]) -> Non
 
 
 _WANTED = frozenset({b"authorization", b"x-api-key", b"x-request-id", b"content-length", b"x-gateway-task",
-                     b"x-gateway-deadline-ms", b"cache-control", b"traceparent", b"tracestate"})
+                     b"x-gateway-deadline-ms", b"cache-control", b"traceparent", b"tracestate",
+                     b"x-gateway-priority-class"})
 JSON_CT = (b"content-type", b"application/json")
 SSE = (b"content-type", b"text/event-stream; charset=utf-8")
 

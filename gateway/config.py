@@ -35,6 +35,18 @@ class Timeouts(_Strict):
     total: float = Field(600.0, gt=0, description="seconds for the whole upstream request")
 
 
+class FairQueueSpec(_Strict):
+    """The deployment's gateway-side fair queue (gateway/fair_queue.py, docs/fairness.md)."""
+
+    max_waiting: float | None = Field(None, ge=0, description="also saturated while vllm:num_requests_waiting "
+                                      "is above this")
+    max_kv_cache: float | None = Field(None, gt=0, le=1, description="also saturated while "
+                                       "vllm:kv_cache_usage_perc is above this")
+    window_s: float = Field(60.0, gt=0, description="decay time of the served tokens that decide the share")
+    priority_slots: int = Field(0, ge=0, description="slots beyond the bound, only for a request of a better "
+                                "priority than one in flight (an engine with priority scheduling runs it first)")
+
+
 class DeploymentSpec(_Strict):
     name: str | None = None
     url: str
@@ -43,6 +55,10 @@ class DeploymentSpec(_Strict):
     max_concurrency: int = Field(256, ge=1, description="requests this gateway worker sends at once")
     timeouts: Timeouts = Timeouts()
     api_key: str | None = Field(None, description="bearer token vLLM expects (--api-key), if any")
+    priority_scheduling: bool = Field(False, description="vLLM runs with --scheduling-policy priority: "
+                                      "requests carry their class's `priority`; off: the field is never sent")
+    fair_queue: FairQueueSpec | None = Field(None, description="when saturated, requests wait per tenant and "
+                                             "are released by weighted fair share of served tokens")
 
     @field_validator("url")
     @classmethod
@@ -96,6 +112,23 @@ class LimitsSpec(_Strict):
 class TenantSpec(_Strict):
     limits: LimitsSpec = LimitsSpec()
     cache: TenantCacheSpec = TenantCacheSpec()
+    priority_class: str | None = Field(None, description="one of priority_classes; default: default_priority_class")
+    weight: float = Field(1.0, gt=0, le=1000, description="share of a saturated deployment's tokens, relative")
+
+
+class PriorityClassSpec(_Strict):
+    """A scheduling class (docs/fairness.md): vLLM's priority (lower runs first) and an optional TTFT objective."""
+
+    priority: int = Field(ge=-1_000_000, le=1_000_000, description="vLLM's `priority`: lower is served first")
+    ttft_slo_ms: float | None = Field(None, gt=0, description="time-to-first-token objective; a request "
+                                      "predicted to miss it is refused at once (429) or sent to a fallback")
+    on_slo_miss: Literal["reject", "fallback"] = Field(
+        "reject", description="fallback: move to the route's next candidate predicted to meet the objective "
+                              "(refused when none is)")
+
+
+DEFAULT_CLASSES = {"interactive": PriorityClassSpec(priority=0), "standard": PriorityClassSpec(priority=10),
+                   "batch": PriorityClassSpec(priority=20)}
 
 
 class CacheSpec(_Strict):
@@ -215,6 +248,7 @@ class ApiKeySpec(_Strict):
     key: str | None = Field(None, description="the key itself, normally as ${ENV_NAME}")
     admin: bool = False
     limits: LimitsSpec | None = None
+    priority_class: str | None = Field(None, description="this key's class (overrides its tenant's)")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ApiKeySpec:
@@ -343,6 +377,18 @@ class GatewaySpec(_Strict):
     limits: LimitsDefaultsSpec = LimitsDefaultsSpec()
     tenants: dict[str, TenantSpec] = Field(default_factory=dict, description="per-tenant limits and cache")
     tracing: TracingSpec = TracingSpec()
+    priority_classes: dict[str, PriorityClassSpec] = Field(default_factory=lambda: dict(DEFAULT_CLASSES))
+    default_priority_class: str = "standard"
+
+    @model_validator(mode="after")
+    def _classes_exist(self) -> GatewaySpec:
+        named: list[tuple[str, str | None]] = [("default_priority_class", self.default_priority_class)]
+        named += [(f"tenants.{t}.priority_class", s.priority_class) for t, s in self.tenants.items()]
+        named += [(f"auth.keys.{i}.priority_class", k.priority_class) for i, k in enumerate(self.auth.keys)]
+        for where, c in named:
+            if c is not None and c not in self.priority_classes:
+                raise ValueError(f"{where}: {c!r} is not one of priority_classes ({', '.join(self.priority_classes)})")
+        return self
 
     @model_validator(mode="after")
     def _routes_name_models(self) -> GatewaySpec:
@@ -377,6 +423,8 @@ class Deployment:
     max_concurrency: int
     timeouts: Timeouts
     api_key: str | None
+    priority_scheduling: bool = False
+    fair_queue: FairQueueSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -488,6 +536,34 @@ class Features:
         return hashlib.sha256(self.prompt_scope(tenant).encode()).hexdigest()[:32]
 
 
+@dataclass(frozen=True, slots=True)
+class PriorityClass:
+    name: str
+    priority: int
+    ttft_slo_s: float | None = None
+    on_slo_miss: str = "reject"
+
+
+@dataclass(frozen=True)
+class Scheduling:
+    """Priority classes and fair-share weights, resolved once (gateway/priority.py reads them per request)."""
+
+    classes: dict[str, PriorityClass] = field(
+        default_factory=lambda: {n: PriorityClass(n, c.priority) for n, c in DEFAULT_CLASSES.items()})
+    default_class: str = "standard"
+    tenant_class: dict[str, str] = field(default_factory=dict)
+    key_class: dict[str, str] = field(default_factory=dict)  # by key fingerprint (12 hex digits)
+    tenant_weight: dict[str, float] = field(default_factory=dict)
+
+    def class_of(self, tenant: str, key_hash: str | None) -> PriorityClass:
+        name = (self.key_class.get(key_hash) if key_hash else None) or self.tenant_class.get(tenant) \
+            or self.default_class
+        return self.classes[name]
+
+    def weight(self, tenant: str) -> float:
+        return self.tenant_weight.get(tenant, 1.0)
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     source: str
@@ -500,6 +576,7 @@ class GatewayConfig:
     metrics_scrape_interval: float = 5.0
     features: Features = field(default_factory=lambda: Features())  # cache, limits, ledger (Redis)
     tracing: TracingSpec = field(default_factory=TracingSpec)
+    scheduling: Scheduling = field(default_factory=Scheduling)  # priority classes, fair-share weights
 
 
 def hash_key(key: str) -> str:
@@ -653,7 +730,8 @@ def compile_config(spec: GatewaySpec, source: str) -> GatewayConfig:
                 raise ConfigError(f"invalid gateway config {source}:\n  models.{name}.deployments.{i}.name: "
                                   f"deployment name {dep_name!r} is used twice")
             seen_deployments.add(dep_name)
-            deps.append(Deployment(dep_name, d.url, d.model, d.weight, d.max_concurrency, d.timeouts, d.api_key))
+            deps.append(Deployment(dep_name, d.url, d.model, d.weight, d.max_concurrency, d.timeouts, d.api_key,
+                                   d.priority_scheduling, d.fair_queue))
         if m.prices is not None:
             p = m.prices
             cached = p.prompt_per_1m if p.cached_prompt_per_1m is None else p.cached_prompt_per_1m
@@ -681,7 +759,18 @@ def compile_config(spec: GatewaySpec, source: str) -> GatewayConfig:
         log.warning("no API keys configured: authentication is OFF, every caller is tenant 'anonymous'")
     tenants = tuple(sorted({t.name for t in keys.values()} | ({"anonymous"} if not keys else set())))
     return GatewayConfig(source, spec.server, models, keys, bool(keys), routes, spec.circuit_breaker,
-                         spec.metrics_scrape_interval, compile_features(spec, models, keys, tenants), spec.tracing)
+                         spec.metrics_scrape_interval, compile_features(spec, models, keys, tenants), spec.tracing,
+                         compile_scheduling(spec))
+
+
+def compile_scheduling(spec: GatewaySpec) -> Scheduling:
+    classes = {n: PriorityClass(n, c.priority, None if c.ttft_slo_ms is None else c.ttft_slo_ms / 1e3, c.on_slo_miss)
+               for n, c in spec.priority_classes.items()}
+    key_class = {(k.key_sha256 or hash_key(k.key or ""))[:12]: k.priority_class
+                 for k in spec.auth.keys if k.priority_class is not None}
+    return Scheduling(classes, spec.default_priority_class,
+                      {t: s.priority_class for t, s in spec.tenants.items() if s.priority_class is not None},
+                      key_class, {t: s.weight for t, s in spec.tenants.items()})
 
 
 def _limits(spec: LimitsSpec | None) -> Limits | None:

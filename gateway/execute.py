@@ -22,6 +22,8 @@ from gateway.apis import registry
 from gateway.apis.contract import contract_of
 from gateway.config import Model
 from gateway.errors import GatewayError
+from gateway.fair_queue import FairQueue, Ticket
+from gateway.priority import write_priority
 from gateway.protocol import Endpoint
 from gateway.record import Attempt, RequestRecord
 from gateway.relay import UpstreamStream, open_upstream_stream, tally_lines, trace_headers
@@ -39,11 +41,12 @@ JSON = "application/json"
 
 class Executor:
     def __init__(self, pool: UpstreamPool, breakers: dict[str, CircuitBreaker],
-                 balancing: Balancing | None = None) -> None:
+                 balancing: Balancing | None = None, queues: dict[str, FairQueue] | None = None) -> None:
         self.pool = pool
         self.breakers = breakers
         self.balancing = balancing or Balancing(pool.config)
         self.queue_timeout = pool.config.server.queue_timeout
+        self.queues = queues or {}  # deployments with a fair queue (gateway/fair_queue.py); others: a semaphore
 
     def order(self, model: Model, body: dict[str, Any] | None = None,
               rec: RequestRecord | None = None) -> list[DeploymentState]:
@@ -54,7 +57,41 @@ class Executor:
         """
         return self.balancing.order(model, [self.pool.states[d.name] for d in model.deployments], body, rec)
 
-    async def _acquire(self, state: DeploymentState, rec: RequestRecord, att: Attempt, span: Any = None) -> None:
+    async def _acquire(self, state: DeploymentState, rec: RequestRecord, att: Attempt,
+                       payload: bytes, body: dict[str, Any], span: Any = None) -> Callable[[], None]:
+        """Wait for a slot on the deployment; returns the call that gives it back."""
+        queue = self.queues.get(state.name)
+        if queue is not None:
+            return await self._acquire_fair(queue, state, rec, att, payload, body, span)
+        await self._acquire_slot(state, rec, att, span)
+        return state.slots.release
+
+    async def _acquire_fair(self, queue: FairQueue, state: DeploymentState, rec: RequestRecord, att: Attempt,
+                            payload: bytes, body: dict[str, Any], span: Any = None) -> Callable[[], None]:
+        # The charge is prompt + output bound: the prompt from its bytes (~4 a token), corrected at finalize.
+        bound = next((v for f in ("max_tokens", "max_completion_tokens", "max_output_tokens")
+                      if isinstance(v := body.get(f), int)), 0)
+        prio = rec.routing.priority if rec.routing.priority is not None else 0
+        ticket = Ticket(rec.identity.tenant, prio, len(payload) / 4 + bound)
+        t0 = time.perf_counter()
+        queued = rec.trace.queue(span) if rec.trace is not None else None
+        try:
+            async with asyncio.timeout(self.queue_timeout):
+                await queue.acquire(ticket)
+        except TimeoutError:
+            raise Retryable("queue_timeout", errors.overloaded(
+                f"deployment {state.name} is saturated and this request was not released from its fair queue "
+                f"within {self.queue_timeout:g}s"), blame=None) from None
+        finally:
+            waited = time.perf_counter() - t0
+            rec.timing.queue_s += waited
+            att.queue_s += waited
+            if queued is not None:
+                queued.end()
+        att.fair_charge = ticket.charged
+        return lambda: queue.release(ticket, None)
+
+    async def _acquire_slot(self, state: DeploymentState, rec: RequestRecord, att: Attempt, span: Any = None) -> None:
         if state.slots.locked():
             t0 = time.perf_counter()
             queued = rec.trace.queue(span) if rec.trace is not None else None
@@ -103,9 +140,10 @@ class Executor:
                 span = rec.trace.start_attempt(att, made, upstream_model) if rec.trace is not None else None
                 try:
                     body["model"] = upstream_model
+                    write_priority(body, rec, state.spec.priority_scheduling)
                     payload = orjson.dumps(body)
-                    await self._acquire(state, rec, att, span)
-                    result = await self._timed(state, rec, att, stream, attempt(state, payload, att))
+                    release = await self._acquire(state, rec, att, payload, body, span)
+                    result = await self._timed(state, rec, att, stream, attempt(state, payload, att), release)
                     verdict = True
                 except Retryable as r:
                     verdict = r.blame
@@ -132,7 +170,7 @@ class Executor:
         return self._give_up(rec, plan, last, made)
 
     async def _timed(self, state: DeploymentState, rec: RequestRecord, att: Attempt, stream: bool,
-                     call: Awaitable[T]) -> T:
+                     call: Awaitable[T], release: Callable[[], None]) -> T:
         """Run one call holding the deployment's slot, on its busy clock. A stream keeps both until the
         relay calls its `finish`; everything else gives them back here."""
         t0 = time.perf_counter()
@@ -150,7 +188,7 @@ class Executor:
             att.gpu_s = state.finished(now, reading)
             att.seconds = now - t0
             rec.timing.gpu_s += att.gpu_s
-            state.slots.release()
+            release()
 
         try:
             result = await call

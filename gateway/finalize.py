@@ -112,6 +112,7 @@ class Finalizer:
             self.metrics.in_flight_of(rec.identity.requested_model).dec()
         rec.finish()
         self.price(rec)
+        rec.judge_slo()
         line = rec.final_line = orjson.dumps(rec.to_log())
         # Each sink fails alone: a full disk under the log must not cost the ledger record or the settle.
         for sink in (self.metrics.observe, *self.observers):

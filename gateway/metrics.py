@@ -149,6 +149,17 @@ class GatewayMetrics:
                                   ["tenant", "period"], multiprocess_mode="max", registry=r)
         self.tenant_budget = Gauge("gateway_tenant_budget_usd", "Configured budget", ["tenant", "period"],
                                    multiprocess_mode="max", registry=r)
+        # scheduling: fair queues, priority classes, TTFT objectives (docs/fairness.md)
+        self.tenant_queue = Histogram("gateway_tenant_queue_seconds", "Time waiting for a deployment slot, per "
+                                      "tenant (fair queue or concurrency limit)", ["deployment", "tenant"],
+                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.fair_queue_waiting = Gauge("gateway_fair_queue_waiting", "Requests waiting in a deployment's fair queue",
+                                        ["deployment"], multiprocess_mode="livesum", registry=r)
+        self.slo_requests = Counter("gateway_slo_requests", "Requests of a class with a TTFT objective, by result "
+                                    "(met, missed, refused, fallback)", ["priority_class", "result"], registry=r)
+        self.slo_error = Histogram("gateway_slo_prediction_error_seconds", "Absolute error of the predicted time "
+                                   "to first token at admission", ["priority_class"], buckets=LATENCY_BUCKETS,
+                                   registry=r)
         self.spend = TenantSpend(self.tenant_spend)
         # automatic task routing (routing/task_auto.py): decisions, confidence, what deciding took and saved
         self.route_decisions = Counter(
@@ -207,6 +218,7 @@ class GatewayMetrics:
         self._latency(rec, c)
         if rec.routing.task_decision is not None:
             self._task_auto(rec)
+        self._scheduling(rec, dep)
 
     def _task_auto(self, rec: RequestRecord) -> None:
         """A request of a task_auto route (route and task labels are configured names or generation tasks)."""
@@ -226,6 +238,17 @@ class GatewayMetrics:
             self._child(self.task_auto_cost, route, "counterfactual").inc(usd(m.counterfactual_cost_pico_usd))
         if m.routing_cost_pico_usd:
             self._child(self.task_auto_cost, route, "routing").inc(usd(m.routing_cost_pico_usd))
+
+    def _scheduling(self, rec: RequestRecord, dep: str) -> None:
+        r = rec.routing
+        if r.deployment is not None:
+            self._child(self.tenant_queue, dep, rec.identity.tenant).observe(rec.timing.queue_s)
+        if r.priority_class is None or r.slo_ttft_ms is None:
+            return
+        if r.slo_result is not None:
+            self._child(self.slo_requests, r.priority_class, r.slo_result).inc()
+        if r.slo_predicted_ms is not None and rec.timing.ttft_s is not None and rec.end.status == 200:
+            self._child(self.slo_error, r.priority_class).observe(abs(rec.timing.ttft_s - r.slo_predicted_ms / 1e3))
 
     def _tokens(self, rec: RequestRecord, model: str, c: tuple[Any, ...]) -> None:
         _, prompt, completion, cached = c[:4]

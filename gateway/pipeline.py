@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from gateway import errors
+from gateway import errors, priority
 from gateway.apis import registry, retrieve
 from gateway.apis.contract import EndpointContract, contract_of
 from gateway.apis.events import EventAccountant
@@ -43,6 +43,7 @@ from gateway.config import GatewayConfig, Model, Pricing
 from gateway.deadline import Watchdog
 from gateway.errors import GatewayError
 from gateway.execute import Executor
+from gateway.fair_queue import FairQueue, build_queues
 from gateway.finalize import Finalizer, RequestLog, early_headers, final_headers, stream_trailer
 from gateway.guards import check_depth, credential, duplicate_header
 from gateway.ledger import Ledger, build_ledger_backend
@@ -58,6 +59,7 @@ from gateway.routing.breaker import BreakerState, CircuitBreaker
 from gateway.routing.live import LiveStats
 from gateway.routing.policy import Plan, Planner
 from gateway.routing.task_auto import Decision, TaskAutoRouter, describe
+from gateway.slo import SloAdmission, SloPredictor
 from gateway.spool import Spool, spool_path
 from gateway.store import build_store
 from gateway.streaming import RecordingAccountant, StreamAccountant, replay
@@ -115,7 +117,16 @@ class Gateway:
         self.breakers = {name: CircuitBreaker(name, config.circuit_breaker, self._breaker_changed)
                          for name in self.pool.states}
         self.live = LiveStats(config)
-        self.executor = Executor(self.pool, self.breakers, Balancing(config, self.live, self.breakers))
+        # Fair queues where deployments declare one, priority classes, and admission by TTFT objective.
+        deps = {d.name: d for m in config.models.values() for d in m.deployments}
+        self.queues = build_queues({n: (d.max_concurrency, d.fair_queue) for n, d in deps.items()
+                                    if d.fair_queue is not None}, config.scheduling.weight, self.live.by_deployment.get)
+        for q in self.queues.values():
+            q.on_change = self._queue_changed
+        self.slo = SloAdmission(SloPredictor(self.queues, {n: d.max_concurrency for n, d in deps.items()}),
+                                in_flight=lambda name: self.pool.states[name].in_flight,
+                                usable=lambda name: self.breakers[name].state is not BreakerState.OPEN)
+        self.executor = Executor(self.pool, self.breakers, Balancing(config, self.live, self.breakers), self.queues)
         self.live.prefix_listeners.append(self._prefix_index_seen)  # after the balancer's own listener
         self.planner = Planner(config, self.live, self.breakers, budget_fraction=self.limiter.budget_used_fraction,
                                in_flight=lambda name: self.pool.states[name].in_flight)
@@ -123,7 +134,7 @@ class Gateway:
         # Finalize: the record goes to the log and the ledger, then limits settle and routing learns.
         self.finalizer = Finalizer(config, self.metrics, RequestLog(config.server.request_log))
         self.finalizer.record_sinks.append(self.ledger.append)
-        self.finalizer.observers += [self.limiter.settle, self._observe_latency]
+        self.finalizer.observers += [self.limiter.settle, self._observe_latency, self._observe_scheduling]
         self.active: set[asyncio.Task[Any]] = set()  # requests being served (shutdown waits for their accounts)
         self.tracing = build_tracing(config)  # None when off: each stage then checks `rec.trace is not None`
         self._set_static_gauges()
@@ -133,6 +144,8 @@ class Gateway:
             self.metrics.model_info.labels(name, m.tier).set(1)
         for name in self.breakers:
             self.metrics.breaker_state.labels(name).set(0)
+        for name in self.queues:
+            self.metrics.fair_queue_waiting.labels(name).set(0)
         for reason in ("full", "io"):  # from 0: the first refusal is an increase an alert sees
             self.metrics.spool_errors.labels(reason)
         for route in self.task_auto.classifiers:
@@ -182,6 +195,17 @@ class Gateway:
             self.live.get(rec.routing.deployment).observe(rec.timing.ttft_s, rec.timing.tpot_s)
         elif rec.usage.completion_tokens > 0 and contract_of(rec.identity.endpoint).output_fields:
             self.live.get(rec.routing.deployment).observe(None, rec.timing.upstream_s / rec.usage.completion_tokens)
+
+    def _observe_scheduling(self, rec: RequestRecord) -> None:
+        """The fair queue's charge becomes vLLM's usage; the SLO predictor learns; the SLO outcome is judged."""
+        for a in rec.routing.attempts:
+            q = self.queues.get(a.deployment)
+            if q is not None and a.fair_charge and a.outcome == "ok" and rec.usage.usage_reported:
+                q.correct(rec.identity.tenant, rec.usage.prompt_tokens + rec.usage.completion_tokens - a.fair_charge)
+        self.slo.predictor.observe(rec)
+
+    def _queue_changed(self, q: FairQueue) -> None:
+        self.metrics.fair_queue_waiting.labels(q.name).set(q.queued())
 
     def _prefix_index_seen(self, deployment: str, *_: object) -> None:
         idx = self.executor.balancing.index_of(deployment)
@@ -318,6 +342,7 @@ class Gateway:
         """Validate, plan (models and deployments in fallback order), then admit (limits and budgets)."""
         req = contract.validate(body)
         rec.identity.requested_model = req.model
+        cls = priority.assign(rec, self.config.scheduling, headers.get(priority.HEADER), body)
         try:
             plan = await self._plan(rec, contract, req.model, body, headers)
         except GatewayError as e:
@@ -334,6 +359,8 @@ class Gateway:
         if rec.trace is not None:
             rec.trace.request(rec, body)
         await self.limiter.admit(rec, plan.candidates, body, stored)  # 429 (or 503 failing closed) refuses here
+        if pinned is None:  # a continued stored response has one engine: nothing to choose or predict
+            self.slo.check(rec, cls, plan, body)  # 429 with Retry-After, or a fallback, if the TTFT objective fails
         return plan, pinned
 
     async def _stored_response(self, rec: RequestRecord, contract: EndpointContract, scope: Scope) -> bytes:

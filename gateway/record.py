@@ -32,6 +32,7 @@ class Attempt:
     fanout_prompt_tokens: int = 0  # the extra choices' prefills (n > 1)
     completion_tokens: int = 0
     cost_pico_usd: int = 0
+    fair_charge: float = 0.0  # tokens its fair queue charged the tenant when it was released (the bound)
 
 
 # How a request ended (docs/accounting.md has what each one bills and counts as waste).
@@ -81,6 +82,11 @@ class Routing:
     predicted_ms: float | None = None
     balance: str | None = None  # how the deployment was chosen (routing/balance.py): least_outstanding, affinity, ...
     prefix_blocks_matched: int = 0  # prompt blocks the chosen deployment was sent before (balance: prefix)
+    priority_class: str | None = None  # the scheduling class it ran in (gateway/priority.py)
+    priority: int | None = None  # vLLM's `priority` for it (sent only to deployments with priority scheduling)
+    slo_ttft_ms: float | None = None  # its class's time-to-first-token objective
+    slo_predicted_ms: float | None = None  # the predicted time to first token at admission (gateway/slo.py)
+    slo_result: str | None = None  # met | missed | refused | fallback
 
 
 @dataclass(slots=True)
@@ -172,6 +178,16 @@ class RequestRecord:
         t = self.timing
         t.e2e_s = (time.perf_counter() if now is None else now) - self.started
         t.overhead_s = max(0.0, t.e2e_s - t.upstream_s - t.queue_s - t.client_wait_s - t.routing_s)
+
+    def judge_slo(self) -> None:
+        """met / missed for an admitted streamed request with a TTFT objective (refused and fallback are
+        set at admission); left unset when nothing can be judged (no first token, a cache hit)."""
+        r = self.routing
+        if r.slo_ttft_ms is None or r.slo_result is not None:
+            return
+        if self.end.status != 200 or self.timing.ttft_s is None or self.end.cache == "hit":
+            return
+        r.slo_result = "met" if self.timing.ttft_s * 1e3 <= r.slo_ttft_ms else "missed"
 
     def mark_first_token(self, now: float) -> None:
         if self.timing.ttft_s is None:

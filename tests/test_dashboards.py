@@ -220,7 +220,7 @@ def gateway_config(big: str, small: str, redis_url: str, emb: str = "", examples
         "auth": {"keys": [{"tenant": t, "key": k} for t, k in KEYS.items()]},
         "models": {
             "big": {"tier": "large", "prices": {"prompt_per_1m": 10, "completion_per_1m": 30},
-                    "deployments": [{"name": "big-0", "url": big, "model": "big-base",
+                    "deployments": [{"name": "big-0", "url": big, "model": "big-base", "fair_queue": {},
                                      "timeouts": {"connect": 1, "first_token": 2, "total": 10}}]},
             # two deployments of one engine: the balance policy has a choice to make (and to count)
             "small": {"tier": "small", "balance": "prefix",
@@ -246,7 +246,10 @@ def gateway_config(big: str, small: str, redis_url: str, emb: str = "", examples
         # team-b: its one request ("b0", max_tokens 200) reserves 114 prompt tokens (byte bound: 2 + 16 per
         # message + 96 for the template) + 200 completion = $0.000514 at small's prices and spends ~$0.0004: the
         # next request's reservation no longer fits
-        "tenants": {"team-b": {"limits": {"budget_day_usd": 0.00052, "budget_month_usd": 100}},
+        # team-a's class has a TTFT objective its streams meet (the fairness panels' series)
+        "priority_classes": {"interactive": {"priority": 0, "ttft_slo_ms": 60000}, "standard": {"priority": 10}},
+        "tenants": {"team-a": {"priority_class": "interactive"},
+                    "team-b": {"limits": {"budget_day_usd": 0.00052, "budget_month_usd": 100}},
                     "team-c": {"limits": {"rpm": 4, "budget_day_usd": 50}}},
     }
 
