@@ -54,6 +54,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     gw: Gateway = app.state.gateway
     await gw.pool.start()
     gw.live.start(gw.pool.session)
+    gw.adapters.start()
     await gw.store.start()
     if gw.ledger.backend is not gw.store:
         await gw.ledger.backend.start()  # the embedded SQLite file (or this process's memory)
@@ -64,6 +65,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         if gw.active:  # requests cut by shutdown are still draining vLLM and writing their records
             await asyncio.wait(list(gw.active), timeout=DRAIN_S + 1.0)
         await gw.live.close()
+        await gw.adapters.close()
         await gw.pool.close()
         await gw.limiter.close()
         await gw.cache.close()

@@ -25,6 +25,7 @@ from gateway.errors import GatewayError
 from gateway.protocol import Endpoint
 from gateway.record import Attempt, RequestRecord
 from gateway.relay import UpstreamStream, open_upstream_stream, tally_lines
+from gateway.routing.adapters import AdapterPlacement, Lease
 from gateway.routing.balance import Balancing
 from gateway.routing.breaker import BreakerState, CircuitBreaker
 from gateway.routing.policy import Plan
@@ -39,10 +40,11 @@ JSON = "application/json"
 
 class Executor:
     def __init__(self, pool: UpstreamPool, breakers: dict[str, CircuitBreaker],
-                 balancing: Balancing | None = None) -> None:
+                 balancing: Balancing | None = None, adapters: AdapterPlacement | None = None) -> None:
         self.pool = pool
         self.breakers = breakers
         self.balancing = balancing or Balancing(pool.config)
+        self.adapters = adapters or AdapterPlacement(pool.config, pool)
         self.queue_timeout = pool.config.server.queue_timeout
 
     def order(self, model: Model, body: dict[str, Any] | None = None,
@@ -50,9 +52,11 @@ class Executor:
         """The model's deployments in the order to try them, as its balance policy decides (routing/balance.py).
 
         LoRA affinity follows from the config: an adapter is a model whose deployments are the vLLM
-        servers that load it, so its requests never reach a server without the adapter.
+        servers that load it, so its requests never reach a server without the adapter. A catalogue
+        adapter (loaded on demand) goes first to the engines that hold it (routing/adapters.py).
         """
-        return self.balancing.order(model, [self.pool.states[d.name] for d in model.deployments], body, rec)
+        states = self.balancing.order(model, [self.pool.states[d.name] for d in model.deployments], body, rec)
+        return states if model.adapter is None else self.adapters.order(model, states)
 
     async def _acquire(self, state: DeploymentState, rec: RequestRecord, att: Attempt) -> None:
         if state.slots.locked():
@@ -87,7 +91,7 @@ class Executor:
                 if made >= plan.max_attempts or time.perf_counter() - rec.started > plan.budget_s:
                     return self._give_up(rec, plan, last, made)
                 breaker = self.breakers[state.name]
-                upstream_model = state.spec.upstream_model
+                upstream_model = state.spec.upstream_model if model.adapter is None else model.adapter.name
                 att = Attempt(state.name, upstream_model, "ok", 0.0, public_model=model.name)
                 if not breaker.allow():
                     att.outcome = "circuit_open"
@@ -95,11 +99,26 @@ class Executor:
                     continue
                 made += 1
                 verdict: bool | None = None  # None: the deployment was never really tried
+                lease: Lease | None = None
                 try:
                     body["model"] = upstream_model
                     payload = orjson.dumps(body)
+                    if model.adapter is not None:
+                        lease = await self.adapters.acquire(state, model, rec)
+                        att.model = model.adapter.name
                     await self._acquire(state, rec, att)
-                    result = await self._timed(state, rec, att, stream, attempt(state, payload, att))
+                    try:
+                        result = await self._timed(state, rec, att, stream, attempt(state, payload, att), lease)
+                    except GatewayError as e:
+                        if lease is None or e.upstream_status != 404:
+                            raise
+                        # The engine lost the adapter (a restart, another worker's unload): re-read what it
+                        # holds, load it again and send the request once more.
+                        await self.adapters.lost(state, model)
+                        lease = await self.adapters.acquire(state, model, rec)
+                        await self._acquire(state, rec, att)
+                        result = await self._timed(state, rec, att, stream, attempt(state, payload, att), lease)
+                    lease = None  # released when the call (a stream: its relay) finishes
                     verdict = True
                 except Retryable as r:
                     verdict = r.blame
@@ -117,6 +136,8 @@ class Executor:
                     rec.routing.attempts.append(att)
                     raise
                 finally:
+                    if lease is not None:
+                        lease.release()
                     breaker.settle(verdict)
                 rec.routing.attempts.append(att)
                 self._served_by(rec, plan, model, state)
@@ -124,9 +145,9 @@ class Executor:
         return self._give_up(rec, plan, last, made)
 
     async def _timed(self, state: DeploymentState, rec: RequestRecord, att: Attempt, stream: bool,
-                     call: Awaitable[T]) -> T:
-        """Run one call holding the deployment's slot, on its busy clock. A stream keeps both until the
-        relay calls its `finish`; everything else gives them back here."""
+                     call: Awaitable[T], lease: Lease | None = None) -> T:
+        """Run one call holding the deployment's slot (and its adapter's lease), on its busy clock. A stream
+        keeps them until the relay calls its `finish`; everything else gives them back here."""
         t0 = time.perf_counter()
         reading = state.sent(t0)
         done = False
@@ -141,6 +162,8 @@ class Executor:
             att.seconds = now - t0
             rec.timing.gpu_s += att.gpu_s
             state.slots.release()
+            if lease is not None:
+                lease.release()
 
         try:
             result = await call
@@ -261,7 +284,7 @@ class Executor:
     def _served_by(rec: RequestRecord, plan: Plan, model: Model, state: DeploymentState) -> None:
         rec.routing.served_model = model.name
         rec.routing.deployment = state.name
-        rec.routing.upstream_model = state.spec.upstream_model
+        rec.routing.upstream_model = state.spec.upstream_model if model.adapter is None else model.adapter.name
         failed = [a for a in rec.routing.attempts if a.outcome != "ok"]
         if failed:
             rec.routing.fallback_reason = failed[-1].outcome

@@ -52,7 +52,13 @@ class Finalizer:
         self.record_sinks: list[Callable[[bytes], None]] = [request_log.write]
 
     def price(self, rec: RequestRecord) -> None:
-        """Exact cost of what the request used, of what its abandoned attempts wasted, and the counterfactual."""
+        """Exact cost of what the request used, of what its abandoned attempts wasted, and the counterfactual;
+        plus the adapter load it caused, when the operator bills cold starts to requests."""
+        self._price(rec)
+        if rec.money.adapter_load_cost_pico_usd and self.config.adapter_placement.cold_start_billing == "request":
+            rec.money.cost_pico_usd += rec.money.adapter_load_cost_pico_usd
+
+    def _price(self, rec: RequestRecord) -> None:
         if rec.end.cache == "hit":  # served from the gateway cache: free; rec.money.saved_pico_usd holds what it cost
             rec.money.cost_pico_usd = rec.money.counterfactual_cost_pico_usd = 0
             return
@@ -141,6 +147,9 @@ def early_headers(rec: RequestRecord) -> dict[str, str]:
             h["x-gateway-rule"] = rec.routing.rule
         if rec.routing.fallback_reason is not None:
             h["x-gateway-fallback-reason"] = rec.routing.fallback_reason
+    if rec.routing.adapter_load is not None:
+        h["x-gateway-adapter-load"] = rec.routing.adapter_load
+        h["x-gateway-adapter-load-ms"] = f"{rec.timing.adapter_load_s * 1e3:.3f}"
     if rec.end.cache is not None:
         h["x-gateway-cache"] = rec.end.cache
         if rec.end.cache == "hit":

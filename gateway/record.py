@@ -77,6 +77,9 @@ class Routing:
     predicted_ms: float | None = None
     balance: str | None = None  # how the deployment was chosen (routing/balance.py): least_outstanding, affinity, ...
     prefix_blocks_matched: int = 0  # prompt blocks the chosen deployment was sent before (balance: prefix)
+    # a catalogue adapter loaded for this request (routing/adapters.py): cold | replica | reload, or joined
+    # (it waited for a load another request started); None: it was already held
+    adapter_load: str | None = None
 
 
 @dataclass(slots=True)
@@ -91,6 +94,7 @@ class Timing:
     overhead_s: float = 0.0
     client_wait_s: float = 0.0  # time blocked writing to a client that read slowly (back-pressure)
     gpu_s: float = 0.0  # this request's share of its deployment's busy time (GPU-time cost basis)
+    adapter_load_s: float = 0.0  # waiting for its LoRA adapter to be loaded (or for a slot to load it into)
 
 
 @dataclass(slots=True)
@@ -116,6 +120,9 @@ class Money:
     counterfactual_cost_pico_usd: int = 0  # what the first candidate would have charged for the same tokens
     saved_pico_usd: int = 0  # on a cache hit: what the answer cost when it was made (the hit itself costs 0)
     prefix_saved_pico_usd: int = 0  # what vLLM's prefix cache saved: cached tokens at the prompt price
+    # engine time of the adapter load this request caused: in cost_pico_usd when adapter_placement.
+    # cold_start_billing is "request", else the operator's (docs/config.md)
+    adapter_load_cost_pico_usd: int = 0
 
 
 @dataclass(slots=True)
@@ -163,7 +170,7 @@ class RequestRecord:
     def finish(self, now: float | None = None) -> None:
         t = self.timing
         t.e2e_s = (time.perf_counter() if now is None else now) - self.started
-        t.overhead_s = max(0.0, t.e2e_s - t.upstream_s - t.queue_s - t.client_wait_s)
+        t.overhead_s = max(0.0, t.e2e_s - t.upstream_s - t.queue_s - t.client_wait_s - t.adapter_load_s)
 
     def mark_first_token(self, now: float) -> None:
         if self.timing.ttft_s is None:

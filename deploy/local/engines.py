@@ -99,6 +99,15 @@ def manifest() -> dict:
     return json.loads(p.read_text())
 
 
+def untrained_adapters(n: int = 8) -> dict[str, str]:
+    """{name: folder} of n untrained LoRA adapters shaped like `sentiment` (deploy/local/make_adapters.py, cached)."""
+    r = subprocess.run([str(venv_python()), str(HERE / "make_adapters.py"), str(n)], capture_output=True,
+                       text=True, env=_clean_env())
+    if r.returncode != 0:
+        raise RuntimeError(f"make_adapters.py failed: {r.stderr[-4000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def adapter_eval() -> dict | None:
     p = models_dir() / "adapter-eval.json"
     return json.loads(p.read_text()) if p.is_file() else None
@@ -141,7 +150,7 @@ def engine_env(threads: int | None = None, kvcache_gib: int | None = None) -> di
 
 
 def _start(name: str, port: int, args: list[str], host: str, threads: int | None,
-           log_path: str | os.PathLike | None) -> subprocess.Popen:
+           log_path: str | os.PathLike | None, env: dict | None = None) -> subprocess.Popen:
     py = venv_python()
     if not py.exists():
         raise RuntimeError(f"{py} missing: run ensure_ready() / `engines.py prepare` first")
@@ -152,7 +161,8 @@ def _start(name: str, port: int, args: list[str], host: str, threads: int | None
         logf.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
         logf.flush()
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                env=engine_env(threads), start_new_session=True, cwd=str(state_dir()))
+                                env={**engine_env(threads), **(env or {})}, start_new_session=True,
+                                cwd=str(state_dir()))
     proc.log_path = str(log_path)  # type: ignore[attr-defined]
     proc.base_url = f"http://{host}:{port}"  # type: ignore[attr-defined]
     _log(f"started {name} engine pid {proc.pid} on {proc.base_url} (log {log_path})")
@@ -176,11 +186,14 @@ def chat_dtype() -> str:
 def start_chat_engine(port: int, served_model_name: str = "smollm2", lora: bool = True, *,
                       host: str = "127.0.0.1", threads: int | None = None,
                       log_path: str | os.PathLike | None = None,
-                      extra_args: list[str] | None = None, kv_blocks: int | None = None) -> subprocess.Popen:
+                      extra_args: list[str] | None = None, kv_blocks: int | None = None,
+                      env: dict | None = None, static_loras: bool = True) -> subprocess.Popen:
     """Serve SmolLM2-135M-Instruct (bf16 or float32: chat_dtype()) as ``served_model_name``; with lora=True also the
     ``sentiment`` LoRA adapter (model id "sentiment", parent = served_model_name). ``kv_blocks``: a KV cache of
     that many blocks (vLLM's --num-gpu-blocks-override; 128 tokens a block on the CPU build) instead of all of
-    VLLM_CPU_KVCACHE_SPACE; at least max-model-len / 128 = 16."""
+    VLLM_CPU_KVCACHE_SPACE; at least max-model-len / 128 = 16. ``env``: extra environment (e.g.
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True); ``static_loras=False``: LoRA enabled but no adapter loaded at start
+    (the gateway loads them at run time, gateway/routing/adapters.py)."""
     if kv_blocks is not None and kv_blocks < 16:
         raise ValueError(f"kv_blocks={kv_blocks}: one 2048-token request needs 16 blocks")
     m = manifest()
@@ -188,12 +201,12 @@ def start_chat_engine(port: int, served_model_name: str = "smollm2", lora: bool 
             "--dtype", chat_dtype(), "--max-model-len", "2048", "--max-num-seqs", "16",
             "--enable-prefix-caching", "--enable-prompt-tokens-details"]
     if lora:
-        mods = [f"{k}={v}" for k, v in m["lora_modules"].items()]
-        args += ["--enable-lora", "--lora-modules", *mods, "--max-lora-rank", str(m.get("lora_max_rank", 8)),
-                 "--max-loras", "1"]
+        mods = [f"{k}={v}" for k, v in m["lora_modules"].items()] if static_loras else []
+        args += ["--enable-lora", *(["--lora-modules", *mods] if mods else []),
+                 "--max-lora-rank", str(m.get("lora_max_rank", 8)), "--max-loras", "1"]
     if kv_blocks is not None:
         args += ["--num-gpu-blocks-override", str(kv_blocks)]
-    return _start(f"chat-{served_model_name}", port, args + list(extra_args or []), host, threads, log_path)
+    return _start(f"chat-{served_model_name}", port, args + list(extra_args or []), host, threads, log_path, env)
 
 
 def start_embedding_engine(port: int, served_model_name: str = "minilm", *, host: str = "127.0.0.1",
