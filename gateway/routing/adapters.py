@@ -67,6 +67,8 @@ class Engine:
     loading: dict[str, asyncio.Task[float]] = field(default_factory=dict)  # single flight per adapter
     unloading: set[str] = field(default_factory=set)
     lost: set[str] = field(default_factory=set)  # held once, then gone from the engine (a restart): "reload"
+    waiting: dict[str, int] = field(default_factory=dict)  # requests waiting for a load: it is not evicted
+    # between the load's end and their taking it
     freed: asyncio.Event = field(default_factory=asyncio.Event)  # set (then replaced) when a slot may be free
     synced: bool = False
 
@@ -82,7 +84,7 @@ class Engine:
         self.freed = asyncio.Event()
 
     def idle(self) -> list[str]:
-        return [n for n, h in self.held.items() if h.in_flight == 0]
+        return [n for n, h in self.held.items() if h.in_flight == 0 and not self.waiting.get(n)]
 
 
 class Lease:
@@ -154,8 +156,8 @@ class AdapterPlacement:
     # ------------------------------------------------------------------ ordering
     def order(self, model: Model, states: list[DeploymentState]) -> list[DeploymentState]:
         """Engines to try for an adapter: those holding it (healthy, least loaded first), then those where it
-        can be loaded (a free slot, then an idle adapter to evict), least loaded first (policy random: in a
-        random order). A hot adapter goes first to one more engine with a free slot."""
+        can be loaded (a free slot, then an idle adapter to evict), least loaded first. A hot adapter goes
+        first to one more engine with a free slot. Policy random: every engine in a random order."""
         a = model.adapter
         assert a is not None
         holders: list[DeploymentState] = []
@@ -165,12 +167,13 @@ class AdapterPlacement:
             if e is None:
                 continue
             (holders if a.name in e.held else others).append(s)
+        if self.spec.policy == "random":  # the baseline: no use of what is where (benchmark, docs/benchmarks.md)
+            mixed = holders + others
+            self.rng.shuffle(mixed)
+            mixed.sort(key=lambda s: s.healthy is False)
+            return mixed
         holders.sort(key=lambda s: (s.healthy is False, s.load()))
-        if self.spec.policy == "random":
-            self.rng.shuffle(others)
-            others.sort(key=lambda s: s.healthy is False)
-        else:
-            others.sort(key=lambda s: (s.healthy is False, not self._free(s), not self._evictable(s), s.load()))
+        others.sort(key=lambda s: (s.healthy is False, not self._free(s), not self._evictable(s), s.load()))
         r = self.spec.replicate_in_flight
         if (holders and others and r is not None and self._free(others[0]) and others[0].healthy is not False
                 and all(self.engines[s.name].held[a.name].in_flight >= r for s in holders)):
@@ -227,7 +230,14 @@ class AdapterPlacement:
                     rec.routing.adapter_load = reason
                 elif rec.routing.adapter_load is None:
                     rec.routing.adapter_load = "joined"  # waited for a load another request started
-                load_s = await asyncio.shield(task)  # a client leaving does not abort the load others wait for
+                e.waiting[a.name] = e.waiting.get(a.name, 0) + 1
+                try:
+                    load_s = await asyncio.shield(task)  # a client leaving does not abort the load others wait for
+                finally:
+                    if e.waiting[a.name] <= 1:
+                        del e.waiting[a.name]
+                    else:
+                        e.waiting[a.name] -= 1
                 if rec.routing.adapter_load not in (None, "joined"):
                     self._charge(rec, model, e.name, load_s)
         finally:
