@@ -13,8 +13,9 @@ reloaded and the request sent again, once). docs/routing.md, "LoRA adapters on d
 
 The view is per gateway worker. Workers (and replicas) sharing engines learn each other's loads from
 vLLM ("already loaded" is taken as loaded, /v1/models is re-read) and each other's unloads from the 404.
-vLLM 0.32 never breaks a running request by an unload (it only forgets the name), so a worker that unloads
-what another worker's request is using costs that worker a reload, not a failed request.
+In vLLM 0.32 an unload only removes the name from the server's table (running requests keep their LoRA
+request), so a worker that unloads what another worker's request is using costs that worker a reload,
+not a failed request.
 """
 
 from __future__ import annotations
