@@ -127,7 +127,8 @@ class Executor:
                     last = r.error
                     continue
                 except GatewayError as e:
-                    verdict = e.status < 500  # a 4xx means the deployment itself is fine
+                    # a 4xx means the deployment itself is fine; a catalogue entry naming no adapter is not its fault
+                    verdict = None if e.code == "adapter_not_found" else e.status < 500
                     att.outcome = f"error_{e.status}"
                     rec.routing.attempts.append(att)
                     raise

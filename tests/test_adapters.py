@@ -8,6 +8,7 @@ refused loads, a missing adapter file, an engine restart, eviction order, single
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -258,3 +259,18 @@ def test_config_checks_the_catalogue() -> None:
                         (base % (2, "base", "base"), "cannot have the name")):
         with pytest.raises(ConfigError, match=words):
             parse_config(text, "t.yaml")
+
+
+def test_benchmark_script_runs_against_the_fake(tmp_path: Path) -> None:
+    """loadtests/bench_adapters.py --fake: both placements run the same sequence; the result file is written."""
+    from loadtests import bench_adapters
+
+    out = tmp_path / "bench.json"
+    assert bench_adapters.main(["--fake", "--requests", "40", "--adapters", "5", "--slots", "1", "--engines", "2",
+                                "--concurrency", "2", "--fake-load-ms", "20", "--out", str(out)]) == 0
+    rows = {r["policy"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"lru", "random"}
+    for r in rows.values():
+        assert r["requests"] == 40 and r["errors"] == 0 and 0 < r["cold_loads"] <= 40
+        assert r["ttft_p50_ms"] <= r["ttft_p95_ms"]
+    assert bench_adapters.zipf_sequence(["a", "b"], 10, 1.1, 3) == bench_adapters.zipf_sequence(["a", "b"], 10, 1.1, 3)
