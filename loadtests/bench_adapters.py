@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -122,10 +123,11 @@ def run_policy(policy: str, engine_urls: list[str], adapters: dict[str, str], a:
     cfg_path.write_text(yaml.safe_dump(gateway_config(engine_urls, adapters, a.slots, policy, upstream_model)))
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(cfg_path), "--port",
-                             str(port), "--workers", "1", "--log-level", "warning"], cwd=ROOT)
+                             str(port), "--workers", "1", "--log-level", "warning"], cwd=ROOT,
+                            env={**os.environ, "GATEWAY_STATE_DIR": str(tmp / f"state-{policy}")})  # its own ledger
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_http(f"{url}/healthz", proc=proc)
+        wait_http(f"{url}/healthz", timeout=300, proc=proc)  # a loaded machine starts it slowly
         t0 = time.perf_counter()
         results = asyncio.run(drive(url, sequence, a.concurrency, a.max_tokens, prompt))
         wall = time.perf_counter() - t0
