@@ -102,14 +102,14 @@ def _content(payload: str) -> str:
 
 
 def gateway_config(engine_urls: list[str], adapters: dict[str, str], slots: int, policy: str,
-                   upstream_model: str) -> dict[str, Any]:
+                   upstream_model: str, replicate: int | None = None) -> dict[str, Any]:
     return {
         "models": {"base": {"deployments": [{"name": f"engine-{i}", "url": u, "model": upstream_model,
                                              "adapter_slots": slots, "max_concurrency": 64,
                                              "timeouts": {"connect": 2, "first_token": 300, "total": 600}}
                                             for i, u in enumerate(engine_urls)]}},
         "adapters": {n: {"base": "base", "path": p} for n, p in adapters.items()},
-        "adapter_placement": {"policy": policy, "sync_interval_s": 3600, "replicate_in_flight": None},
+        "adapter_placement": {"policy": policy, "sync_interval_s": 3600, "replicate_in_flight": replicate},
         "server": {"request_log": "off", "queue_timeout": 300},
         "cache": {"mode": "off"},
     }
@@ -120,7 +120,8 @@ def run_policy(policy: str, engine_urls: list[str], adapters: dict[str, str], a:
     for u in engine_urls:
         asyncio.run(unload_all(u, set(adapters)))
     cfg_path = tmp / f"gw-{policy}.yaml"
-    cfg_path.write_text(yaml.safe_dump(gateway_config(engine_urls, adapters, a.slots, policy, upstream_model)))
+    cfg_path.write_text(yaml.safe_dump(gateway_config(engine_urls, adapters, a.slots, policy, upstream_model,
+                                                      a.replicate or None)))
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(cfg_path), "--port",
                              str(port), "--workers", "1", "--log-level", "warning"], cwd=ROOT,
@@ -157,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent s: P(rank k) ~ 1/k^s")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--replicate", type=int, default=2, help="adapter_placement.replicate_in_flight (0: off)")
     p.add_argument("--engines", type=int, default=2, help="engines started (each holds --slots adapters)")
     p.add_argument("--url", action="append", help="a running engine with runtime LoRA loading, repeatable "
                    "(default: start --engines)")

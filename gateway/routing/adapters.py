@@ -158,7 +158,8 @@ class AdapterPlacement:
     def order(self, model: Model, states: list[DeploymentState]) -> list[DeploymentState]:
         """Engines to try for an adapter: those holding it (healthy, least loaded first), then those where it
         can be loaded (a free slot, then an idle adapter to evict), least loaded first. A hot adapter goes
-        first to one more engine with a free slot. Policy random: every engine in a random order."""
+        first to one more engine (with a free slot, or an idle adapter and less load than its holder).
+        Policy random: every engine in a random order."""
         a = model.adapter
         assert a is not None
         holders: list[DeploymentState] = []
@@ -176,7 +177,10 @@ class AdapterPlacement:
         holders.sort(key=lambda s: (s.healthy is False, s.load()))
         others.sort(key=lambda s: (s.healthy is False, not self._free(s), not self._evictable(s), s.load()))
         r = self.spec.replicate_in_flight
-        if (holders and others and r is not None and self._free(others[0]) and others[0].healthy is not False
+        # Hot: every holder has r requests of it in flight. One more copy goes to the best other engine if it
+        # has a free slot, or an idle adapter to evict and fewer requests in flight than the busiest holder.
+        if (holders and others and r is not None and others[0].healthy is not False
+                and (self._free(others[0]) or (self._evictable(others[0]) and others[0].load() < holders[0].load()))
                 and all(self.engines[s.name].held[a.name].in_flight >= r for s in holders)):
             return [others[0], *holders, *others[1:]]
         return holders + others
