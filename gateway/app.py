@@ -68,6 +68,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     await gw.pool.start()
     gw.live.start(gw.pool.session)
     gw.task_auto.start()  # fits task_auto's classifiers in the background (the default route meanwhile)
+    gw.adapters.start()
     await gw.store.start()
     if gw.spool is not None:
         await gw.spool.start()  # what a gateway before this one left there is replayed once Redis answers
@@ -85,6 +86,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             await asyncio.wait(list(gw.active), timeout=DRAIN_S + 1.0)
         await gw.live.close()
         await gw.task_auto.close()
+        await gw.adapters.close()
         await gw.pool.close()
         await gw.limiter.close()
         await gw.cache.close()

@@ -135,6 +135,8 @@ def cacheable(mode: str, endpoint: str, body: dict[str, Any]) -> bool:
 def cache_key(scope: str, model: Model, endpoint: str, stream: bool, body: dict[str, Any]) -> str:
     norm = {k: v for k, v in body.items() if k not in IGNORED_FIELDS}
     upstream = sorted({d.upstream_model for d in model.deployments})
+    if model.adapter is not None:  # a catalogue adapter: answers change when its weights (path) do
+        upstream = [model.adapter.name, model.adapter.path]
     raw = orjson.dumps([scope, model.name, upstream, endpoint, stream, norm], option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(raw).hexdigest()
 

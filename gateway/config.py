@@ -59,6 +59,8 @@ class DeploymentSpec(_Strict):
                                       "requests carry their class's `priority`; off: the field is never sent")
     fair_queue: FairQueueSpec | None = Field(None, description="when saturated, requests wait per tenant and "
                                              "are released by weighted fair share of served tokens")
+    adapter_slots: int = Field(0, ge=0, le=1024, description="catalogue adapters (adapters:) the gateway may "
+                               "load onto this vLLM at run time; 0: none (docs/routing.md, LoRA adapters)")
 
     @field_validator("url")
     @classmethod
@@ -242,6 +244,48 @@ class ModelSpec(_Strict):
         return self
 
 
+class AdapterSpec(_Strict):
+    """One LoRA adapter of the catalogue: loaded at run time onto deployments of its base model."""
+
+    base: str = Field(description="the model (in models:) whose deployments with adapter_slots can load it")
+    path: str = Field(min_length=1, description="where the engine loads it from (vLLM's lora_path: a folder "
+                      "on the engine's machine, or what its LoRA resolver accepts)")
+    prices: Prices | None = Field(None, description="default: the base model's")
+    cost_basis: CostBasis | None = None
+    cache: CacheRuleSpec | None = None
+    owned_by: str = "vllm"
+    tier: Literal["large", "small", "adapter"] = "adapter"
+
+    @model_validator(mode="after")
+    def _one_cost_source(self) -> AdapterSpec:
+        if self.prices is not None and self.cost_basis is not None:
+            raise ValueError("give either prices or cost_basis, not both")
+        return self
+
+
+class AdapterPlacementSpec(_Strict):
+    """How catalogue adapters are placed on engines (gateway/routing/adapters.py, docs/routing.md)."""
+
+    policy: Literal["lru", "random"] = Field("lru", description="lru: load where a slot is free, else evict the "
+                                             "least recently used idle adapter; random: a random engine and "
+                                             "victim (the benchmark's baseline)")
+    load_timeout_s: float = Field(120.0, gt=0, description="a load slower than this falls back (counted)")
+    slot_wait_s: float = Field(30.0, gt=0, description="how long a request waits for a slot when every adapter "
+                               "on its engines has requests in flight")
+    replicate_in_flight: int | None = Field(8, ge=1, description="a hot adapter is loaded onto one more engine "
+                                            "(one with a free slot) when each holder has this many requests in "
+                                            "flight; null: one engine per adapter")
+    idle_unload_s: float | None = Field(None, gt=0, description="unload adapters unused this long; null: only "
+                                        "when the slot is needed")
+    sync_interval_s: float = Field(30.0, gt=0, description="re-read each engine's /v1/models this often (and "
+                                   "whenever it comes back healthy)")
+    cold_start_billing: Literal["request", "operator"] = Field(
+        "operator", description="the engine time a load takes: billed to the request that caused it, or the "
+                                "operator's cost (adapter_load_cost_*, gateway_adapter_load_cost_usd)")
+    load_usd_per_hour: float | None = Field(None, ge=0, description="what an engine's time costs while it loads; "
+                                            "default: the adapter's cost_basis, else 0")
+
+
 class ApiKeySpec(_Strict):
     tenant: str = Field(min_length=1)
     key_sha256: str | None = Field(None, description="hex SHA-256 of the key")
@@ -368,6 +412,8 @@ class GatewaySpec(_Strict):
     server: ServerSpec = ServerSpec()
     auth: AuthSpec = AuthSpec()
     models: dict[str, ModelSpec] = Field(min_length=1)
+    adapters: dict[str, AdapterSpec] = Field(default_factory=dict, description="LoRA adapters loaded on demand")
+    adapter_placement: AdapterPlacementSpec = AdapterPlacementSpec()
     routes: dict[str, RouteSpec] = Field(default_factory=dict)
     circuit_breaker: CircuitBreakerSpec = CircuitBreakerSpec()
     metrics_scrape_interval: float = Field(5.0, gt=0, description="seconds between scrapes of vLLM /metrics")
@@ -392,11 +438,19 @@ class GatewaySpec(_Strict):
 
     @model_validator(mode="after")
     def _routes_name_models(self) -> GatewaySpec:
-        for name, route in self.routes.items():
+        for name, a in self.adapters.items():
             if name in self.models:
-                raise ValueError(f"routes.{name}: a route cannot have the name of a model")
+                raise ValueError(f"adapters.{name}: an adapter cannot have the name of a model")
+            base = self.models.get(a.base)
+            if base is None:
+                raise ValueError(f"adapters.{name}.base: {a.base!r} is not a model in models")
+            if not any(d.adapter_slots for d in base.deployments):
+                raise ValueError(f"adapters.{name}.base: no deployment of {a.base!r} has adapter_slots")
+        for name, route in self.routes.items():
+            if name in self.models or name in self.adapters:
+                raise ValueError(f"routes.{name}: a route cannot have the name of a model or adapter")
             for c in [*route.candidates, *route.tasks.values()]:
-                if c not in self.models:
+                if c not in self.models and c not in self.adapters:
                     raise ValueError(f"routes.{name}: candidate {c!r} is not a model in models")
             for task, c in route.tasks.items():
                 if c not in route.candidates:
@@ -425,6 +479,16 @@ class Deployment:
     api_key: str | None
     priority_scheduling: bool = False
     fair_queue: FairQueueSpec | None = None
+    adapter_slots: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Adapter:
+    """A catalogue adapter: vLLM serves it as `name` once loaded from `path` (gateway/routing/adapters.py)."""
+
+    name: str
+    path: str
+    base: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,6 +517,7 @@ class Model:
     balance: str = "least_outstanding"
     prefix_routing: PrefixRoutingSpec | None = None  # set when balance is "prefix"
     tokenizer: str | None = None  # folder with tokenizer.json + chat template (gateway/prompt_tokens.py)
+    adapter: Adapter | None = None  # a catalogue adapter: its deployments are its base's with adapter_slots
 
     def unit_price(self) -> float:
         """A comparable price per token (prompt + completion), for 'cheaper candidate' decisions."""
@@ -577,6 +642,7 @@ class GatewayConfig:
     features: Features = field(default_factory=lambda: Features())  # cache, limits, ledger (Redis)
     tracing: TracingSpec = field(default_factory=TracingSpec)
     scheduling: Scheduling = field(default_factory=Scheduling)  # priority classes, fair-share weights
+    adapter_placement: AdapterPlacementSpec = field(default_factory=AdapterPlacementSpec)
 
 
 def hash_key(key: str) -> str:
@@ -731,21 +797,21 @@ def compile_config(spec: GatewaySpec, source: str) -> GatewayConfig:
                                   f"deployment name {dep_name!r} is used twice")
             seen_deployments.add(dep_name)
             deps.append(Deployment(dep_name, d.url, d.model, d.weight, d.max_concurrency, d.timeouts, d.api_key,
-                                   d.priority_scheduling, d.fair_queue))
-        if m.prices is not None:
-            p = m.prices
-            cached = p.prompt_per_1m if p.cached_prompt_per_1m is None else p.cached_prompt_per_1m
-            pricing = Pricing(p.prompt_per_1m / 1e6, p.completion_per_1m / 1e6, cached / 1e6, None,
-                              per_token_pico(p.prompt_per_1m), per_token_pico(p.completion_per_1m),
-                              per_token_pico(cached))
-        elif m.cost_basis is not None:
-            pricing = Pricing(gpu_usd_per_second=m.cost_basis.gpu_usd_per_hour * m.cost_basis.gpu_count / 3600.0)
-        else:
-            pricing = Pricing()
+                                   d.priority_scheduling, d.fair_queue, d.adapter_slots))
+        pricing = _pricing(m.prices, m.cost_basis)
         prefix = (m.prefix_routing or PrefixRoutingSpec()) if m.balance == "prefix" else None
         tokenizer = _tokenizer_folder(m.tokenizer, f"{source}: models.{name}.tokenizer")
         models[name] = Model(name, tuple(deps), pricing, m.owned_by, m.tier, m.context_window,
                              m.default_max_tokens, m.max_output_tokens, m.balance, prefix, tokenizer)
+    for name, a in spec.adapters.items():
+        # An adapter is a model whose deployments are its base's engines that may load adapters (the same
+        # Deployment objects: one engine, one concurrency limit, one breaker, whichever model a request names).
+        base = models[a.base]
+        own = a.prices is not None or a.cost_basis is not None
+        models[name] = Model(name, tuple(d for d in base.deployments if d.adapter_slots),
+                             _pricing(a.prices, a.cost_basis) if own else base.pricing, a.owned_by, a.tier,
+                             base.context_window, base.default_max_tokens, base.max_output_tokens,
+                             tokenizer=base.tokenizer, adapter=Adapter(name, a.path, a.base))
     routes = {name: Route(name, tuple(models[c] for c in r.candidates), r,
                           {task: models[c] for task, c in r.tasks.items()},
                           _compile_task_auto(name, r.task_auto, models, source))
@@ -760,7 +826,7 @@ def compile_config(spec: GatewaySpec, source: str) -> GatewayConfig:
     tenants = tuple(sorted({t.name for t in keys.values()} | ({"anonymous"} if not keys else set())))
     return GatewayConfig(source, spec.server, models, keys, bool(keys), routes, spec.circuit_breaker,
                          spec.metrics_scrape_interval, compile_features(spec, models, keys, tenants), spec.tracing,
-                         compile_scheduling(spec))
+                         compile_scheduling(spec), spec.adapter_placement)
 
 
 def compile_scheduling(spec: GatewaySpec) -> Scheduling:
@@ -771,6 +837,17 @@ def compile_scheduling(spec: GatewaySpec) -> Scheduling:
     return Scheduling(classes, spec.default_priority_class,
                       {t: s.priority_class for t, s in spec.tenants.items() if s.priority_class is not None},
                       key_class, {t: s.weight for t, s in spec.tenants.items()})
+
+
+def _pricing(prices: Prices | None, cost_basis: CostBasis | None) -> Pricing:
+    if prices is not None:
+        p = prices
+        cached = p.prompt_per_1m if p.cached_prompt_per_1m is None else p.cached_prompt_per_1m
+        return Pricing(p.prompt_per_1m / 1e6, p.completion_per_1m / 1e6, cached / 1e6, None,
+                       per_token_pico(p.prompt_per_1m), per_token_pico(p.completion_per_1m), per_token_pico(cached))
+    if cost_basis is not None:
+        return Pricing(gpu_usd_per_second=cost_basis.gpu_usd_per_hour * cost_basis.gpu_count / 3600.0)
+    return Pricing()
 
 
 def _limits(spec: LimitsSpec | None) -> Limits | None:
@@ -798,8 +875,9 @@ def compile_features(spec: GatewaySpec, models: dict[str, Model], keys: dict[str
     for tenant in sorted(set(tenants) | set(spec.tenants) | {"anonymous"}):
         t = spec.tenants.get(tenant, TenantSpec()).cache
         scopes[tenant] = f"shared:{t.scope}" if t.scope else f"tenant:{tenant}"
-        for name, m in spec.models.items():
-            rule = m.cache or CacheRuleSpec()
+        rules = {**{n: m.cache for n, m in spec.models.items()}, **{n: a.cache for n, a in spec.adapters.items()}}
+        for name, model_rule in rules.items():
+            rule = model_rule or CacheRuleSpec()
             # the tenant's rule wins over the model's, which wins over the global default
             mode = t.mode or rule.mode or spec.cache.mode
             ttl = t.ttl_s or rule.ttl_s or spec.cache.ttl_s

@@ -26,6 +26,7 @@ class GatewayError(Exception):
         self.code = code
         self.param = param
         self.headers = headers or {}
+        self.upstream_status: int | None = None  # vLLM's status when this relays its error (404: model unknown)
 
     def body(self) -> dict[str, object]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

@@ -27,6 +27,7 @@ from gateway.priority import write_priority
 from gateway.protocol import Endpoint
 from gateway.record import Attempt, RequestRecord
 from gateway.relay import UpstreamStream, open_upstream_stream, tally_lines, trace_headers
+from gateway.routing.adapters import AdapterPlacement, Lease
 from gateway.routing.balance import Balancing
 from gateway.routing.breaker import BreakerState, CircuitBreaker
 from gateway.routing.policy import Plan
@@ -41,10 +42,12 @@ JSON = "application/json"
 
 class Executor:
     def __init__(self, pool: UpstreamPool, breakers: dict[str, CircuitBreaker],
-                 balancing: Balancing | None = None, queues: dict[str, FairQueue] | None = None) -> None:
+                 balancing: Balancing | None = None, queues: dict[str, FairQueue] | None = None,
+                 adapters: AdapterPlacement | None = None) -> None:
         self.pool = pool
         self.breakers = breakers
         self.balancing = balancing or Balancing(pool.config)
+        self.adapters = adapters or AdapterPlacement(pool.config, pool)
         self.queue_timeout = pool.config.server.queue_timeout
         self.queues = queues or {}  # deployments with a fair queue (gateway/fair_queue.py); others: a semaphore
 
@@ -53,9 +56,11 @@ class Executor:
         """The model's deployments in the order to try them, as its balance policy decides (routing/balance.py).
 
         LoRA affinity follows from the config: an adapter is a model whose deployments are the vLLM
-        servers that load it, so its requests never reach a server without the adapter.
+        servers that load it, so its requests never reach a server without the adapter. A catalogue
+        adapter (loaded on demand) goes first to the engines that hold it (routing/adapters.py).
         """
-        return self.balancing.order(model, [self.pool.states[d.name] for d in model.deployments], body, rec)
+        states = self.balancing.order(model, [self.pool.states[d.name] for d in model.deployments], body, rec)
+        return states if model.adapter is None else self.adapters.order(model, states)
 
     async def _acquire(self, state: DeploymentState, rec: RequestRecord, att: Attempt,
                        payload: bytes, body: dict[str, Any], span: Any = None) -> Callable[[], None]:
@@ -127,7 +132,7 @@ class Executor:
                 if made >= plan.max_attempts or time.perf_counter() - rec.started > plan.budget_s:
                     return self._give_up(rec, plan, last, made)
                 breaker = self.breakers[state.name]
-                upstream_model = state.spec.upstream_model
+                upstream_model = state.spec.upstream_model if model.adapter is None else model.adapter.name
                 att = Attempt(state.name, upstream_model, "ok", 0.0, public_model=model.name)
                 if not breaker.allow():
                     att.outcome = "circuit_open"
@@ -138,12 +143,29 @@ class Executor:
                 made += 1
                 verdict: bool | None = None  # None: the deployment was never really tried
                 span = rec.trace.start_attempt(att, made, upstream_model) if rec.trace is not None else None
+                lease: Lease | None = None
                 try:
                     body["model"] = upstream_model
                     write_priority(body, rec, state.spec.priority_scheduling)
                     payload = orjson.dumps(body)
+                    if model.adapter is not None:
+                        lease = await self.adapters.acquire(state, model, rec)
+                        att.model = model.adapter.name
                     release = await self._acquire(state, rec, att, payload, body, span)
-                    result = await self._timed(state, rec, att, stream, attempt(state, payload, att), release)
+                    try:
+                        result = await self._timed(state, rec, att, stream, attempt(state, payload, att), release,
+                                                   lease)
+                    except GatewayError as e:
+                        if lease is None or e.upstream_status != 404:
+                            raise
+                        # The engine lost the adapter (a restart, another worker's unload): re-read what it
+                        # holds, load it again and send the request once more.
+                        await self.adapters.lost(state, model)
+                        lease = await self.adapters.acquire(state, model, rec)
+                        release = await self._acquire(state, rec, att, payload, body, span)
+                        result = await self._timed(state, rec, att, stream, attempt(state, payload, att), release,
+                                                   lease)
+                    lease = None  # released when the call (a stream: its relay) finishes
                     verdict = True
                 except Retryable as r:
                     verdict = r.blame
@@ -152,7 +174,8 @@ class Executor:
                     last = r.error
                     continue
                 except GatewayError as e:
-                    verdict = e.status < 500  # a 4xx means the deployment itself is fine
+                    # a 4xx means the deployment itself is fine; a catalogue entry naming no adapter is not its fault
+                    verdict = None if e.code == "adapter_not_found" else e.status < 500
                     att.outcome = f"error_{e.status}"
                     rec.routing.attempts.append(att)
                     raise
@@ -161,6 +184,8 @@ class Executor:
                     rec.routing.attempts.append(att)
                     raise
                 finally:
+                    if lease is not None:
+                        lease.release()
                     breaker.settle(verdict)
                     if span is not None:
                         _trace_attempt(rec, span, att, verdict, stream)
@@ -170,9 +195,9 @@ class Executor:
         return self._give_up(rec, plan, last, made)
 
     async def _timed(self, state: DeploymentState, rec: RequestRecord, att: Attempt, stream: bool,
-                     call: Awaitable[T], release: Callable[[], None]) -> T:
-        """Run one call holding the deployment's slot, on its busy clock. A stream keeps both until the
-        relay calls its `finish`; everything else gives them back here."""
+                     call: Awaitable[T], release: Callable[[], None], lease: Lease | None = None) -> T:
+        """Run one call holding the deployment's slot (and its adapter's lease), on its busy clock. A stream
+        keeps them until the relay calls its `finish`; everything else gives them back here."""
         t0 = time.perf_counter()
         reading = state.sent(t0)
         done = False
@@ -189,6 +214,8 @@ class Executor:
             att.seconds = now - t0
             rec.timing.gpu_s += att.gpu_s
             release()
+            if lease is not None:
+                lease.release()
 
         try:
             result = await call
@@ -310,7 +337,7 @@ class Executor:
     def _served_by(rec: RequestRecord, plan: Plan, model: Model, state: DeploymentState) -> None:
         rec.routing.served_model = model.name
         rec.routing.deployment = state.name
-        rec.routing.upstream_model = state.spec.upstream_model
+        rec.routing.upstream_model = state.spec.upstream_model if model.adapter is None else model.adapter.name
         failed = [a for a in rec.routing.attempts if a.outcome != "ok"]
         if failed:
             rec.routing.fallback_reason = failed[-1].outcome

@@ -53,9 +53,12 @@ class Finalizer:
 
     def price(self, rec: RequestRecord) -> None:
         """Exact cost of what the request used, of what its abandoned attempts wasted, and the counterfactual;
-        deciding its route (task_auto's embedding call) is part of its cost, whatever answered it."""
+        deciding its route (task_auto's embedding call) is part of its cost, whatever answered it, and so is
+        the adapter load it caused when the operator bills cold starts to requests."""
         self._price_served(rec)
         rec.money.cost_pico_usd += rec.money.routing_cost_pico_usd
+        if rec.money.adapter_load_cost_pico_usd and self.config.adapter_placement.cold_start_billing == "request":
+            rec.money.cost_pico_usd += rec.money.adapter_load_cost_pico_usd
 
     def _price_served(self, rec: RequestRecord) -> None:
         if rec.end.cache == "hit":  # served from the gateway cache: free; rec.money.saved_pico_usd holds what it cost
@@ -156,6 +159,9 @@ def early_headers(rec: RequestRecord) -> dict[str, str]:
         h["x-gateway-routing-ms"] = f"{rec.timing.routing_s * 1e3:.3f}"
         h["x-gateway-routing-tokens"] = str(rec.usage.routing_tokens)
         h["x-gateway-routing-cost-usd"] = usd_text(rec.money.routing_cost_pico_usd)
+    if rec.routing.adapter_load is not None:
+        h["x-gateway-adapter-load"] = rec.routing.adapter_load
+        h["x-gateway-adapter-load-ms"] = f"{rec.timing.adapter_load_s * 1e3:.3f}"
     if rec.end.cache is not None:
         h["x-gateway-cache"] = rec.end.cache
         if rec.end.cache == "hit":

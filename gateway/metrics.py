@@ -107,6 +107,23 @@ class GatewayMetrics:
             "gateway_prefix_index_blocks", "Prefix blocks this worker's index remembers per deployment (kind: held) "
             "and may hold (capacity), refreshed at each scrape of vLLM's metrics", ["deployment", "kind"],
             multiprocess_mode="max", registry=r)
+        # LoRA adapters loaded on demand (gateway/routing/adapters.py)
+        ae = ["adapter", "engine"]
+        self.adapter_loads = Counter("gateway_adapter_loads", "Adapter loads onto an engine, by why: cold (held "
+                                     "nowhere), replica (hot: one more engine), reload (the engine lost it)",
+                                     [*ae, "reason"], registry=r)
+        self.adapter_load_failures = Counter("gateway_adapter_load_failures", "Adapter loads that failed: timeout, "
+                                             "error, not_found (no adapter at its path), slots_full",
+                                             [*ae, "reason"], registry=r)
+        self.adapter_evictions = Counter("gateway_adapter_evictions", "Adapters unloaded: lru, random, idle; lost: "
+                                         "gone from the engine (restart)", [*ae, "reason"], registry=r)
+        self.adapter_load_seconds = Histogram("gateway_adapter_load_seconds", "Time an adapter load took",
+                                              ["engine"], buckets=LATENCY_BUCKETS, registry=r)
+        self.adapters_held = Gauge("gateway_adapters_held", "Catalogue adapters an engine holds, as this worker "
+                                   "sees it", ["engine"], multiprocess_mode="max", registry=r)
+        self.adapter_load_cost = Counter("gateway_adapter_load_cost_usd", "Engine time of adapter loads at the "
+                                         "configured rate, by who pays (request: billed; operator: not)",
+                                         [*ae, "billed_to"], registry=r)
         self.breaker_state = Gauge("gateway_circuit_breaker_state", "0 closed, 1 half-open, 2 open",
                                    ["deployment"], multiprocess_mode="max", registry=r)
         self.model_info = Gauge("gateway_model_info", "1 per configured model, with its tier", ["model", "tier"],

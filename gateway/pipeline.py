@@ -54,6 +54,7 @@ from gateway.prompt_tokens import load_counters
 from gateway.protocol import MAX_MODEL_NAME, Endpoint
 from gateway.record import RequestRecord
 from gateway.relay import Relay, UpstreamStream
+from gateway.routing.adapters import AdapterPlacement
 from gateway.routing.balance import Balancing
 from gateway.routing.breaker import BreakerState, CircuitBreaker
 from gateway.routing.live import LiveStats
@@ -126,7 +127,10 @@ class Gateway:
         self.slo = SloAdmission(SloPredictor(self.queues, {n: d.max_concurrency for n, d in deps.items()}),
                                 in_flight=lambda name: self.pool.states[name].in_flight,
                                 usable=lambda name: self.breakers[name].state is not BreakerState.OPEN)
-        self.executor = Executor(self.pool, self.breakers, Balancing(config, self.live, self.breakers), self.queues)
+        # Catalogue LoRA adapters: which engine holds which, loaded on demand (routing/adapters.py).
+        self.adapters = AdapterPlacement(config, self.pool, self.metrics)
+        self.executor = Executor(self.pool, self.breakers, Balancing(config, self.live, self.breakers), self.queues,
+                                 self.adapters)
         self.live.prefix_listeners.append(self._prefix_index_seen)  # after the balancer's own listener
         self.planner = Planner(config, self.live, self.breakers, budget_fraction=self.limiter.budget_used_fraction,
                                in_flight=lambda name: self.pool.states[name].in_flight)
@@ -216,6 +220,7 @@ class Gateway:
     def _health_checked(self, pool: UpstreamPool) -> None:
         for name, state in pool.states.items():
             self.metrics.upstream_healthy.labels(name).set(1 if state.healthy else 0)
+        self.adapters.health_checked()  # an engine back from a restart: re-read the adapters it holds
 
     async def read_json(self, headers: dict[bytes, bytes], receive: Receive) -> Any:
         length = headers.get(b"content-length")

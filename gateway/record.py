@@ -87,6 +87,9 @@ class Routing:
     slo_ttft_ms: float | None = None  # its class's time-to-first-token objective
     slo_predicted_ms: float | None = None  # the predicted time to first token at admission (gateway/slo.py)
     slo_result: str | None = None  # met | missed | refused | fallback
+    # a catalogue adapter loaded for this request (routing/adapters.py): cold | replica | reload, or joined
+    # (it waited for a load another request started); None: it was already held
+    adapter_load: str | None = None
 
 
 @dataclass(slots=True)
@@ -102,6 +105,7 @@ class Timing:
     client_wait_s: float = 0.0  # time blocked writing to a client that read slowly (back-pressure)
     gpu_s: float = 0.0  # this request's share of its deployment's busy time (GPU-time cost basis)
     routing_s: float = 0.0  # deciding the route: task_auto's embedding call (not overhead: waiting on vLLM)
+    adapter_load_s: float = 0.0  # waiting for its LoRA adapter to be loaded (or for a slot to load it into)
 
 
 @dataclass(slots=True)
@@ -129,6 +133,9 @@ class Money:
     saved_pico_usd: int = 0  # on a cache hit: what the answer cost when it was made (the hit itself costs 0)
     prefix_saved_pico_usd: int = 0  # what vLLM's prefix cache saved: cached tokens at the prompt price
     routing_cost_pico_usd: int = 0  # task_auto's embedding call (part of cost_pico_usd, not of the counterfactual)
+    # engine time of the adapter load this request caused: in cost_pico_usd when adapter_placement.
+    # cold_start_billing is "request", else the operator's (docs/config.md)
+    adapter_load_cost_pico_usd: int = 0
 
 
 @dataclass(slots=True)
@@ -177,7 +184,8 @@ class RequestRecord:
     def finish(self, now: float | None = None) -> None:
         t = self.timing
         t.e2e_s = (time.perf_counter() if now is None else now) - self.started
-        t.overhead_s = max(0.0, t.e2e_s - t.upstream_s - t.queue_s - t.client_wait_s - t.routing_s)
+        t.overhead_s = max(0.0, t.e2e_s - t.upstream_s - t.queue_s - t.client_wait_s - t.routing_s
+                           - t.adapter_load_s)
 
     def judge_slo(self) -> None:
         """met / missed for an admitted streamed request with a TTFT objective (refused and fallback are

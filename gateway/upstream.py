@@ -66,6 +66,8 @@ class UpstreamPool:
         self.states: dict[str, DeploymentState] = {}
         for model in config.models.values():
             for d in model.deployments:
+                if d.name in self.states:
+                    continue  # a catalogue adapter runs on its base model's deployments: one state per engine
                 headers = {"Authorization": f"Bearer {d.api_key}"} if d.api_key else {}
                 t = d.timeouts
                 timeout = aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, connect=t.connect)

@@ -49,6 +49,7 @@ def not_connected(state: DeploymentState,
 def refused(state: DeploymentState, status: int, data: bytes) -> Exception:
     """vLLM answered with an error status: 5xx and 429 are the deployment's trouble (next one), 4xx the request's."""
     err = upstream_error(status, json_or_none(data), state.name)
+    err.upstream_status = status  # a 404 for a catalogue adapter: the engine lost it (gateway/routing/adapters.py)
     return Retryable(f"upstream_{status}", err) if status >= 500 or status == 429 else err
 
 

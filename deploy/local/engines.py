@@ -106,6 +106,15 @@ def manifest() -> dict:
     return json.loads(p.read_text())
 
 
+def untrained_adapters(n: int = 8) -> dict[str, str]:
+    """{name: folder} of n untrained LoRA adapters shaped like `sentiment` (deploy/local/make_adapters.py, cached)."""
+    r = subprocess.run([str(venv_python()), str(HERE / "make_adapters.py"), str(n)], capture_output=True,
+                       text=True, env=_clean_env())
+    if r.returncode != 0:
+        raise RuntimeError(f"make_adapters.py failed: {r.stderr[-4000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def adapter_eval() -> dict | None:
     p = models_dir() / "adapter-eval.json"
     return json.loads(p.read_text()) if p.is_file() else None
@@ -195,12 +204,15 @@ def start_chat_engine(port: int, served_model_name: str = "smollm2", lora: bool 
                       host: str = "127.0.0.1", threads: int | None = None,
                       log_path: str | os.PathLike | None = None,
                       extra_args: list[str] | None = None, kv_blocks: int | None = None,
-                      otlp_traces_endpoint: str | None = None) -> subprocess.Popen:
+                      otlp_traces_endpoint: str | None = None, env: dict | None = None,
+                      static_loras: bool = True) -> subprocess.Popen:
     """Serve SmolLM2-135M-Instruct (bf16 or float32: chat_dtype()) as ``served_model_name``; with lora=True also the
     ``sentiment`` LoRA adapter (model id "sentiment", parent = served_model_name). ``kv_blocks``: a KV cache of
     that many blocks (vLLM's --num-gpu-blocks-override; 128 tokens a block on the CPU build) instead of all of
     VLLM_CPU_KVCACHE_SPACE; at least max-model-len / 128 = 16. ``otlp_traces_endpoint``: export vLLM's request
-    spans there (OTLP/HTTP; see tracing_env)."""
+    spans there (OTLP/HTTP; see tracing_env). ``env``: extra environment (e.g.
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True); ``static_loras=False``: LoRA enabled but no adapter loaded at start
+    (the gateway loads them at run time, gateway/routing/adapters.py)."""
     if kv_blocks is not None and kv_blocks < 16:
         raise ValueError(f"kv_blocks={kv_blocks}: one 2048-token request needs 16 blocks")
     m = manifest()
@@ -208,15 +220,15 @@ def start_chat_engine(port: int, served_model_name: str = "smollm2", lora: bool 
             "--dtype", chat_dtype(), "--max-model-len", "2048", "--max-num-seqs", "16",
             "--enable-prefix-caching", "--enable-prompt-tokens-details"]
     if lora:
-        mods = [f"{k}={v}" for k, v in m["lora_modules"].items()]
-        args += ["--enable-lora", "--lora-modules", *mods, "--max-lora-rank", str(m.get("lora_max_rank", 8)),
-                 "--max-loras", "1"]
+        mods = [f"{k}={v}" for k, v in m["lora_modules"].items()] if static_loras else []
+        args += ["--enable-lora", *(["--lora-modules", *mods] if mods else []),
+                 "--max-lora-rank", str(m.get("lora_max_rank", 8)), "--max-loras", "1"]
     if kv_blocks is not None:
         args += ["--num-gpu-blocks-override", str(kv_blocks)]
     if otlp_traces_endpoint:
         args += ["--otlp-traces-endpoint", otlp_traces_endpoint]
     return _start(f"chat-{served_model_name}", port, args + list(extra_args or []), host, threads, log_path,
-                  tracing_env(otlp_traces_endpoint))
+                  {**tracing_env(otlp_traces_endpoint), **(env or {})})
 
 
 def start_embedding_engine(port: int, served_model_name: str = "minilm", *, host: str = "127.0.0.1",

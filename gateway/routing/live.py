@@ -109,6 +109,8 @@ class LiveStats:
         self._upstream_names: dict[str, str] = {}
         for m in config.models.values():
             for d in m.deployments:
+                if d.name in self._upstream_names:
+                    continue  # a catalogue adapter's deployments are its base model's
                 self._urls.setdefault(d.url, []).append(d.name)
                 self._upstream_names[d.name] = d.upstream_model
         self._session: aiohttp.ClientSession | None = None

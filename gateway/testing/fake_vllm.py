@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import os
 import re
 import time
 import uuid
@@ -45,6 +46,11 @@ class Behaviour:
     prefix_cache_queries: float | None = None
     cached_tokens: int = 0  # report this many prompt tokens (at most all) as prompt_tokens_details.cached_tokens
     healthy: bool = True
+    # runtime LoRA (vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True): /v1/load_lora_adapter, /v1/unload_lora_adapter
+    load_ms: float = 0.0  # how long a load takes
+    load_fail_status: int = 0  # answer loads with this status (0: don't)
+    max_loras: int = 0  # refuse a load beyond this many adapters, as a server with full slots would (0: never;
+    # vLLM 0.32 itself never refuses: it evicts from its own CPU cache)
 
 
 @dataclass
@@ -52,6 +58,8 @@ class Counters:
     prompt_tokens: int = 0  # like vLLM: every choice's prefill, counted when it produces its first output
     generation_tokens: int = 0
     requests: int = 0
+    lora_loads: int = 0
+    lora_unloads: int = 0
     running: int = 0
     busy_s: float = 0.0  # time with at least one request running (what a GPU-time cost basis pays for)
     busy_since: float = 0.0
@@ -116,6 +124,8 @@ class FakeVLLM:
         self.b = behaviour or Behaviour()
         self.c = Counters()
         self.max_model_len = max_model_len
+        self.loras: dict[str, str] = {}  # adapters loaded at run time: name -> path
+        self.lora_running: dict[str, int] = {}  # requests in flight per adapter (never broken by an unload)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -124,6 +134,8 @@ class FakeVLLM:
             web.post("/v1/completions", self.generate),
             web.post("/v1/embeddings", self.embeddings),
             web.post("/tokenize", self.tokenize),
+            web.post("/v1/load_lora_adapter", self.load_lora),
+            web.post("/v1/unload_lora_adapter", self.unload_lora),
             web.get("/v1/models", self.list_models),
             web.get("/health", self.health),
             web.get("/metrics", self.metrics),
@@ -135,12 +147,15 @@ class FakeVLLM:
 
     # ------------------------------------------------------------------ control
     async def get_control(self, request: web.Request) -> web.Response:
-        return _json({"behaviour": asdict(self.b), "counters": asdict(self.c)})
+        return _json({"behaviour": asdict(self.b), "counters": asdict(self.c), "loras": self.loras,
+                      "lora_running": self.lora_running})
 
     async def set_control(self, request: web.Request) -> web.Response:
         changes = orjson.loads(await request.read())
         if changes.pop("reset_counters", False):
             self.c = Counters()
+        if changes.pop("restart", False):  # what an engine restart loses: every adapter loaded at run time
+            self.loras.clear()
         self.b = Behaviour(**{**asdict(self.b), **changes})
         return _json(asdict(self.b))
 
@@ -152,7 +167,45 @@ class FakeVLLM:
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "vllm", "root": m,
                  "parent": None if i == 0 else self.models[0], "max_model_len": self.max_model_len}
                 for i, m in enumerate(self.models)]
+        data += [{"id": n, "object": "model", "created": 0, "owned_by": "vllm", "root": p, "parent": self.models[0],
+                  "max_model_len": None} for n, p in self.loras.items()]
         return _json({"object": "list", "data": data})
+
+    async def load_lora(self, request: web.Request) -> web.Response:
+        """vLLM's POST /v1/load_lora_adapter: 200 with a text body; errors as vLLM words them."""
+        body = orjson.loads(await request.read())
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not name or not path:
+            return _error("Both 'lora_name' and 'lora_path' must be provided.", "InvalidUserInput", 400)
+        if name in self.models:
+            return _error(f"The lora adapter '{name}' conflicts with a served base model.", "InvalidUserInput", 400)
+        if name in self.loras and not body.get("load_inplace"):
+            return _error(f"The lora adapter '{name}' has already been loaded. If you want to load the adapter in "
+                          "place, set 'load_inplace' to True.", "InvalidUserInput", 400)
+        if self.b.load_ms:
+            await asyncio.sleep(self.b.load_ms / 1e3)
+        if self.b.load_fail_status:
+            return _error(f"injected load failure {self.b.load_fail_status}", "InternalServerError",
+                          self.b.load_fail_status)
+        if not os.path.isdir(path):
+            return _error(f"Loading lora {name} failed: No adapter found for {path}", "NotFoundError", 404)
+        if self.b.max_loras and len(self.loras) >= self.b.max_loras:
+            return _error(f"Cannot load lora {name}: the maximum number of LoRA adapters ({self.b.max_loras}) "
+                          "is already loaded.", "BadRequestError", 400)
+        self.loras[name] = path
+        self.c.lora_loads += 1
+        return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload_lora(self, request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        name = body.get("lora_name")
+        if not name:
+            return _error("'lora_name' needs to be provided to unload a LoRA adapter.", "InvalidUserInput", 400)
+        if name not in self.loras:
+            return _error(f"The lora adapter '{name}' cannot be found.", "NotFoundError", 404)
+        del self.loras[name]
+        self.c.lora_unloads += 1
+        return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 
     async def metrics(self, request: web.Request) -> web.Response:
         name = self.models[0]
@@ -197,7 +250,7 @@ class FakeVLLM:
         if self.b.fail_status:
             return _json({"error": {"message": f"injected failure {self.b.fail_status}", "type": "InternalError",
                                     "code": self.b.fail_status}}, status=self.b.fail_status)
-        if body.get("model") not in self.models:
+        if body.get("model") not in self.models and body.get("model") not in self.loras:
             return _json({"error": {"message": f"The model `{body.get('model')}` does not exist.",
                                     "type": "NotFoundError", "code": 404}}, status=404)
         try:
@@ -233,6 +286,8 @@ class FakeVLLM:
         n = int(body.get("max_tokens") or body.get("max_completion_tokens") or self.b.default_tokens)
         self.c.requests += 1
         self.c.start()
+        model = body["model"]
+        self.lora_running[model] = self.lora_running.get(model, 0) + 1
         try:
             if body.get("stream"):
                 return await self._stream(request, body, chat, prompts, n_choices, n)
@@ -261,6 +316,7 @@ class FakeVLLM:
             return _json(out)
         finally:
             self.c.stop()
+            self.lora_running[model] -= 1
 
     def _usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         out: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -350,6 +406,10 @@ def _token_chunk(base: dict[str, Any], chat: bool, idx: int, i: int, finish: str
     else:
         choice = {"index": idx, "text": f"tok{i} ", "logprobs": None, "finish_reason": finish}
     return {**base, "choices": [choice]}
+
+
+def _error(message: str, err_type: str, status: int) -> web.Response:
+    return _json({"error": {"message": message, "type": err_type, "param": None, "code": status}}, status=status)
 
 
 def _json(obj: Any, status: int = 200) -> web.Response:
