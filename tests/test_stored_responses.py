@@ -114,7 +114,7 @@ def test_replicas_share_where_responses_live_through_redis(
                                                          previous_response_id=rid)
         assert raw.headers["x-gateway-deployment"] == "m1-1"
         assert oai(g2).responses.retrieve(rid).id == rid
-        ttl = redis_server.client().pttl(f"{redis_prefix}c:resp:{rid}")
+        ttl = redis_server.client().pttl(f"{redis_prefix}c:{{resp:{rid}}}")  # the cache key layout: c:{KEY}
         assert 0 < ttl <= 7 * 86400 * 1000
         with pytest.raises(openai.NotFoundError):
             oai(alone).responses.create(model="m1", input="x", previous_response_id=rid)
