@@ -354,7 +354,8 @@ def test_redis_rolling_restart_loses_no_acknowledged_write(pods: list[Pod]) -> N
             out = p.start()
             _until(lambda p=p: p.role() == "master" or p.client().info("replication")["master_link_status"] == "up",
                    30, f"pod {p.ordinal} back")
-            events.append(f"redis-{p.ordinal} ({was}): {out.strip().splitlines()[-1]}")
+            handover = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else "-"
+            events.append(f"redis-{p.ordinal} ({was}): prestop {handover}; start {out.strip().splitlines()[-1]}")
         return events
 
     async def run() -> tuple[int, int, float, list[str]]:
@@ -396,7 +397,12 @@ def test_redis_rolling_restart_loses_no_acknowledged_write(pods: list[Pod]) -> N
     print(f"rolling restart: {'; '.join(events)}; {ok} writes acknowledged, {in_doubt} in doubt, counter {value}, "
           f"longest gap {gap:.1f} s")
     assert ok <= value <= ok + in_doubt, (ok, value, in_doubt)
-    assert master.ordinal != 0 and ok > 100 and gap < 10, (master.ordinal, ok, gap)
+    assert ok > 100 and gap < 10, (ok, gap)
+    # The master's turn hands over, or its preStop says why it could not (no sentinel knew every replica in
+    # time, or none took the failover: the documented fallback, where the pod restarts as master with every
+    # write; seen once in a loaded CI run); a preStop that silently did nothing fails here.
+    fallback = any("(master): prestop" in e and "stopping as master" in e for e in events)
+    assert master.ordinal != 0 or fallback, events
     t0 = time.monotonic()
     for p in pods:  # whole again, every sentinel naming one master with both replicas (none following an old one)
         _until(lambda p=p: p.sentinel().sentinel_get_master_addr_by_name("gateway") == (master.host, master.port)
