@@ -78,41 +78,35 @@ class Executor:
                       if isinstance(v := body.get(f), int)), 0)
         prio = rec.routing.priority if rec.routing.priority is not None else 0
         ticket = Ticket(rec.identity.tenant, prio, len(payload) / 4 + bound)
+        await self._wait_queued(queue.acquire(ticket), rec, att, span,
+                                f"deployment {state.name} is saturated and this request was not released from its "
+                                f"fair queue within {self.queue_timeout:g}s")
+        att.fair_charge = ticket.charged
+        return lambda: queue.release(ticket, None)
+
+    async def _wait_queued(self, wait: Awaitable[Any], rec: RequestRecord, att: Attempt, span: Any,
+                           overloaded: str) -> None:
+        """Wait in a deployment's queue (its slots or its fair queue): the wait is queue time, traced, bounded by
+        server.queue_timeout (then a retryable 503 naming why)."""
         t0 = time.perf_counter()
         queued = rec.trace.queue(span) if rec.trace is not None else None
         try:
             async with asyncio.timeout(self.queue_timeout):
-                await queue.acquire(ticket)
+                await wait
         except TimeoutError:
-            raise Retryable("queue_timeout", errors.overloaded(
-                f"deployment {state.name} is saturated and this request was not released from its fair queue "
-                f"within {self.queue_timeout:g}s"), blame=None) from None
+            raise Retryable("queue_timeout", errors.overloaded(overloaded), blame=None) from None
         finally:
             waited = time.perf_counter() - t0
             rec.timing.queue_s += waited
             att.queue_s += waited
             if queued is not None:
                 queued.end()
-        att.fair_charge = ticket.charged
-        return lambda: queue.release(ticket, None)
 
     async def _acquire_slot(self, state: DeploymentState, rec: RequestRecord, att: Attempt, span: Any = None) -> None:
         if state.slots.locked():
-            t0 = time.perf_counter()
-            queued = rec.trace.queue(span) if rec.trace is not None else None
-            try:
-                async with asyncio.timeout(self.queue_timeout):
-                    await state.slots.acquire()
-            except TimeoutError:
-                raise Retryable("queue_timeout", errors.overloaded(
-                    f"deployment {state.name} is at its concurrency limit ({state.spec.max_concurrency}) "
-                    f"and no slot freed within {self.queue_timeout:g}s"), blame=None) from None
-            finally:
-                waited = time.perf_counter() - t0
-                rec.timing.queue_s += waited
-                att.queue_s += waited
-                if queued is not None:
-                    queued.end()
+            await self._wait_queued(state.slots.acquire(), rec, att, span,
+                                    f"deployment {state.name} is at its concurrency limit "
+                                    f"({state.spec.max_concurrency}) and no slot freed within {self.queue_timeout:g}s")
         else:
             await state.slots.acquire()
 
