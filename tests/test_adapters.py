@@ -132,6 +132,23 @@ def test_ten_concurrent_first_requests_cause_one_load(tmp_path: Path, fake: Fake
     assert metric_value(gw.metrics(), "gateway_adapter_loads_total", adapter="ad0") == 1
 
 
+def test_ten_concurrent_first_requests_on_full_slots_cause_one_eviction_and_one_load(
+        tmp_path: Path, fake: FakeUpstream, gateway_factory: Factory) -> None:
+    # The CI failure of stop 32: with every slot held, each waiter evicted an adapter and loaded again.
+    gw = gateway_factory(config([fake.url], adapter_dirs(tmp_path, 3), slots=2))
+    assert chat(gw, "ad0").status_code == 200 and chat(gw, "ad1").status_code == 200
+    fake.control(load_ms=300, unload_ms=300)  # the others arrive while the eviction is under way
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(lambda _: chat(gw, "ad2"), range(10)))
+    assert [a.status_code for a in answers] == [200] * 10
+    assert fake.counters()["lora_loads"] == 3 and fake.counters()["lora_unloads"] == 1
+    assert set(fake.state()["loras"]) == {"ad1", "ad2"}  # ad0, the least recently used, went; ad1 stayed
+    assert sum(a.headers.get("x-gateway-adapter-load") == "cold" for a in answers) == 1
+    m = gw.metrics()
+    assert metric_value(m, "gateway_adapter_loads_total", adapter="ad2") == 1
+    assert metric_value(m, "gateway_adapters_held", engine="eng-0") == 2
+
+
 def test_engine_restart_reloads_instead_of_404(tmp_path: Path, fake: FakeUpstream, gateway_factory: Factory) -> None:
     gw = gateway_factory(config([fake.url], adapter_dirs(tmp_path, 1)))
     assert chat(gw, "ad0").status_code == 200

@@ -216,20 +216,24 @@ class AdapterPlacement:
                     return self._lease(e, h)
                 task = e.loading.get(a.name)
                 if task is None:
-                    if e.used() >= e.slots and not await self._make_room(e, a.name):
-                        left = deadline - time.perf_counter()
-                        if left <= 0:
-                            raise Retryable("adapter_slots_busy", errors.overloaded(
-                                f"every adapter slot of deployment {state.name} has requests in flight; none "
-                                f"freed within {self.spec.slot_wait_s:g}s"), blame=None)
-                        with contextlib.suppress(TimeoutError):
-                            async with asyncio.timeout(left):
-                                await e.freed.wait()
-                        continue
+                    victim = None
                     if e.used() >= e.slots:
-                        continue  # someone else took the room while we unloaded
+                        victim = self._victim(e, a.name)
+                        if victim is None:  # every slot busy: wait for one to free
+                            left = deadline - time.perf_counter()
+                            if left <= 0:
+                                raise Retryable("adapter_slots_busy", errors.overloaded(
+                                    f"every adapter slot of deployment {state.name} has requests in flight; "
+                                    f"none freed within {self.spec.slot_wait_s:g}s"), blame=None)
+                            with contextlib.suppress(TimeoutError):
+                                async with asyncio.timeout(left):
+                                    await e.freed.wait()
+                            continue
+                        self._begin_unload(e, victim)
+                    # No await between the check above and registering the load: concurrent requests for this
+                    # adapter join this one task (the eviction included) instead of evicting and loading again.
                     reason = self._reason(e, a.name)
-                    task = asyncio.create_task(self._load(e, model, reason), name=f"load-{a.name}-{e.name}")
+                    task = asyncio.create_task(self._load(e, model, reason, victim), name=f"load-{a.name}-{e.name}")
                     task.add_done_callback(_retrieve)
                     e.loading[a.name] = task
                     rec.routing.adapter_load = reason
@@ -258,20 +262,32 @@ class AdapterPlacement:
             return "reload"
         return "replica" if any(name in o.held for o in self.engines.values()) else "cold"
 
-    async def _make_room(self, e: Engine, keep: str) -> bool:
-        """Unload one idle adapter (the least recently used; policy random: any); False: none is idle."""
+    def _victim(self, e: Engine, keep: str) -> str | None:
+        """The idle adapter to evict (the least recently used; policy random: any); None: none is idle."""
         idle = [n for n in e.idle() if n != keep]
         if not idle:
+            return None
+        return self.rng.choice(idle) if self.spec.policy == "random" else min(idle, key=lambda n: e.held[n].last_used)
+
+    async def _make_room(self, e: Engine, keep: str) -> bool:
+        """Unload one idle adapter; False: none is idle."""
+        victim = self._victim(e, keep)
+        if victim is None:
             return False
-        victim = self.rng.choice(idle) if self.spec.policy == "random" else min(
-            idle, key=lambda n: e.held[n].last_used)
+        self._begin_unload(e, victim)
         await self._unload(e, victim, self.spec.policy)
         return True
 
-    async def _unload(self, e: Engine, name: str, reason: str) -> None:
-        e.held.pop(name, None)  # no request can take it from now on
+    @staticmethod
+    def _begin_unload(e: Engine, name: str) -> None:
+        """Synchronously: no request can take it, and no other request picks it as a victim, from now on."""
+        e.held.pop(name, None)
         e.lost.discard(name)
         e.unloading.add(name)
+
+    async def _unload(self, e: Engine, name: str, reason: str) -> None:
+        if name not in e.unloading:
+            self._begin_unload(e, name)
         try:
             status, data = await self._post(e, "/v1/unload_lora_adapter", {"lora_name": name}, 30.0)
             if status not in (200, 404):  # 404: already gone (a restart, another worker)
@@ -286,12 +302,15 @@ class AdapterPlacement:
             self.metrics.adapter_evictions.labels(name, e.name, reason).inc()
         self._gauge(e)
 
-    async def _load(self, e: Engine, model: Model, reason: str) -> float:
-        """The load itself, as its own task: returns the seconds it took; the adapter is then held."""
+    async def _load(self, e: Engine, model: Model, reason: str, evict: str | None = None) -> float:
+        """The load itself, as its own task (after unloading `evict`, already marked as unloading): returns the
+        seconds it took; the adapter is then held."""
         a = model.adapter
         assert a is not None
-        t0 = time.perf_counter()
         try:
+            if evict is not None:
+                await self._unload(e, evict, self.spec.policy)
+            t0 = time.perf_counter()
             for room_retry in (True, False):
                 outcome = await self._load_once(e, a)
                 if outcome == "ok":

@@ -48,6 +48,7 @@ class Behaviour:
     healthy: bool = True
     # runtime LoRA (vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True): /v1/load_lora_adapter, /v1/unload_lora_adapter
     load_ms: float = 0.0  # how long a load takes
+    unload_ms: float = 0.0  # how long an unload takes
     load_fail_status: int = 0  # answer loads with this status (0: don't)
     max_loras: int = 0  # refuse a load beyond this many adapters, as a server with full slots would (0: never;
     # vLLM 0.32 itself never refuses: it evicts from its own CPU cache)
@@ -201,6 +202,8 @@ class FakeVLLM:
         name = body.get("lora_name")
         if not name:
             return _error("'lora_name' needs to be provided to unload a LoRA adapter.", "InvalidUserInput", 400)
+        if self.b.unload_ms:
+            await asyncio.sleep(self.b.unload_ms / 1e3)
         if name not in self.loras:
             return _error(f"The lora adapter '{name}' cannot be found.", "NotFoundError", 404)
         del self.loras[name]
