@@ -3,8 +3,9 @@
 # rollout costs one promotion (a second or two of waiting writes) instead of down-after-milliseconds plus
 # the promotion, and loses no acknowledged write:
 #   1. find another pod's sentinel (this pod's own is being stopped alongside) that knows every replica
-#      attached here: one restarted moments ago (a rollout) learns them only from its next INFO (10 s),
-#      and a failover it led would leave the replicas it does not know following this pod;
+#      attached here, and sees one it could promote now (synced, link up): one restarted moments ago (a
+#      rollout) learns them only from its next INFO (10 s), and a failover it led would leave the replicas
+#      it does not know following this pod;
 #   2. pause writes here (clients wait; replication keeps flowing, so the replicas catch up), and ask
 #      that sentinel to fail over;
 #   3. as soon as the sentinels name the new master, follow it (the sentinels would demote this pod only
@@ -32,6 +33,14 @@ attached() { here info replication | tr -d '\r' | sed -n 's/^connected_slaves://
 known() {  # replicas the sentinel at $1 knows for this master (SENTINEL MASTER: key and value lines)
   cli -h "$1" -p "$SENTINEL_PORT" sentinel master "$MASTER_NAME" | awk 'prev == "num-slaves" {print; exit} {prev = $0}'
 }
+promotable() {  # replicas the sentinel at $1 would promote now: flags exactly "slave" and the link to us up
+  # (a replica restarted moments ago is still syncing, or the sentinel has not re-read its INFO, up to 10 s:
+  # a failover asked then answers NOGOODSLAVE)
+  cli -h "$1" -p "$SENTINEL_PORT" sentinel replicas "$MASTER_NAME" | awk '
+    $0 == "name" && n++ { if (f == "slave" && l == "ok") c++; f = ""; l = "" }
+    prev == "flags" { f = $0 } prev == "master-link-status" { l = $0 } { prev = $0 }
+    END { if (n && f == "slave" && l == "ok") c++; print c + 0 }'
+}
 asked=""
 waited=0
 while [ -z "$asked" ] && [ "$waited" -le "$AWARE_S" ]; do
@@ -40,7 +49,7 @@ while [ -z "$asked" ] && [ "$waited" -le "$AWARE_S" ]; do
   while [ "$i" -lt "$REPLICAS" ]; do
     if [ "$i" != "$ordinal" ]; then
       k=$(known "$(peer "$i")")
-      if [ -n "$k" ] && [ -n "$need" ] && [ "$k" -ge "$need" ]; then
+      if [ -n "$k" ] && [ -n "$need" ] && [ "$k" -ge "$need" ] && [ "$(promotable "$(peer "$i")")" -ge 1 ]; then
         asked=$(peer "$i")
         break
       fi
@@ -58,9 +67,16 @@ if [ -z "$asked" ]; then
 fi
 
 here client pause $((WAIT_S * 1000)) write >/dev/null
-if [ "$(cli -h "$asked" -p "$SENTINEL_PORT" sentinel failover "$MASTER_NAME")" != OK ]; then
-  asked=""
-fi
+# A refusal (NOGOODSLAVE: the sentinel's view of a replica is a moment old; INPROG) is retried for ~3 s.
+tries=0
+until [ "$(cli -h "$asked" -p "$SENTINEL_PORT" sentinel failover "$MASTER_NAME")" = OK ]; do
+  tries=$((tries + 1))
+  if [ "$tries" -ge 12 ]; then
+    asked=""
+    break
+  fi
+  sleep 0.25
+done
 if [ -n "$asked" ]; then
   tries=0
   while [ "$tries" -lt $((WAIT_S * 5)) ]; do
