@@ -308,6 +308,38 @@ def vllm_engines() -> list[Panel]:
            desc="Prefix affinity must not pile one model's traffic onto one replica: compare with the weights"),
         ts("Requests/s by deployment and status (gateway)", (rate(REQ, "deployment, status"),
                                                               "{{deployment}} {{status}}"), unit="reqps"),
+        *adapters(),
+    ]
+
+
+def adapters() -> list[Panel]:
+    """LoRA adapters loaded on demand (docs/routing.md "LoRA adapters on demand"): loads and why, what each engine
+    holds, what loading takes and costs, what was evicted."""
+    e = 'engine=~"$deployment"'
+    return [
+        ts("Adapter loads/s by engine and reason",
+           (f"sum by (engine, reason) (rate(gateway_adapter_loads_total{{{e}}}[$__rate_interval]))",
+            "{{engine}} {{reason}}"),
+           (f"sum by (engine, reason) (rate(gateway_adapter_load_failures_total{{{e}}}[$__rate_interval]))",
+            "failed {{engine}} {{reason}}"), unit="ops",
+           desc="cold: held nowhere; replica: a hot adapter onto one more engine; reload: the engine lost it "
+                "(restart). Failures: timeout, error, not_found, slots_full (the request tries the next engine)"),
+        ts("Adapters held per engine (max over workers)",
+           (f"max by (engine) (gateway_adapters_held{{{e}}})", "{{engine}}"),
+           desc="Against each deployment's adapter_slots: full slots with steady loads mean thrashing"),
+        ts("Adapter load time",
+           *[(f"histogram_quantile({v}, sum by (engine, le) "
+              f"(rate(gateway_adapter_load_seconds_bucket{{{e}}}[$__rate_interval])))", f"{q} {{{{engine}}}}")
+             for q, v in QUANTILES.items()], unit="s",
+           desc="POST /v1/load_lora_adapter, as the first request for a cold adapter waits for it"),
+        ts("Adapter evictions/s by reason",
+           (f"sum by (engine, reason) (rate(gateway_adapter_evictions_total{{{e}}}[$__rate_interval]))",
+            "{{engine}} {{reason}}"), unit="ops",
+           desc="lru / random: to make room; idle: idle_unload_s; lost: gone from the engine"),
+        ts("Adapter load cost USD/hour by who pays",
+           (f"sum by (billed_to) (rate(gateway_adapter_load_cost_usd_total{{{e}}}[$__rate_interval])) * 3600",
+            "{{billed_to}}"), unit="currencyUSD",
+           desc="Engine time of loads at the configured rate: billed to the request that caused it, or the operator's"),
     ]
 
 

@@ -215,7 +215,9 @@ def start_redis(tmp: Path) -> tuple[str, subprocess.Popen[bytes]]:
 KEYS = {"team-a": "sk-dash-a", "team-b": "sk-dash-b", "team-c": "sk-dash-c"}
 
 
-def gateway_config(big: str, small: str, redis_url: str, emb: str = "", examples: str = "") -> dict[str, Any]:
+def gateway_config(big: str, small: str, redis_url: str, emb: str = "", examples: str = "",
+                   adapters: dict[str, str] | None = None) -> dict[str, Any]:
+    adapters = adapters or {}
     return {
         "auth": {"keys": [{"tenant": t, "key": k} for t, k in KEYS.items()]},
         "models": {
@@ -226,7 +228,7 @@ def gateway_config(big: str, small: str, redis_url: str, emb: str = "", examples
             "small": {"tier": "small", "balance": "prefix",
                       "prices": {"prompt_per_1m": 1, "completion_per_1m": 2, "cached_prompt_per_1m": 0.25},
                       "deployments": [{"name": "small-0", "url": small, "model": "small-base"},
-                                      {"name": "small-1", "url": small, "model": "small-base"}]},
+                                      {"name": "small-1", "url": small, "model": "small-base", "adapter_slots": 1}]},
             "nlu": {"tier": "adapter", "prices": {"prompt_per_1m": 0.5, "completion_per_1m": 1},
                     "deployments": [{"name": "nlu-0", "url": small, "model": "nlu-adapter"}]},
             **({"emb": {"tier": "small", "prices": {"prompt_per_1m": 0.1},
@@ -237,6 +239,9 @@ def gateway_config(big: str, small: str, redis_url: str, emb: str = "", examples
                    **({"helpdesk": {"candidates": ["small", "nlu"], "tasks": {"sentiment": "nlu"},
                                     "task_auto": {"embedding": "emb", "examples": {"sentiment": examples},
                                                   "deadline_ms": 2000}}} if emb else {})},
+        # LoRA adapters loaded on demand onto small-1 (one slot: each switch evicts), the loads billed
+        **({"adapters": {n: {"base": "small", "path": p} for n, p in adapters.items()},
+            "adapter_placement": {"load_usd_per_hour": 3.6, "sync_interval_s": 3600}} if adapters else {}),
         "circuit_breaker": {"failures": 2, "cooldown_s": 3.0},
         "metrics_scrape_interval": 0.5,
         "redis": {"url": redis_url, "timeout_s": 0.2, "down_for_s": 0.2, "ledger_buffer": 2,
@@ -289,6 +294,11 @@ def drive_traffic(gw_url: str, big: FakeUpstream, small: FakeUpstream, redis: su
         emb.control(fail_status=503)
         assert chat("team-a", "helpdesk", content="Classify the sentiment of this review: awful.") == 200
         emb.control(fail_status=0)
+    for name in ("tone-a", "tone-b", "tone-a"):  # adapters: three cold loads, two evictions
+        assert chat("team-a", name, content=f"adapter {name}") == 200
+    small.control(load_fail_status=500)  # a failed load: the request has no other engine
+    assert chat("team-a", "tone-b", content="adapter load fails") >= 500
+    small.control(load_fail_status=0)
     statuses = [chat("team-c", "nlu", content=f"c{i}") for i in range(7)]  # rpm 4
     assert 429 in statuses and 200 in statuses, statuses
     assert chat("team-b", "small", content="over budget?") == 429  # team-b's day budget is spent
@@ -321,7 +331,11 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     small = start_fake_upstream(["small-base", "nlu-adapter"])
     emb = start_fake_upstream(["emb"])
     redis_url, redis = start_redis(tmp)
-    gw = start_gateway(tmp, gateway_config(big.url, small.url, redis_url, emb.url, str(examples_file(tmp))))
+    adapter_dirs = {name: tmp / f"lora-{name}" for name in ("tone-a", "tone-b")}
+    for d in adapter_dirs.values():
+        d.mkdir()
+    gw = start_gateway(tmp, gateway_config(big.url, small.url, redis_url, emb.url, str(examples_file(tmp)),
+                                           {n: str(d) for n, d in adapter_dirs.items()}))
     jobs = [{"job_name": "gateway", "static_configs": [{"targets": [hostport(gw.url)]}]},
             {"job_name": "vllm", "static_configs": [
                 {"targets": [hostport(big.url)], "labels": {"deployment": "big-0"}},
